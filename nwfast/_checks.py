@@ -1,0 +1,162 @@
+"""Input checks: every public shape is turned into one canonical layout, or refused.
+
+Canonical shared layout: query (B, n, d), key (B, m, d), value (B, m, c), w (B, m).
+Canonical rows layout: query (n,), keys (n, m), values (n, m), w (m,).
+The reshapes are views or expands, so autograd carries gradients back to the
+caller's own tensors (a scalar ``w`` expanded to every key sums its gradient).
+"""
+
+from typing import NamedTuple
+
+import torch
+
+# Half precision reaches only the GPU kernels; the CPU kernels compute in float32/64.
+CPU_DTYPES = (torch.float32, torch.float64)
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Shared(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    w: torch.Tensor
+    exclude_self: bool
+    out_shape: tuple
+
+
+class Rows(NamedTuple):
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    w: torch.Tensor
+
+
+def _tensor(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def _same_dtype_and_device(named):
+    (first_name, first), *rest = named
+    for name, x in rest:
+        if x.dtype != first.dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but {first_name} has dtype {first.dtype}; "
+                "all tensors must share one dtype"
+            )
+        if x.device != first.device:
+            raise ValueError(
+                f"{name} is on {x.device} but {first_name} is on {first.device}; "
+                "all tensors must be on one device"
+            )
+
+
+def _bandwidth(w, like):
+    """A Python number becomes a 0-d tensor of the data's dtype and device."""
+    if isinstance(w, bool) or not isinstance(w, (int, float, torch.Tensor)):
+        raise TypeError(f"w must be a float or a floating-point tensor, got {type(w).__name__}")
+    if isinstance(w, torch.Tensor):
+        return _tensor("w", w)
+    return torch.tensor(float(w), dtype=like.dtype, device=like.device)
+
+
+def _is_scalar(w):
+    return w.dim() == 0 or tuple(w.shape) == (1,)
+
+
+def prepare_shared(query, key, value, w, exclude_self=False):
+    """Check ``nw_pool``'s arguments and return them in the canonical layout."""
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _tensor(name, x)
+    w = _bandwidth(w, query)
+    _same_dtype_and_device([("query", query), ("key", key), ("value", value), ("w", w)])
+    # Messages quote the caller's shapes, not the canonical ones.
+    shape_q, shape_k, shape_v = tuple(query.shape), tuple(key.shape), tuple(value.shape)
+    pair = f"query {shape_q} and key {shape_k}"
+
+    if query.dim() == 1 or key.dim() == 1:
+        if query.dim() != 1 or key.dim() != 1:
+            raise ValueError(
+                f"{pair}: a 1-D query (n,) needs a 1-D key (m,), and (..., n, d) needs (..., m, d)"
+            )
+        query, key = query[:, None], key[:, None]
+    if query.dim() != key.dim():
+        raise ValueError(f"{pair} must have the same number of dimensions (equal batch dims)")
+    batch_shape, (n, d) = tuple(query.shape[:-2]), tuple(query.shape[-2:])
+    m = key.shape[-2]
+    if tuple(key.shape[:-2]) != batch_shape:
+        raise ValueError(f"batch dims differ: {pair}")
+    if key.shape[-1] != d:
+        raise ValueError(f"feature dims differ: {pair} (d={d} and d={key.shape[-1]})")
+    if d == 0:
+        raise ValueError(f"{pair}: no features (d=0)")
+    if m == 0:
+        raise ValueError(f"key {shape_k} has no keys (m=0): the softmax is empty")
+    if exclude_self and n != m:
+        raise ValueError(f"exclude_self needs the queries to be the keys (n == m), got {pair}")
+    if exclude_self and m == 1:
+        raise ValueError(f"exclude_self with a single key (key {shape_k}) leaves nothing to pool")
+
+    if value.dim() == 1 and not batch_shape:
+        out_shape = (n,)
+        value = value[:, None]
+    else:
+        out_shape = (*batch_shape, n, value.shape[-1])
+    if value.dim() != key.dim() or tuple(value.shape[:-1]) != (*batch_shape, m):
+        lead = ", ".join(str(size) for size in (*batch_shape, m))
+        expected = f"({m},) or ({m}, c)" if not batch_shape else f"({lead}, c)"
+        raise ValueError(f"value {shape_v} does not match key {shape_k}: expected {expected}")
+
+    batch = 1
+    for size in batch_shape:
+        batch *= size
+    if _is_scalar(w):
+        w = w.reshape(1, 1).expand(batch, m)
+    elif tuple(w.shape) == (m,):
+        w = w.reshape(1, m).expand(batch, m)
+    elif tuple(w.shape) == (*batch_shape, m):
+        w = w.reshape(batch, m)
+    else:
+        raise ValueError(
+            f"w {tuple(w.shape)} does not match key {shape_k}: expected a scalar, "
+            f"({m},) or {(*batch_shape, m)}"
+        )
+    return Shared(
+        query.reshape(batch, n, d),
+        key.reshape(batch, m, d),
+        value.reshape(batch, m, value.shape[-1]),
+        w,
+        bool(exclude_self),
+        out_shape,
+    )
+
+
+def prepare_rows(query, keys, values, w):
+    """Check ``nw_pool_rows``'s arguments: query (n,), keys and values (n, m)."""
+    for name, x in (("query", query), ("keys", keys), ("values", values)):
+        _tensor(name, x)
+    w = _bandwidth(w, query)
+    _same_dtype_and_device([("query", query), ("keys", keys), ("values", values), ("w", w)])
+    if query.dim() != 1 or keys.dim() != 2 or keys.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"query {tuple(query.shape)} and keys {tuple(keys.shape)}: expected (n,) and "
+            "(n, m), row i of keys belonging to query i"
+        )
+    if values.shape != keys.shape:
+        raise ValueError(
+            f"values {tuple(values.shape)} must have the shape of keys {tuple(keys.shape)}"
+        )
+    m = keys.shape[1]
+    if m == 0:
+        raise ValueError(f"keys {tuple(keys.shape)} has no keys (m=0): the softmax is empty")
+    if _is_scalar(w):
+        w = w.reshape(1).expand(m)
+    elif tuple(w.shape) != (m,):
+        raise ValueError(
+            f"w {tuple(w.shape)} does not match keys {tuple(keys.shape)}: expected a "
+            f"scalar or ({m},)"
+        )
+    return Rows(query, keys, values, w)
