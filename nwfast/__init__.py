@@ -1,7 +1,16 @@
 """nwfast: fused Nadaraya-Watson (Gaussian attention) pooling for PyTorch."""
 
 from nwfast import reference
+from nwfast.estimator import NadarayaWatson
 from nwfast.functional import nw_pool, nw_pool_rows, nw_weights
+from nwfast.models import NWKernelRegression
 
-__all__ = ["nw_pool", "nw_pool_rows", "nw_weights", "reference"]
+__all__ = [
+    "NWKernelRegression",
+    "NadarayaWatson",
+    "nw_pool",
+    "nw_pool_rows",
+    "nw_weights",
+    "reference",
+]
 __version__ = "0.1.0"
