@@ -1,0 +1,113 @@
+"""Vectorisable scalar helpers for the Numba kernels: ``exp2`` and ``fmax``.
+
+Numba's ``math.exp`` is a scalar libm call, which stops LLVM from vectorising
+the loop around it. ``exp2`` here is a branch-free polynomial with an exponent
+bit shift, written so that LLVM turns a loop of calls into SIMD code (8 or 16
+float32 lanes). ``fmax`` is ``llvm.maximum``: Numba emits ``a if a > b else b``
+as a select without fast-math flags, and LLVM will not vectorise that as a max
+reduction.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+# Minimax (relative error) polynomials for 2**f on [-1/2, 1/2], lowest degree
+# first. float32: 7.5e-8 before rounding; float64: 3e-18 before rounding.
+_POLY32 = (
+    1.0000000716546416382,
+    0.69314696706526492761,
+    0.24022119723969178047,
+    0.05550713272875391178,
+    0.0096755413310213911451,
+    0.0013276472167819943329,
+)
+_POLY64 = (
+    0.9999999999999999971,
+    0.69314718055994533046,
+    0.24022650695910156205,
+    0.055504108664819921483,
+    0.0096181291075883350833,
+    0.0013333558146789950323,
+    0.00015403530462514613026,
+    0.0000152527334899608046,
+    1.3215433089594629037e-6,
+    1.0178198033328527662e-7,
+    7.0741056262456593708e-9,
+    4.4352809446103361611e-10,
+)
+
+# (int bits, mantissa bits, exponent bias) per float type
+_LAYOUT = {types.float32: (32, 23, 127), types.float64: (64, 52, 1023)}
+
+
+@intrinsic
+def _pow2_of_rounded(typingctx, t):
+    """2.0**r for t = r + 1.5 * 2**mant, r an integer in [-bias, bias].
+
+    Adding 1.5 * 2**mant to x leaves round(x) in the low mantissa bits of t;
+    adding the bias and shifting left by the mantissa width moves it into the
+    exponent field (the magic number's own bits shift out). r = -bias gives
+    +0.0. An LLVM bitcast rather than a memory round trip keeps this
+    vectorisable.
+    """
+    if t not in _LAYOUT:
+        return None
+    nbits, mant, bias = _LAYOUT[t]
+    magic_bits = int(np.array(1.5 * 2.0**mant, dtype=str(t)).view(f"i{nbits // 8}"))
+
+    def codegen(context, builder, sig, args):
+        ity = ir.IntType(nbits)
+        bits = builder.bitcast(args[0], ity)
+        bits = builder.add(bits, ir.Constant(ity, (bias - magic_bits) % 2**nbits))
+        bits = builder.shl(bits, ir.Constant(ity, mant))
+        return builder.bitcast(bits, args[0].type)
+
+    return t(t), codegen
+
+
+@intrinsic
+def fmax(typingctx, a, b):
+    """max(a, b), NaN if either is NaN (``llvm.maximum``); vectorises as a
+    reduction without fast-math flags, unlike Numba's ``max``."""
+    if a != b or a not in _LAYOUT:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.maximum", [ty], ir.FunctionType(ty, [ty, ty]))
+        return builder.call(fn, args)
+
+    return a(a, a), codegen
+
+
+def exp2(x):
+    """2.0**x for x <= 0 (up to rounding), vectorisable; NaN gives NaN, -inf
+    gives 0, and results below the smallest normal number flush to 0."""
+    raise NotImplementedError("exp2 is only callable from Numba-compiled code")
+
+
+# No 'reassoc' here: it would let LLVM fold (x + magic) - magic back to x.
+@overload(exp2, jit_options={"fastmath": {"contract"}, "cache": True})
+def _exp2_impl(x):
+    if x not in _LAYOUT:
+        return None
+    nbits, mant, bias = _LAYOUT[x]
+    npt = np.float32 if x == types.float32 else np.float64
+    coef = tuple(npt(c) for c in (_POLY32 if nbits == 32 else _POLY64))
+    lo = npt(-bias)
+    magic = npt(1.5 * 2.0**mant)
+
+    def impl(x):
+        # Clamping at -bias makes the scale exactly 0 below the normal range;
+        # written this way round so that a NaN x passes through.
+        x = lo if x < lo else x
+        t = x + magic
+        f = x - (t - magic)  # in [-1/2, 1/2]
+        p = coef[-1]
+        for c in coef[-2::-1]:
+            p = p * f + c
+        return p * _pow2_of_rounded(t)
+
+    return impl
