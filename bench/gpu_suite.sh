@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU suite in one command: the GPU tests, then the GPU sweep of nwfast
+# beside torch eager, torch.compile and pykeops, then the goals and the plots,
+# all written to OUTDIR, within 9 minutes.
+#
+# The GPU goal (shared keys, d = 1): float32 forward at n = m = 262144 at least
+# 60% of the exp-unit bound and at least 5x torch.compile; backward at most
+# 2.5x the forward's time; rows layout at least 80% of the card's measured
+# copy bandwidth. bench/gpu_suite.py says how each is measured.
+#
+# Exits 2 on a machine without a CUDA GPU, 1 if the GPU tests fail.
+set -euo pipefail
+if [ $# -ne 1 ]; then
+    echo "usage: bench/gpu_suite.sh OUTDIR" >&2
+    exit 64
+fi
+cd "$(dirname "$0")/.."
+exec python -m bench.gpu_suite "$1"
