@@ -33,7 +33,7 @@ from pathlib import Path
 from bench import schema
 from bench.sweep import REPO, console, parse, sweep
 
-# A lent GPU machine runs one command for at most 10 minutes: stay inside it.
+# The whole suite fits in a 10-minute slot on a GPU machine.
 BUDGET_S = 9 * 60
 TEST_BUDGET_S = 150
 GOAL_N = 262144

@@ -65,8 +65,21 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _needed(grad, needs):
-    return grad if needs else None
+def _contiguous(*tensors):
+    return tuple(x.contiguous() for x in tensors)
+
+
+def _as_op_outputs(grads, inputs):
+    """Custom ops return tensors, never None: an unneeded gradient is an empty tensor."""
+    return tuple(g if g is not None else x.new_empty(0) for g, x in zip(grads, inputs))
+
+
+def _fake_grads(inputs, needs):
+    return tuple(torch.empty_like(x) if need else x.new_empty(0) for x, need in zip(inputs, needs))
+
+
+def _autograd_outputs(grads, needs):
+    return tuple(g if need else None for g, need in zip(grads, needs))
 
 
 # --- shared keys -------------------------------------------------------------
@@ -76,10 +89,7 @@ def _needed(grad, needs):
 def pool(
     q: Tensor, k: Tensor, v: Tensor, w: Tensor, exclude_self: bool, backend: str
 ) -> tuple[Tensor, Tensor]:
-    kernels = _kernels(backend)
-    return kernels.forward(
-        q.contiguous(), k.contiguous(), v.contiguous(), w.contiguous(), exclude_self
-    )
+    return _kernels(backend).forward(*_contiguous(q, k, v, w), exclude_self)
 
 
 @pool.register_fake
@@ -102,25 +112,14 @@ def pool_backward(
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = _kernels(backend).backward(
-        grad_out.contiguous(),
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        w.contiguous(),
-        out,
-        lse,
-        exclude_self,
-        tuple(needs),
+        *_contiguous(grad_out, q, k, v, w), out, lse, exclude_self, tuple(needs)
     )
-    # Custom ops return tensors, never None: an unneeded gradient is an empty tensor.
-    return tuple(g if g is not None else x.new_empty(0) for g, x in zip(grads, (q, k, v, w)))
+    return _as_op_outputs(grads, (q, k, v, w))
 
 
 @pool_backward.register_fake
 def _(grad_out, q, k, v, w, out, lse, exclude_self, backend, needs):
-    return tuple(
-        torch.empty_like(x) if need else x.new_empty(0) for x, need in zip((q, k, v, w), needs)
-    )
+    return _fake_grads((q, k, v, w), needs)
 
 
 def _pool_setup_context(ctx, inputs, output):
@@ -135,7 +134,7 @@ def _pool_backward(ctx, grad_out, _grad_lse):
     q, k, v, w, out, lse = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:4])
     grads = pool_backward(grad_out, q, k, v, w, out, lse, ctx.exclude_self, ctx.backend, needs)
-    return (*(_needed(g, need) for g, need in zip(grads, needs)), None, None)
+    return (*_autograd_outputs(grads, needs), None, None)
 
 
 pool.register_autograd(_pool_backward, setup_context=_pool_setup_context)
@@ -148,9 +147,7 @@ pool.register_autograd(_pool_backward, setup_context=_pool_setup_context)
 def pool_rows(
     query: Tensor, keys: Tensor, values: Tensor, w: Tensor, backend: str
 ) -> tuple[Tensor, Tensor]:
-    return _kernels(backend).forward_rows(
-        query.contiguous(), keys.contiguous(), values.contiguous(), w.contiguous()
-    )
+    return _kernels(backend).forward_rows(*_contiguous(query, keys, values, w))
 
 
 @pool_rows.register_fake
@@ -171,26 +168,14 @@ def pool_rows_backward(
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = _kernels(backend).backward_rows(
-        grad_out.contiguous(),
-        query.contiguous(),
-        keys.contiguous(),
-        values.contiguous(),
-        w.contiguous(),
-        out,
-        lse,
-        tuple(needs),
+        *_contiguous(grad_out, query, keys, values, w), out, lse, tuple(needs)
     )
-    return tuple(
-        g if g is not None else x.new_empty(0) for g, x in zip(grads, (query, keys, values, w))
-    )
+    return _as_op_outputs(grads, (query, keys, values, w))
 
 
 @pool_rows_backward.register_fake
 def _(grad_out, query, keys, values, w, out, lse, backend, needs):
-    return tuple(
-        torch.empty_like(x) if need else x.new_empty(0)
-        for x, need in zip((query, keys, values, w), needs)
-    )
+    return _fake_grads((query, keys, values, w), needs)
 
 
 def _rows_setup_context(ctx, inputs, output):
@@ -205,7 +190,7 @@ def _rows_backward(ctx, grad_out, _grad_lse):
     query, keys, values, w, out, lse = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:4])
     grads = pool_rows_backward(grad_out, query, keys, values, w, out, lse, ctx.backend, needs)
-    return (*(_needed(g, need) for g, need in zip(grads, needs)), None)
+    return (*_autograd_outputs(grads, needs), None)
 
 
 pool_rows.register_autograd(_rows_backward, setup_context=_rows_setup_context)
