@@ -15,4 +15,10 @@ if [ $# -ne 1 ]; then
     exit 64
 fi
 cd "$(dirname "$0")/.."
-exec python -m bench.gpu_suite "$1"
+PY=${PYTHON:-python3}
+# A bare GPU image has the dependencies but not nwfast itself: install it in
+# place, offline and without dependencies, so nwfast.kernels resolves.
+if ! "$PY" -c "import nwfast.kernels" 2>/dev/null; then
+    "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
+fi
+exec "$PY" -m bench.gpu_suite "$1"
