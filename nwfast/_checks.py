@@ -6,6 +6,7 @@ The reshapes are views or expands, so autograd carries gradients back to the
 caller's own tensors (a scalar ``w`` expanded to every key sums its gradient).
 """
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -56,7 +57,7 @@ def _same_dtype_and_device(named):
 
 def _bandwidth(w, like):
     """A Python number becomes a 0-d tensor of the data's dtype and device."""
-    if isinstance(w, bool) or not isinstance(w, (int, float, torch.Tensor)):
+    if isinstance(w, bool) or not isinstance(w, (numbers.Real, torch.Tensor)):
         raise TypeError(f"w must be a float or a floating-point tensor, got {type(w).__name__}")
     if isinstance(w, torch.Tensor):
         return _tensor("w", w)
