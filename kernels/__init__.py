@@ -7,25 +7,51 @@ dtype, one device, contiguous:
 Shared keys::
 
     forward(query, key, value, w, exclude_self) -> (out, lse)
-        query (B, n, d), key (B, m, d), value (B, m, c), w (B, m)
+        query (B, n, d), key (B, m, d), value (B, m, c), w (B, m) or (B, 1)
         out (B, n, c) in the input dtype
-        lse (B, n): natural-log log-sum-exp of s_ij over j, float64 for float64
-        inputs and float32 otherwise
+        lse (B, n): natural-log log-sum-exp of s_ij over j, float64 (the
+        backward's weights exp(s_ij - lse_i) need it exact where |lse| is large)
 
     backward(grad_out, query, key, value, w, out, lse, exclude_self, needs)
         -> (dquery, dkey, dvalue, dw)
         grad_out (B, n, c); needs is four bools (query, key, value, w); an
-        entry that is not needed may come back as None.
+        entry that is not needed may come back as None. dw has w's shape.
 
 Per-query rows::
 
     forward_rows(query, keys, values, w) -> (out, lse)
-        query (n,), keys (n, m), values (n, m), w (m,); out (n,), lse (n,)
+        query (n,), keys (n, m), values (n, m), w (m,) or (1,); out (n,), lse (n,)
 
     backward_rows(grad_out, query, keys, values, w, out, lse, needs)
         -> (dquery, dkeys, dvalues, dw)
 
 with s_ij = -(w_j / 2) * ||q_i - k_j||^2, p_ij = softmax_j(s_ij), out_i =
-sum_j p_ij v_j. Scalar bandwidths arrive expanded to one w per key. Nothing of
-size n * m is allocated beyond the rows layout's own inputs and gradients.
+sum_j p_ij v_j. A w of one element per batch (w (B, 1), or (1,) for rows) is
+one bandwidth for all keys, and its gradient is the sum over every pair. That
+sum cancels: the terms t_ij = dL/ds_ij sum to zero over j, so scaled by a large
+||q_i - k_j||^2 they leave a small total. The kernels subtract a per-query
+constant r_i from ||q_i - k_j||^2 first (exact, since sum_j t_ij r_i = 0), the
+log-mean-exp of the squared distances (``distance_shift``). Nothing of size n * m is
+allocated beyond the rows layout's own inputs and gradients.
 """
+
+import torch
+
+
+def distance_shift(lse, w, keys):
+    """r_i (B, n) for the gradient of a shared w (B, 1), in float64; zeros for a
+    per-key w, whose gradient has no sum over keys to cancel. ``keys``: how many
+    keys each softmax holds (m, or m - 1 with exclude_self), a number or (B, n).
+
+    r_i = -(2 / w) log(mean_j exp(s_ij)), from the log-sum-exp: a mean of the
+    squared distances between their minimum and maximum, weighted towards the
+    keys that dominate row i for either sign of w. Where the scores are too flat
+    for float64 to resolve it (|w| tiny) it is 0: no shift is needed there.
+    """
+    if w.shape[-1] != 1:
+        return torch.zeros(lse.shape, dtype=torch.float64, device=lse.device)
+    w = w.double()
+    log_mean = lse.double() - torch.as_tensor(keys, dtype=torch.float64, device=lse.device).log()
+    resolved = log_mean.abs() > 1e-12 * (lse.double().abs() + 1.0)
+    r = -2.0 * log_mean / w
+    return torch.where(resolved & torch.isfinite(r), r, 0.0)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from . import distance_shift
 from .numba_exp import exp2, fmax
 
 LOG2E = 1.4426950408889634
@@ -279,21 +280,21 @@ def _forward_kernel(q, kT, vT, c2, nonpos, exclude_self, out, lse):
 
 
 @_ijit
-def _dq_span_11(q0, g0, di, Li, k, v, w, c2, ja, jb):
+def _dq_span_11(q0, g0, di, Lh, Ll, k, v, w, c2, ja, jb):
     """d = c = 1 in one sweep: sum_j t_j w_j (k_j - q0) over keys [ja, jb)."""
     s = k.dtype.type(0)
     for j in range(ja, jb):
         jj = _u(j)
         diff = k[jj] - q0
-        p = exp2(c2[jj] * (diff * diff) - Li)
+        p = exp2((c2[jj] * (diff * diff) - Lh) - Ll)
         s += p * (g0 * v[jj] - di) * w[jj] * diff
     return s
 
 
 @_ijit
-def _dkv_span_11(k0, v0, cj, q, g, delta, L2, ia, ib, acc):
+def _dkv_span_11(k0, v0, cj, q, g, delta, L2h, L2l, shift, ia, ib, acc):
     """d = c = 1 in one sweep over queries [ia, ib): adds the sums of p_i g_i,
-    t_i (q_i - k0) and t_i ||q_i - k0||^2 to acc[0], acc[1], acc[2]."""
+    t_i (q_i - k0) and t_i (||q_i - k0||^2 - shift_i) to acc[0], acc[1], acc[2]."""
     sv = q.dtype.type(0)
     sw = q.dtype.type(0)
     sk = q.dtype.type(0)
@@ -301,11 +302,11 @@ def _dkv_span_11(k0, v0, cj, q, g, delta, L2, ia, ib, acc):
         ii = _u(i)
         diff = q[ii] - k0
         sq = diff * diff
-        p = exp2(cj * sq - L2[ii])
+        p = exp2((cj * sq - L2h[ii]) - L2l[ii])
         gi = g[ii]
         t = p * (gi * v0 - delta[ii])
         sv += p * gi
-        sw += t * sq
+        sw += t * (sq - shift[ii])
         sk += t * diff
     acc[0] += sv
     acc[1] += sk
@@ -313,7 +314,7 @@ def _dkv_span_11(k0, v0, cj, q, g, delta, L2, ia, ib, acc):
 
 
 @_pjit
-def _dq_kernel(q, g, delta, L2, kT, vT, w, c2, exclude_self, dq):
+def _dq_kernel(q, g, delta, L2h, L2l, kT, vT, w, c2, exclude_self, dq):
     """dq_i = sum_j t_ij w_j (k_j - q_i), t_ij = p_ij (g_i . v_j - delta_i):
     one sweep over key tiles per query."""
     B, n, d = q.shape
@@ -331,21 +332,21 @@ def _dq_kernel(q, g, delta, L2, kT, vT, w, c2, exclude_self, dq):
         acc = np.empty(d, np.float64)
         for i in range(i0, min(i0 + rows, n)):
             acc[:] = 0.0
-            di, Li = delta[b, i], L2[b, i]
+            di, Lh, Ll = delta[b, i], L2h[b, i], L2l[b, i]
             skip = i if exclude_self else -1
             for j0 in range(0, m, TILE):
                 nt = min(TILE, m - j0)
                 if d == 1 and c == 1:  # no buffers
                     q0, g0, ja = qb[i, 0], gb[i, 0], j0
                     if ja <= skip < j0 + nt:  # the skipped key splits the span
-                        acc[0] += _dq_span_11(q0, g0, di, Li, k0, v0, wb, c2b, ja, skip)
+                        acc[0] += _dq_span_11(q0, g0, di, Lh, Ll, k0, v0, wb, c2b, ja, skip)
                         ja = skip + 1
-                    acc[0] += _dq_span_11(q0, g0, di, Li, k0, v0, wb, c2b, ja, j0 + nt)
+                    acc[0] += _dq_span_11(q0, g0, di, Lh, Ll, k0, v0, wb, c2b, ja, j0 + nt)
                     continue
                 _scores(qb, i, kTb, c2b, j0, nt, x)
                 _dot_cols(gb, i, vTb, j0, nt, t)
                 for j in range(nt):  # t_ij w_j
-                    t[j] = exp2(x[j] - Li) * (t[j] - di) * wb[_u(j0 + j)]
+                    t[j] = exp2((x[j] - Lh) - Ll) * (t[j] - di) * wb[_u(j0 + j)]
                 if j0 <= skip < j0 + nt:
                     t[skip - j0] = 0
                 for f in range(d):
@@ -355,18 +356,20 @@ def _dq_kernel(q, g, delta, L2, kT, vT, w, c2, exclude_self, dq):
 
 
 @_pjit
-def _dkv_kernel(k, v, w, c2, qT, gT, delta, L2, exclude_self, dk, dv, dw):
+def _dkv_kernel(k, v, w, c2, qT, gT, delta, L2h, L2l, shift, exclude_self, dk, dv, dw):
     """dv_j = sum_i p_ij g_i, dk_j = w_j sum_i t_ij (q_i - k_j),
-    dw_j = -1/2 sum_i t_ij ||q_i - k_j||^2: one sweep over query tiles per key."""
+    dw_j = -1/2 sum_i t_ij (||q_i - k_j||^2 - shift_i): one sweep over query
+    tiles per key."""
     B, m, d = k.shape
     c = v.shape[2]
-    n = L2.shape[1]
+    n = L2h.shape[1]
     rows = _rows_per_item(n)
     nblk = (m + rows - 1) // rows
     for item in prange(B * nblk):
         b = item // nblk
         j0 = (item % nblk) * rows
-        kb, vb, qTb, gTb, deltab, L2b = k[b], v[b], qT[b], gT[b], delta[b], L2[b]
+        kb, vb, qTb, gTb, deltab = k[b], v[b], qT[b], gT[b], delta[b]
+        L2hb, L2lb, shiftb = L2h[b], L2l[b], shift[b]
         q0, g0 = qTb[0], gTb[0]
         sq = np.empty((1, TILE), k.dtype)  # 2-D so that _dot can read it
         p = np.empty(TILE, k.dtype)
@@ -381,17 +384,20 @@ def _dkv_kernel(k, v, w, c2, qT, gT, delta, L2, exclude_self, dk, dv, dw):
                 if d == 1 and c == 1:  # no buffers
                     k00, v00, ia = kb[j, 0], vb[j, 0], i0
                     if ia <= skip < i0 + nt:  # the skipped query splits the span
-                        _dkv_span_11(k00, v00, cj, q0, g0, deltab, L2b, ia, skip, acc)
+                        _dkv_span_11(
+                            k00, v00, cj, q0, g0, deltab, L2hb, L2lb, shiftb, ia, skip, acc
+                        )
                         ia = skip + 1
-                    _dkv_span_11(k00, v00, cj, q0, g0, deltab, L2b, ia, i0 + nt, acc)
+                    _dkv_span_11(k00, v00, cj, q0, g0, deltab, L2hb, L2lb, shiftb, ia, i0 + nt, acc)
                     continue
                 _sq_dist(kb, j, qTb, i0, nt, sq[0])
                 _dot_cols(vb, j, gTb, i0, nt, t)
                 for i in range(nt):
                     ii = _u(i0 + i)
-                    pi = exp2(cj * sq[0, i] - L2b[ii])
+                    pi = exp2((cj * sq[0, i] - L2hb[ii]) - L2lb[ii])
                     p[i] = pi
                     t[i] = pi * (t[i] - deltab[ii])
+                    sq[0, i] -= shiftb[ii]
                 if i0 <= skip < i0 + nt:
                     p[skip - i0] = 0
                     t[skip - i0] = 0
@@ -425,10 +431,11 @@ def _forward_rows_kernel(q, K, V, c2, nonpos, out, lse):
 
 
 @_pjit
-def _backward_rows_kernel(q, K, V, w, c2, g, delta, L2, dq, dK, dV, dw_part):
+def _backward_rows_kernel(q, K, V, w, c2, g, delta, L2h, L2l, shift, dq, dK, dV, dw_part):
     """One sweep per row gives dq_i = -sum_j dK_ij and, where dK / dV have
-    rows (they are (n, 0) when not wanted), the dK and dV rows; dw goes into
-    dw_part[chunk] (float64), one fixed chunk of rows per work item."""
+    rows (they are (n, 0) when not wanted), the dK and dV rows; the sums for
+    dw, t_ij (d_ij^2 - shift_i), go into dw_part[chunk] (float64), one fixed
+    chunk of rows per work item."""
     n, m = K.shape
     write_k = dK.shape[1] == m
     write_v = dV.shape[1] == m
@@ -438,7 +445,7 @@ def _backward_rows_kernel(q, K, V, w, c2, g, delta, L2, dq, dK, dV, dw_part):
         part = dw_part[chunk]
         part[:] = 0.0
         for i in range(chunk * per, min(chunk * per + per, n)):
-            qi, gi, di, Li = q[i], g[i], delta[i], L2[i]
+            qi, gi, di, Lh, Ll, ri = q[i], g[i], delta[i], L2h[i], L2l[i], shift[i]
             Ki, Vi, dKi, dVi = K[i], V[i], dK[i], dV[i]
             acc = 0.0
             for j0 in range(0, m, TILE):
@@ -447,11 +454,11 @@ def _backward_rows_kernel(q, K, V, w, c2, g, delta, L2, dq, dK, dV, dw_part):
                     jj = _u(j0 + j)
                     diff = qi - Ki[jj]
                     sq = diff * diff
-                    p = exp2(c2[jj] * sq - Li)
+                    p = exp2((c2[jj] * sq - Lh) - Ll)
                     t = p * (gi * Vi[jj] - di)
                     dkj = t * w[jj] * diff
                     s += dkj
-                    part[jj] += t * sq
+                    part[jj] += t * (sq - ri)
                     # loop-invariant branches: LLVM compiles one loop per case
                     if write_k:
                         dKi[jj] = dkj
@@ -479,7 +486,12 @@ def _log2_scale(w):
 
 
 def _lse_log2(lse, dtype):
-    return _np((lse.double() * LOG2E).to(dtype))
+    """lse in log2 units as a (high, low) pair of dtype arrays: the backward's
+    exp2((x - high) - low) keeps the weight of the nearest keys exact to
+    rounding even where |lse| is large (a query far from every key)."""
+    L2 = lse.double() * LOG2E
+    high = L2.to(dtype)
+    return _np(high), _np((L2 - high.double()).to(dtype))
 
 
 def _delta(grad_out, out):
@@ -487,11 +499,24 @@ def _delta(grad_out, out):
     return _np((grad_out.double() * out.double()).sum(-1).to(out.dtype))
 
 
+def _per_key(w, m):
+    """(..., 1) -> (..., m) contiguous: every kernel reads one w per key."""
+    return w.expand(*w.shape[:-1], m).contiguous()
+
+
+def _dw(dw_keys, w, dtype):
+    """The per-key sums as w's gradient: summed over keys for a shared w."""
+    if w.shape[-1] == 1:
+        dw_keys = dw_keys.sum(-1, keepdims=True)
+    return torch.from_numpy(dw_keys).to(dtype)
+
+
 def forward(query, key, value, w, exclude_self):
     B, n, _ = query.shape
-    c = value.shape[-1]
+    m, c = key.shape[1], value.shape[-1]
+    w = _per_key(w, m)
     out = torch.empty((B, n, c), dtype=query.dtype)
-    lse = torch.empty((B, n), dtype=query.dtype)
+    lse = torch.empty((B, n), dtype=torch.float64)
     _forward_kernel(
         _np(query),
         _feature_major(key),
@@ -508,10 +533,11 @@ def forward(query, key, value, w, exclude_self):
 def backward(grad_out, query, key, value, w, out, lse, exclude_self, needs):
     need_q, need_k, need_v, need_w = (bool(x) for x in needs)
     dtype = query.dtype
-    c2 = _log2_scale(w)
-    L2 = _lse_log2(lse, dtype)
+    w_keys = _per_key(w, key.shape[1])
+    c2 = _log2_scale(w_keys)
+    L2h, L2l = _lse_log2(lse, dtype)
     delta = _delta(grad_out, out)
-    wn = _np(w)
+    wn = _np(w_keys)
     dq = dk = dv = dw = None
     if need_q:
         dq = torch.empty(query.shape, dtype=dtype)
@@ -519,7 +545,8 @@ def backward(grad_out, query, key, value, w, out, lse, exclude_self, needs):
             _np(query),
             _np(grad_out),
             delta,
-            L2,
+            L2h,
+            L2l,
             _feature_major(key),
             _feature_major(value),
             wn,
@@ -530,7 +557,7 @@ def backward(grad_out, query, key, value, w, out, lse, exclude_self, needs):
     if need_k or need_v or need_w:
         dk = torch.empty(key.shape, dtype=dtype)
         dv = torch.empty(value.shape, dtype=dtype)
-        dw = torch.empty(w.shape, dtype=dtype)
+        dw_keys = np.empty(w_keys.shape, np.float64)
         _dkv_kernel(
             _np(key),
             _np(value),
@@ -539,12 +566,15 @@ def backward(grad_out, query, key, value, w, out, lse, exclude_self, needs):
             _feature_major(query),
             _feature_major(grad_out),
             delta,
-            L2,
+            L2h,
+            L2l,
+            _np(distance_shift(lse, w, key.shape[1] - bool(exclude_self)).to(dtype)),
             bool(exclude_self),
             dk.numpy(),
             dv.numpy(),
-            dw.numpy(),
+            dw_keys,
         )
+        dw = _dw(dw_keys, w, dtype)
     return (
         dq,
         dk if need_k else None,
@@ -554,9 +584,10 @@ def backward(grad_out, query, key, value, w, out, lse, exclude_self, needs):
 
 
 def forward_rows(query, keys, values, w):
-    n = query.shape[0]
+    n, m = keys.shape
+    w = _per_key(w, m)
     out = torch.empty(n, dtype=query.dtype)
-    lse = torch.empty(n, dtype=query.dtype)
+    lse = torch.empty(n, dtype=torch.float64)
     _forward_rows_kernel(
         _np(query[:, None]),
         _np(keys),
@@ -573,6 +604,7 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
     need_q, need_k, need_v, need_w = (bool(x) for x in needs)
     n, m = keys.shape
     dtype = query.dtype
+    w_keys = _per_key(w, m)
     # Gradients of the (n, m) inputs are only written when asked for: the
     # sweep is memory-bound, and training w alone needs none of them.
     dq = torch.empty(n, dtype=dtype)
@@ -583,17 +615,18 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
         _np(query),
         _np(keys),
         _np(values),
-        _np(w),
-        _log2_scale(w),
+        _np(w_keys),
+        _log2_scale(w_keys),
         _np(grad_out),
         _delta(grad_out[:, None], out[:, None]),
-        _lse_log2(lse, dtype),
+        *_lse_log2(lse, dtype),
+        _np(distance_shift(lse, w, m).to(dtype)),
         dq.numpy(),
         dK.numpy(),
         dV.numpy(),
         dw_part,
     )
-    dw = torch.from_numpy(-0.5 * dw_part.sum(axis=0)).to(dtype)
+    dw = _dw(-0.5 * dw_part.sum(axis=0), w, dtype)
     return (
         dq if need_q else None,
         dK if need_k else None,

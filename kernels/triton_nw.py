@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import distance_shift
+
 LOG2E = 1.4426950408889634
 
 # Columns of the rows-layout backward: fixed (not autotuned) because the number
@@ -143,6 +145,16 @@ def _exp(x, USE_EXP2: tl.constexpr):
     else:
         y = tl.exp(x)
     return y
+
+
+@triton.jit
+def _split_lse(lse, SCALE: tl.constexpr, ACC: tl.constexpr):
+    # The float64 lse in the scores' units as a (high, low) pair: (s - high) -
+    # low keeps the weight of the nearest keys exact to rounding even where
+    # |lse| is large (a query far from every key).
+    scaled = lse * SCALE
+    high = scaled.to(ACC)
+    return high, (scaled - high.to(tl.float64)).to(ACC)
 
 
 @triton.jit
@@ -381,7 +393,8 @@ def _nw_fwd_kernel(
     # l_i == 0 only if every score is -inf; 0 / 0 = NaN is what the reference
     # softmax gives there too.
     out = acc / l_i[None, :]
-    lse = m_i * (1.0 / SCALE) + tl.log(l_i)
+    # float64: the backward needs exp(s - lse) exact where |lse| is large.
+    lse = m_i.to(tl.float64) * (1.0 / SCALE) + tl.log(l_i.to(tl.float64))
 
     n_mask = offs_n < n
     rows = offs_n.to(tl.int64)
@@ -415,6 +428,7 @@ def _dq_tile(
     qq,
     g_t,
     lse_s,
+    lse_lo,
     delta,
     start_m,
     m,
@@ -442,7 +456,7 @@ def _dq_tile(
         # diff0 = k_j - q_i (first feature)
         dist2, diff0 = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
     w = tl.load(w_ptr + k_rows).to(ACC)
-    p = _exp(dist2 * (w * (-0.5 * SCALE))[:, None] - lse_s[None, :], USE_EXP2)
+    p = _exp((dist2 * (w * (-0.5 * SCALE))[:, None] - lse_s[None, :]) - lse_lo[None, :], USE_EXP2)
 
     # g_i . v_j
     if USE_DOT_PV:
@@ -517,7 +531,7 @@ def _nw_bwd_dq_kernel(
     w_ptr = W + b * m
     g_ptr = G + b * n * C
 
-    lse_s = tl.load(Lse + b * n + q_rows).to(ACC) * SCALE
+    lse_s, lse_lo = _split_lse(tl.load(Lse + b * n + q_rows), SCALE, ACC)
     delta = tl.load(Delta + b * n + q_rows).to(ACC)
     if USE_DOT_QK:
         q_t = _load_tile_t(q_ptr, q_rows, D, BLOCK_D)
@@ -543,25 +557,25 @@ def _nw_bwd_dq_kernel(
     for start_m in range(0, diag_lo, BLOCK_M):
         dq_t, a_sum = _dq_tile(
             dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, offs_n, q_t, qq,
-            g_t, lse_s, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
+            g_t, lse_s, lse_lo, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
             USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, False, False,
         )  # fmt: skip
     for start_m in range(diag_lo, diag_hi, BLOCK_M):
         dq_t, a_sum = _dq_tile(
             dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, offs_n, q_t, qq,
-            g_t, lse_s, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
+            g_t, lse_s, lse_lo, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
             USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, False, True,
         )  # fmt: skip
     for start_m in range(diag_hi, m_full, BLOCK_M):
         dq_t, a_sum = _dq_tile(
             dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, offs_n, q_t, qq,
-            g_t, lse_s, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
+            g_t, lse_s, lse_lo, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
             USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, False, False,
         )  # fmt: skip
     for start_m in range(m_full, m, BLOCK_M):
         dq_t, a_sum = _dq_tile(
             dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, offs_n, q_t, qq,
-            g_t, lse_s, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
+            g_t, lse_s, lse_lo, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
             USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, True, EXCLUDE_SELF,
         )  # fmt: skip
 
@@ -594,6 +608,7 @@ def _dkv_tile(
     g_ptr,
     lse_ptr,
     delta_ptr,
+    shift_ptr,
     k_rows,
     offs_m,
     neg_c,
@@ -621,7 +636,7 @@ def _dkv_tile(
 ):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     q_rows = _stream_rows(offs_n, n, MASK_TAIL)
-    lse_s = tl.load(lse_ptr + q_rows).to(ACC) * SCALE
+    lse_s, lse_lo = _split_lse(tl.load(lse_ptr + q_rows), SCALE, ACC)
     if USE_DOT_QK:
         q = _load_tile(q_ptr, q_rows, D, BLOCK_D)
         dist2 = _sq_dist_dot(q, _sq_norm(q, 1, ACC), k_t, kk, DOT_PREC)
@@ -634,7 +649,7 @@ def _dkv_tile(
         # p_ii = exp(-inf - lse_i): 0, or NaN in a NaN row, which is what the
         # reference softmax holds there and so what reaches dv through p.
         s = tl.where(offs_n[:, None] != offs_m[None, :], s, float("-inf"))
-    p = _exp(s - lse_s[:, None], USE_EXP2)
+    p = _exp((s - lse_s[:, None]) - lse_lo[:, None], USE_EXP2)
     if MASK_TAIL:
         p = tl.where((offs_n < n)[:, None], p, 0.0)
 
@@ -666,7 +681,8 @@ def _dkv_tile(
             # autograd through the reference's -inf mask gives 0 there.
             t = tl.where(_keep(offs_n, offs_m, n, MASK_TAIL, MASK_SELF), t, 0.0)
         if NEED_DW:
-            dw_acc += tl.sum(t * dist2, axis=0)
+            shift = tl.load(shift_ptr + q_rows).to(ACC)
+            dw_acc += tl.sum(t * (dist2 - shift[:, None]), axis=0)
         if NEED_DK:
             # dk_j = w_j sum_i t_ij (q_i - k_j); w_j is applied at the end.
             if USE_DOT_QK:
@@ -692,6 +708,7 @@ def _nw_bwd_dkv_kernel(
     G,
     Lse,
     Delta,
+    Shift,
     DK,
     DV,
     DW,
@@ -727,6 +744,7 @@ def _nw_bwd_dkv_kernel(
     g_ptr = G + b * n * C
     lse_ptr = Lse + b * n
     delta_ptr = Delta + b * n
+    shift_ptr = Shift + b * n
 
     w = tl.load(W + b * m + k_rows).to(ACC)
     neg_c = w * (-0.5 * SCALE)
@@ -755,28 +773,28 @@ def _nw_bwd_dkv_kernel(
         diag_hi = n_full
     for start_n in range(0, diag_lo, BLOCK_N):
         dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr,
+            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, shift_ptr,
             k_rows, offs_m, neg_c, k_t, kk, v_t, start_n, n, D, C, ACC, USE_EXP2,
             SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK, NEED_DV, NEED_DW,
             BLOCK_N, BLOCK_D, BLOCK_C, False, False,
         )  # fmt: skip
     for start_n in range(diag_lo, diag_hi, BLOCK_N):
         dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr,
+            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, shift_ptr,
             k_rows, offs_m, neg_c, k_t, kk, v_t, start_n, n, D, C, ACC, USE_EXP2,
             SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK, NEED_DV, NEED_DW,
             BLOCK_N, BLOCK_D, BLOCK_C, False, True,
         )  # fmt: skip
     for start_n in range(diag_hi, n_full, BLOCK_N):
         dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr,
+            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, shift_ptr,
             k_rows, offs_m, neg_c, k_t, kk, v_t, start_n, n, D, C, ACC, USE_EXP2,
             SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK, NEED_DV, NEED_DW,
             BLOCK_N, BLOCK_D, BLOCK_C, False, False,
         )  # fmt: skip
     for start_n in range(n_full, n, BLOCK_N):
         dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr,
+            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, shift_ptr,
             k_rows, offs_m, neg_c, k_t, kk, v_t, start_n, n, D, C, ACC, USE_EXP2,
             SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK, NEED_DV, NEED_DW,
             BLOCK_N, BLOCK_D, BLOCK_C, True, EXCLUDE_SELF,
@@ -853,7 +871,8 @@ def _nw_rows_fwd_kernel(
         m_i = m_new
     r_mask = offs_r < n
     tl.store(Out + offs_r, acc / l_i, mask=r_mask)
-    tl.store(Lse + offs_r, m_i * (1.0 / SCALE) + tl.log(l_i), mask=r_mask)
+    lse = m_i.to(tl.float64) * (1.0 / SCALE) + tl.log(l_i.to(tl.float64))
+    tl.store(Lse + offs_r, lse, mask=r_mask)
 
 
 @triton.jit
@@ -865,6 +884,7 @@ def _nw_rows_bwd_kernel(
     G,
     Out,
     Lse,
+    Shift,
     DK,
     DV,
     DQ_PART,
@@ -905,7 +925,7 @@ def _nw_rows_bwd_kernel(
         q = tl.load(Q + offs_r, mask=r_mask, other=0.0).to(ACC)
         g = tl.load(G + offs_r, mask=r_mask, other=0.0).to(ACC)
         y = tl.load(Out + offs_r, mask=r_mask, other=0.0).to(ACC)
-        lse_s = tl.load(Lse + offs_r, mask=r_mask, other=0.0).to(ACC) * SCALE
+        lse_s, lse_lo = _split_lse(tl.load(Lse + offs_r, mask=r_mask, other=0.0), SCALE, ACC)
         mask = r_mask[:, None] & c_mask[None, :]
         idx = offs_r[:, None] * m + offs_m[None, :]
         k = tl.load(K + idx, mask=mask, other=0.0).to(ACC)
@@ -913,7 +933,7 @@ def _nw_rows_bwd_kernel(
         diff = q[:, None] - k
         dist2 = diff * diff
         s = tl.where(mask, dist2 * neg_c[None, :], float("-inf"))
-        p = _exp(s - lse_s[:, None], USE_EXP2)
+        p = _exp((s - lse_s[:, None]) - lse_lo[:, None], USE_EXP2)
         gp = p * g[:, None]
         if NEED_DV:
             tl.store(DV + idx, gp, mask=mask)
@@ -926,7 +946,8 @@ def _nw_rows_bwd_kernel(
             if NEED_DQ:
                 tl.store(DQ_PART + cb * n + offs_r, -tl.sum(dk, axis=1), mask=r_mask)
         if NEED_DW:
-            dw_acc += tl.sum(t * dist2, axis=0)
+            shift = tl.load(Shift + offs_r, mask=r_mask, other=0.0).to(ACC)
+            dw_acc += tl.sum(t * (dist2 - shift[:, None]), axis=0)
     if NEED_DW:
         tl.store(DW_PART + grp * m + offs_m, -0.5 * dw_acc, mask=c_mask)
 
@@ -1000,12 +1021,24 @@ def _launch(kernel, tuned, name, tiles, args, meta):
         tuned[lambda cfg: (tiles(cfg),)](*args, **meta)
 
 
+def _per_key(w, m):
+    """(..., 1) -> (..., m) contiguous: every kernel reads one w per key."""
+    return w.expand(*w.shape[:-1], m).contiguous()
+
+
+def _dw(dw_keys, w):
+    """The per-key sums as w's gradient: summed over keys for a shared w."""
+    if w.shape[-1] == 1:
+        dw_keys = dw_keys.double().sum(-1, keepdim=True)
+    return dw_keys.to(w.dtype)
+
+
 def forward(query, key, value, w, exclude_self):
-    query, key, value, w = (x.contiguous() for x in (query, key, value, w))
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[2]
+    w = _per_key(w, m)
     out = torch.empty((B, n, c), dtype=query.dtype, device=query.device)
-    lse = torch.empty((B, n), dtype=_acc_dtype(query.dtype), device=query.device)
+    lse = torch.empty((B, n), dtype=torch.float64, device=query.device)
     if B * n == 0:
         return out, lse
     _launch(
@@ -1021,21 +1054,20 @@ def forward(query, key, value, w, exclude_self):
 
 def backward(grad_out, query, key, value, w, out, lse, exclude_self, needs):
     need_q, need_k, need_v, need_w = (bool(x) for x in needs)
-    grad_out, query, key, value, w, out, lse = (
-        x.contiguous() for x in (grad_out, query, key, value, w, out, lse)
-    )
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[2]
     dtype = query.dtype
+    w_keys = _per_key(w, m)
     dq = torch.empty_like(query) if need_q else None
     dk = torch.empty_like(key) if need_k else None
     dv = torch.empty_like(value) if need_v else None
-    dw = torch.empty_like(w) if need_w else None
+    # float32 partial sums per key: summed in float64 for a shared w.
+    dw = torch.empty(w_keys.shape, dtype=_acc_dtype(dtype), device=w.device) if need_w else None
     if B * n * m == 0 or not any((need_q, need_k, need_v, need_w)):
         for x in (dq, dk, dv, dw):
             if x is not None:
                 x.zero_()
-        return dq, dk, dv, dw
+        return dq, dk, dv, None if dw is None else _dw(dw, w)
 
     acc = _acc_dtype(dtype)
     # delta_i = g_i . y_i, the per-query term of t_ij; O(n c), done once here
@@ -1049,7 +1081,7 @@ def backward(grad_out, query, key, value, w, out, lse, exclude_self, needs):
             _nw_bwd_dq_tuned,
             "dq",
             lambda cfg: B * triton.cdiv(n, cfg["BLOCK_N"]),
-            (query, key, value, w, grad_out, lse, delta, dq) + common,
+            (query, key, value, w_keys, grad_out, lse, delta, dq) + common,
             meta,
         )
     if need_k or need_v or need_w:
@@ -1059,12 +1091,21 @@ def backward(grad_out, query, key, value, w, out, lse, exclude_self, needs):
             _nw_bwd_dkv_tuned,
             "dkv",
             lambda cfg: B * triton.cdiv(m, cfg["BLOCK_M"]),
-            (query, key, value, w, grad_out, lse, delta)
-            + (dk if need_k else key, dv if need_v else value, dw if need_w else w)
+            (
+                query,
+                key,
+                value,
+                w_keys,
+                grad_out,
+                lse,
+                delta,
+                distance_shift(lse, w, m - bool(exclude_self)).to(acc),
+            )
+            + (dk if need_k else key, dv if need_v else value, dw if need_w else w_keys)
             + common,
             {**meta, "NEED_DK": need_k, "NEED_DV": need_v, "NEED_DW": need_w},
         )
-    return dq, dk, dv, dw
+    return dq, dk, dv, None if dw is None else _dw(dw, w)
 
 
 def _rows_meta(dtype):
@@ -1077,10 +1118,10 @@ def _rows_meta(dtype):
 
 
 def forward_rows(query, keys, values, w):
-    query, keys, values, w = (x.contiguous() for x in (query, keys, values, w))
     n, m = keys.shape
+    w = _per_key(w, m)
     out = torch.empty((n,), dtype=query.dtype, device=query.device)
-    lse = torch.empty((n,), dtype=_acc_dtype(query.dtype), device=query.device)
+    lse = torch.empty((n,), dtype=torch.float64, device=query.device)
     if n == 0:
         return out, lse
     _launch(
@@ -1114,11 +1155,9 @@ def _row_groups(n, m, block_m):
 
 def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
     need_q, need_k, need_v, need_w = (bool(x) for x in needs)
-    grad_out, query, keys, values, w, out, lse = (
-        x.contiguous() for x in (grad_out, query, keys, values, w, out, lse)
-    )
     n, m = keys.shape
     dtype, dev = query.dtype, query.device
+    w_keys = _per_key(w, m)
     dk = torch.empty_like(keys) if need_k else None
     dv = torch.empty_like(values) if need_v else None
     if n * m == 0 or not any((need_q, need_k, need_v, need_w)):
@@ -1140,7 +1179,7 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
         _nw_rows_bwd_tuned,
         "rows_bwd",
         lambda cfg: groups * col_blocks,
-        (query, keys, values, w, grad_out, out, lse)
+        (query, keys, values, w_keys, grad_out, out, lse, distance_shift(lse, w, m).to(acc))
         + (dk if need_k else keys, dv if need_v else values, dq_part, dw_part)
         + (n, m, rows_per_group),
         {
@@ -1153,5 +1192,5 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
         },
     )
     dq = dq_part.sum(0).to(dtype) if need_q else None
-    dw = dw_part.sum(0).to(dtype) if need_w else None
+    dw = _dw(dw_part.double().sum(0), w) if need_w else None
     return dq, dk, dv, dw

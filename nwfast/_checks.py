@@ -1,7 +1,8 @@
 """Input checks: every public shape is turned into one canonical layout, or refused.
 
-Canonical shared layout: query (B, n, d), key (B, m, d), value (B, m, c), w (B, m).
-Canonical rows layout: query (n,), keys (n, m), values (n, m), w (m,).
+Canonical shared layout: query (B, n, d), key (B, m, d), value (B, m, c), and w
+(B, m) for one w per key or (B, 1) for one w shared by all keys.
+Canonical rows layout: query (n,), keys (n, m), values (n, m), w (m,) or (1,).
 The reshapes are views or expands, so autograd carries gradients back to the
 caller's own tensors (a scalar ``w`` expanded to every key sums its gradient).
 """
@@ -115,7 +116,7 @@ def prepare_shared(query, key, value, w, exclude_self=False):
     for size in batch_shape:
         batch *= size
     if _is_scalar(w):
-        w = w.reshape(1, 1).expand(batch, m)
+        w = w.reshape(1, 1).expand(batch, 1)
     elif tuple(w.shape) == (m,):
         w = w.reshape(1, m).expand(batch, m)
     elif tuple(w.shape) == (*batch_shape, m):
@@ -154,7 +155,7 @@ def prepare_rows(query, keys, values, w):
     if m == 0:
         raise ValueError(f"keys {tuple(keys.shape)} has no keys (m=0): the softmax is empty")
     if _is_scalar(w):
-        w = w.reshape(1).expand(m)
+        w = w.reshape(1)
     elif tuple(w.shape) != (m,):
         raise ValueError(
             f"w {tuple(w.shape)} does not match keys {tuple(keys.shape)}: expected a "

@@ -63,7 +63,5 @@ def nw_weights(query, key, w, *, exclude_self=False):
     Built with the reference formula, for plots and small sizes: it holds n·m numbers.
     """
     value = key[..., :1] if key.dim() > 1 else key  # shapes only: weights need no values
-    args = prepare_shared(query, key, value, w, exclude_self)
-    weights = reference.attention_weights(reference.shared_differences(args.q, args.k), args)
-    batch_shape = query.shape[:-2] if query.dim() > 1 else ()
-    return weights.reshape(*batch_shape, *weights.shape[-2:])
+    prepare_shared(query, key, value, w, exclude_self)
+    return reference.attention_weights(query, key, w, exclude_self)

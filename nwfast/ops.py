@@ -61,10 +61,6 @@ def _kernels(backend):
         ) from error
 
 
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _contiguous(*tensors):
     return tuple(x.contiguous() for x in tensors)
 
@@ -95,7 +91,7 @@ def pool(
 @pool.register_fake
 def _(q, k, v, w, exclude_self, backend):
     batch, n, _ = q.shape
-    return q.new_empty(batch, n, v.shape[-1]), q.new_empty(batch, n, dtype=_lse_dtype(q.dtype))
+    return q.new_empty(batch, n, v.shape[-1]), q.new_empty(batch, n, dtype=torch.float64)
 
 
 @torch.library.custom_op("nwfast::pool_backward", mutates_args=())
@@ -152,7 +148,7 @@ def pool_rows(
 
 @pool_rows.register_fake
 def _(query, keys, values, w, backend):
-    return query.new_empty(query.shape), query.new_empty(query.shape, dtype=_lse_dtype(query.dtype))
+    return query.new_empty(query.shape), query.new_empty(query.shape, dtype=torch.float64)
 
 
 @torch.library.custom_op("nwfast::pool_rows_backward", mutates_args=())

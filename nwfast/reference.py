@@ -10,6 +10,17 @@ of each layout, which differ only in how the query-key differences are formed:
 Both produce the very same difference tensor and then share one tail (scores,
 softmax, weighted sum), so they agree bit for bit; a difference between two
 such programs comes from elsewhere, typically a freshly drawn random ``w``.
+
+Everything here computes on the caller's own tensors by broadcasting, with any
+leading batch dims. The public forms call ``nwfast._checks`` to refuse bad input
+with the same messages as the fused paths, but never compute on its canonical
+layout: a bug there cannot hide behind itself. ``pool_and_lse`` and
+``rows_and_lse`` skip the checks altogether and also return the log-sum-exp,
+the two outputs of the kernel contract (``nwfast.kernels``).
+
+With ``exclude_self`` key i is *removed* from query i's softmax, as the
+textbook's ``(n, n - 1)`` matrices remove it: a NaN or inf in ``v_i`` does not
+reach ``y_i`` (weighting it 0 would give 0 * NaN = NaN).
 """
 
 import torch
@@ -17,73 +28,137 @@ import torch
 from nwfast._checks import prepare_rows, prepare_shared
 
 __all__ = [
+    "attention_weights",
     "nw_pool_broadcast",
     "nw_pool_repeat_interleave",
     "nw_pool_rows_broadcast",
     "nw_pool_rows_repeat_interleave",
     "nw_scores",
-    "attention_weights",
-    "shared_differences",
+    "pool_and_lse",
+    "rows_and_lse",
 ]
 
 
-def _shared_differences_repeat_interleave(q, k):
-    batch, n, d = q.shape
-    m = k.shape[1]
-    queries = q.repeat_interleave(m, dim=1).reshape(batch, n, m, d)
-    keys = k.repeat(1, n, 1).reshape(batch, n, m, d)
-    return queries - keys
+def _points(x):
+    """(n,) is n points with one feature: (n, 1); (..., n, d) stays."""
+    return x[:, None] if x.dim() == 1 else x
+
+
+def _per_key(w, like):
+    """w as (..., 1, m) or (1, 1), broadcastable against (..., n, m) scores."""
+    w = torch.as_tensor(w, dtype=like.dtype, device=like.device)
+    return w.reshape(1)[..., None, :] if w.dim() == 0 else w[..., None, :]
 
 
 def nw_scores(differences, w):
-    """s_ij = -(w_j / 2) * ||q_i - k_j||^2 from differences (..., n, m, d), w (..., m)."""
-    return -(w[..., None, :] / 2) * (differences * differences).sum(-1)
+    """s_ij = -(w_j / 2) * ||q_i - k_j||^2 from differences (..., n, m, d)."""
+    return -(_per_key(w, differences) / 2) * (differences * differences).sum(-1)
 
 
-def attention_weights(differences, args):
-    """Softmax weights (B, n, m) from differences (B, n, m, d) and checked ``args``."""
-    scores = nw_scores(differences, args.w)
-    if args.exclude_self:
-        eye = torch.eye(scores.shape[-1], dtype=torch.bool, device=scores.device)
-        scores = scores.masked_fill(eye, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+def _differences_broadcast(q, k):
+    return q[..., :, None, :] - k[..., None, :, :]
 
 
-def shared_differences(q, k):
-    """Broadcast form of the query-key differences: (B, n, d), (B, m, d) -> (B, n, m, d)."""
-    return q[:, :, None, :] - k[:, None, :, :]
+def _differences_repeat_interleave(q, k):
+    *batch, n, d = q.shape
+    m = k.shape[-2]
+    queries = q.repeat_interleave(m, dim=-2).reshape(*batch, n, m, d)
+    keys = k.repeat(*([1] * len(batch)), n, 1).reshape(*batch, n, m, d)
+    return queries - keys
 
 
-def _pool_shared(differences, args):
-    return (attention_weights(differences, args) @ args.v).reshape(args.out_shape)
+def _removed(scores, exclude_self):
+    """The (..., n, m) mask of removed pairs, or None.
+
+    ``exclude_self`` True removes j == i; a tensor (..., n) of key indices removes
+    key ``exclude_self[..., i]`` from row i (-1: none), for a subset of the
+    queries or for shards of a larger problem.
+    """
+    if isinstance(exclude_self, torch.Tensor):
+        keys = torch.arange(scores.shape[-1], device=scores.device)
+        return keys == exclude_self.to(scores.device)[..., None]
+    if exclude_self:
+        return torch.eye(scores.shape[-1], dtype=torch.bool, device=scores.device)
+    return None
+
+
+def _masked_scores(differences, w, exclude_self):
+    scores = nw_scores(differences, w)
+    removed = _removed(scores, exclude_self)
+    return scores if removed is None else scores.masked_fill(removed, float("-inf"))
+
+
+def _pool(differences, value, w, exclude_self):
+    """The shared tail of both forms: (out, lse)."""
+    scores = _masked_scores(differences, w, exclude_self)
+    weights = torch.softmax(scores, dim=-1)
+    v = value[:, None] if value.dim() == 1 else value
+    removed = _removed(scores, exclude_self)
+    if removed is None:
+        out = weights @ v
+    else:
+        # Remove key i from row i rather than weighting it 0 (see the module doc).
+        terms = weights[..., None] * v[..., None, :, :]
+        out = torch.where(removed[..., None], 0.0, terms).sum(-2)
+    if value.dim() == 1:
+        out = out[..., 0]
+    return out, torch.logsumexp(scores, dim=-1)
+
+
+def pool_and_lse(query, key, value, w, exclude_self=False):
+    """Output and natural-log log-sum-exp of the scores, unchecked, broadcast form.
+
+    query ``(n,)`` or ``(..., n, d)``, key ``(m,)`` or ``(..., m, d)``, value
+    ``(m,)`` or ``(..., m, c)``, w a number, a one-element tensor, ``(m,)`` or
+    ``(..., m)``; ``exclude_self`` a bool or per-row key indices to remove (see
+    ``_removed``). Returns out ``(n,)`` or ``(..., n, c)`` and lse ``(..., n)``.
+    """
+    return _pool(_differences_broadcast(_points(query), _points(key)), value, w, exclude_self)
 
 
 def nw_pool_broadcast(query, key, value, w, *, exclude_self=False):
     """Reference ``nw_pool`` with differences formed by broadcasting."""
-    args = prepare_shared(query, key, value, w, exclude_self)
-    return _pool_shared(shared_differences(args.q, args.k), args)
+    prepare_shared(query, key, value, w, exclude_self)
+    return pool_and_lse(query, key, value, w, exclude_self)[0]
 
 
 def nw_pool_repeat_interleave(query, key, value, w, *, exclude_self=False):
     """Reference ``nw_pool`` in the textbook's repeat_interleave form."""
-    args = prepare_shared(query, key, value, w, exclude_self)
-    return _pool_shared(_shared_differences_repeat_interleave(args.q, args.k), args)
+    prepare_shared(query, key, value, w, exclude_self)
+    differences = _differences_repeat_interleave(_points(query), _points(key))
+    return _pool(differences, value, w, exclude_self)[0]
 
 
-def _pool_rows(differences, args):
-    weights = torch.softmax(-(args.w / 2) * differences**2, dim=-1)
-    return torch.bmm(weights.unsqueeze(1), args.values.unsqueeze(-1)).reshape(-1)
+def attention_weights(query, key, w, exclude_self=False):
+    """The softmax weights ``p_ij``, ``(..., n, m)``, unchecked."""
+    differences = _differences_broadcast(_points(query), _points(key))
+    return torch.softmax(_masked_scores(differences, w, exclude_self), dim=-1)
+
+
+# --- per-query rows: query (n,), keys and values (n, m) ---------------------------
+
+
+def _pool_rows(differences, values, w):
+    scores = -(torch.as_tensor(w, dtype=values.dtype, device=values.device) / 2) * differences**2
+    weights = torch.softmax(scores, dim=-1)
+    out = torch.bmm(weights.unsqueeze(1), values.unsqueeze(-1)).reshape(-1)
+    return out, torch.logsumexp(scores, dim=-1)
+
+
+def rows_and_lse(query, keys, values, w):
+    """Output and log-sum-exp of the rows layout, unchecked, broadcast form."""
+    return _pool_rows(query[:, None] - keys, values, w)
 
 
 def nw_pool_rows_broadcast(query, keys, values, w):
     """Reference ``nw_pool_rows``: row i of keys and values belongs to query i."""
-    args = prepare_rows(query, keys, values, w)
-    return _pool_rows(args.query[:, None] - args.keys, args)
+    prepare_rows(query, keys, values, w)
+    return rows_and_lse(query, keys, values, w)[0]
 
 
 def nw_pool_rows_repeat_interleave(query, keys, values, w):
     """Reference ``nw_pool_rows`` in the textbook's form."""
-    args = prepare_rows(query, keys, values, w)
-    n, m = args.keys.shape
-    queries = args.query.repeat_interleave(m).reshape(n, m)
-    return _pool_rows(queries - args.keys, args)
+    prepare_rows(query, keys, values, w)
+    n, m = keys.shape
+    queries = query.repeat_interleave(m).reshape(n, m)
+    return _pool_rows(queries - keys, values, w)[0]
