@@ -6,10 +6,12 @@ A per-feature bandwidth is not a kernel feature: scale ``query`` and ``key`` by
 ``sqrt(w_f)`` before the call and autograd carries the gradient to ``w_f``.
 """
 
+import torch
+
 from nwfast import ops, reference
 from nwfast._checks import prepare_rows, prepare_shared
 
-__all__ = ["nw_pool", "nw_pool_rows", "nw_weights"]
+__all__ = ["nw_pool", "nw_pool_rows", "nw_pool_with_lse", "nw_weights"]
 
 
 def nw_pool(query, key, value, w, *, exclude_self=False, backend="auto"):
@@ -38,6 +40,27 @@ def nw_pool(query, key, value, w, *, exclude_self=False, backend="auto"):
         return args.q.new_zeros(args.out_shape)
     out, _ = ops.pool(args.q, args.k, args.v, args.w, args.exclude_self, backend)
     return out.reshape(args.out_shape)
+
+
+def nw_pool_with_lse(query, key, value, w, *, exclude_self=False, backend="auto"):
+    """``nw_pool`` and the log-sum-exp of each query's scores, ``(B..., n)`` float64.
+
+    For estimators that need more than the pooled value: for instance the sum of
+    squared weights, ``sum_j p_ij**2 = exp(lse_i(2 w) - 2 lse_i(w))``. The lse
+    carries no gradient.
+    """
+    if backend == "torch":
+        prepare_shared(query, key, value, w, exclude_self)
+        out, lse = reference.pool_and_lse(query, key, value, w, exclude_self)
+        return out, lse.double()
+    args = prepare_shared(query, key, value, w, exclude_self)
+    backend = ops.resolve_backend(backend, args.q.device, args.q.dtype)
+    lse_shape = query.shape[:-1] if query.dim() > 1 else query.shape
+    if args.q.numel() == 0 or args.v.shape[-1] == 0:
+        empty = torch.zeros(lse_shape, dtype=torch.float64, device=args.q.device)
+        return args.q.new_zeros(args.out_shape), empty
+    out, lse = ops.pool(args.q, args.k, args.v, args.w, args.exclude_self, backend)
+    return out.reshape(args.out_shape), lse.detach().reshape(lse_shape)
 
 
 def nw_pool_rows(query, keys, values, w, *, backend="auto"):
