@@ -1,21 +1,33 @@
 """Fused Nadaraya-Watson kernels: pure compute, no argument parsing.
 
 Every backend module (``numba_nw`` for CPU, ``triton_nw`` for GPU) exposes the
-same four functions on canonical, already-checked torch tensors of one float
-dtype, one device, contiguous:
+same functions on canonical, already-checked torch tensors of one float dtype,
+one device, contiguous:
 
 Shared keys::
 
-    forward(query, key, value, w, exclude_self) -> (out, lse)
-        query (B, n, d), key (B, m, d), value (B, m, c), w (B, m) or (B, 1)
-        out (B, n, c) in the input dtype
-        lse (B, n): natural-log log-sum-exp of s_ij over j, float64 (the
-        backward's weights exp(s_ij - lse_i) need it exact where |lse| is large)
+    forward(query, key, value, w, diagonal, tolerance) -> (out, lse, plan)
+        query (B, n, d), key (B, m, d), value (B, m, c), and w (B, m) for one
+        w per key or (B, 1) for one w shared by all keys.
+        diagonal: None, or an int: query i leaves key i + diagonal out of its
+        softmax where that key exists (exclude_self is diagonal 0 with n == m;
+        shards of a larger problem pass their offset).
+        tolerance: the most softmax mass a query may skip (``blocks``); 0.0
+        computes every pair.
+        out (B, n, c) in the input dtype; lse (B, n) float64, the natural-log
+        log-sum-exp of s_ij over j (float64: the backward's weights
+        exp(s_ij - lse_i) need it exact where |lse| is large); plan: a 1-D
+        int64 CPU tensor, the block plan packed (``blocks.pack``), which the
+        backward and the tangent reuse.
 
-    backward(grad_out, query, key, value, w, out, lse, exclude_self, needs)
+    backward(grad_out, query, key, value, w, out, lse, diagonal, plan, needs)
         -> (dquery, dkey, dvalue, dw)
         grad_out (B, n, c); needs is four bools (query, key, value, w); an
         entry that is not needed may come back as None. dw has w's shape.
+
+    tangent(query, key, value, w, tangents, out, lse, diagonal, plan)
+        -> dout (B, n, c): the forward-mode derivative, tangents being
+        (dquery, dkey, dvalue, dw) with None for a zero tangent.
 
 Per-query rows::
 
@@ -25,14 +37,19 @@ Per-query rows::
     backward_rows(grad_out, query, keys, values, w, out, lse, needs)
         -> (dquery, dkeys, dvalues, dw)
 
+    tangent_rows(query, keys, values, w, tangents, out, lse) -> dout (n,)
+
 with s_ij = -(w_j / 2) * ||q_i - k_j||^2, p_ij = softmax_j(s_ij), out_i =
-sum_j p_ij v_j. A w of one element per batch (w (B, 1), or (1,) for rows) is
-one bandwidth for all keys, and its gradient is the sum over every pair. That
-sum cancels: the terms t_ij = dL/ds_ij sum to zero over j, so scaled by a large
+sum_j p_ij v_j. A key left out of a row is removed from it, NaN or not, as
+the textbook's (n, n - 1) matrices remove it.
+
+A w of one element (w (B, 1), or (1,) for rows) is one bandwidth for all
+keys, and its gradient is the sum over every pair. That sum cancels: the
+terms t_ij = dL/ds_ij sum to zero over j, so scaled by a large
 ||q_i - k_j||^2 they leave a small total. The kernels subtract a per-query
-constant r_i from ||q_i - k_j||^2 first (exact, since sum_j t_ij r_i = 0), the
-log-mean-exp of the squared distances (``distance_shift``). Nothing of size n * m is
-allocated beyond the rows layout's own inputs and gradients.
+constant r_i from ||q_i - k_j||^2 first (exact, since sum_j t_ij r_i = 0):
+the log-mean-exp of the squared distances (``distance_shift``). Nothing of
+size n * m is allocated beyond the rows layout's own inputs and gradients.
 """
 
 import torch

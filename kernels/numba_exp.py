@@ -1,11 +1,13 @@
-"""Vectorisable scalar helpers for the Numba kernels: ``exp2`` and ``fmax``.
+"""Vectorisable scalar helpers for the Numba kernels: ``exp2``, ``fmax``, ``fma``.
 
 Numba's ``math.exp`` is a scalar libm call, which stops LLVM from vectorising
 the loop around it. ``exp2`` here is a branch-free polynomial with an exponent
 bit shift, written so that LLVM turns a loop of calls into SIMD code (8 or 16
 float32 lanes). ``fmax`` is ``llvm.maximum``: Numba emits ``a if a > b else b``
 as a select without fast-math flags, and LLVM will not vectorise that as a max
-reduction.
+reduction. ``fma`` is ``llvm.fma``: one rounding whatever the fast-math flags of
+the caller, so that every kernel computes a score from the same operands to the
+same bits (the backward recomputes the forward's weights from its lse).
 """
 
 import numpy as np
@@ -80,6 +82,20 @@ def fmax(typingctx, a, b):
         return builder.call(fn, args)
 
     return a(a, a), codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c rounded once (``llvm.fma``); vectorises to FMA instructions."""
+    if not (a == b == c) or a not in _LAYOUT:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.fma", [ty], ir.FunctionType(ty, [ty] * 3))
+        return builder.call(fn, args)
+
+    return a(a, a, a), codegen
 
 
 def exp2(x):

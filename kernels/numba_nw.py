@@ -3,28 +3,40 @@
 The contract (shapes, dtypes, what each function returns) is in
 ``kernels/__init__.py``; this file is the CPU implementation.
 
-How the loops are laid out:
+How the work is laid out:
 
-- Scores are kept in log2 units. With ``c2_j = -(w_j / 2) * log2(e)`` the
-  weight ``exp(s_ij)`` is ``2**(c2_j * ||q_i - k_j||^2)``: one polynomial
-  ``exp2`` (``numba_exp``) per pair, which LLVM vectorises.
-- One query row at a time walks over the keys in tiles of ``TILE``. Inner
-  loops run along keys on unit-stride rows, so keys and values are passed
-  feature-major, ``(d, m)`` and ``(c, m)``; for d = c = 1 each pass is one
-  fused sweep with no buffer.
-- The softmax shift: with w >= 0 every score is <= 0, so a shift of 0 is
-  safe from overflow and no row maximum is needed (the forward costs one exp2
-  and ~6 flops per pair). If a row's sum then comes out tiny (a query far
-  from all keys, a huge w) or NaN, that row is redone with the running
-  maximum (online softmax: the tile's scores go into an L1 buffer, the tile
-  max updates the running max and rescales the sums so far). Negative w
-  always takes the running-max path.
-- Sums inside a tile are in the input dtype (SIMD lanes); tile sums go into
-  float64, so float32 error does not grow with m.
-- The backward recomputes ``p_ij = 2**(x_ij - lse_i * log2(e))`` from the saved
-  log-sum-exp. ``dq`` is a pass over key tiles per query; ``dk``, ``dv``,
-  ``dw`` a pass over query tiles per key. Every output element is summed by
-  one thread in a fixed order, so results repeat bit for bit.
+- Work items. A work item is a run of query rows (forward, dq) or of keys
+  (dk, dv, dw) with its own list of *spans* of the other side: [start, end)
+  ranges of keys (or queries) that it sweeps. The dense pass gives every item
+  one span covering everything; a block-sparse plan (``kernels.blocks``) gives
+  each item the spans its bound keeps. Every output element is summed by one
+  item in a fixed order, so results repeat bit for bit whatever the number of
+  threads.
+- Threads. Items run on a small pool of Python threads calling ``nogil``
+  kernels (``workers.parallel``), not on Numba's OpenMP/TBB layer: a process that has
+  called nwfast can fork (DataLoader workers), several Python threads can call
+  at once, and the kernels compile as plain serial functions, which is several
+  times faster than parallel ones.
+- Scores in log2 units. With ``c2_j = -(w_j / 2) * log2(e)`` the weight
+  ``exp(s_ij - shift)`` is ``2**(c2_j * d_ij^2 - shift)``, one polynomial
+  ``exp2`` (``numba_exp``) per pair, which LLVM vectorises. The argument is
+  always one ``fma(c2_j, d_ij^2, -shift)`` from the same ``c2_j`` and
+  ``d_ij^2``: the backward's ``2**(c2 d^2 - lse)`` then reproduces the
+  forward's weights to rounding even where ``|c2 d^2|`` is huge (a query far
+  from every key), which a product rounded before the subtraction would not.
+- The shift. With w >= 0 every score is <= 0, so a shift of 0 is safe from
+  overflow and no row maximum is needed (one exp2 and ~6 flops a pair). A row
+  whose sum comes out tiny (< 2**-60: a query far from all keys, a huge w) or
+  NaN is redone against its running maximum (online softmax); negative w
+  takes that path from the start.
+- Inner loops run along keys on unit-stride rows, so keys and values are
+  passed feature-major, (d, m) and (c, m); for d = c = 1 each pass is one
+  fused sweep with no buffer. Sums inside a tile of TILE keys are in the input
+  dtype (SIMD lanes); tile sums go into float64, so float32 error does not
+  grow with m.
+- The backward recomputes ``p_ij = 2**(c2_j d_ij^2 - lse_i log2(e))`` with the
+  lse as a (high, low) pair of the input dtype. ``dq`` is a sweep over key
+  spans per query; ``dk``, ``dv``, ``dw`` a sweep over query spans per key.
 """
 
 import functools
@@ -32,226 +44,189 @@ import math
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
-from . import distance_shift
-from .numba_exp import exp2, fmax
+from . import blocks, distance_shift
+from .numba_exp import exp2, fma, fmax
+from .workers import parallel as _parallel
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
+# Queries and keys per block of a block-sparse plan. Small blocks bound
+# tightly; the kernels sweep runs of adjacent kept blocks as one span.
+BLOCK = 64
 # Keys per tile. Each tile pays ~25 cycles of loop set-up and reductions;
 # at 2048 that is ~1% and a float32 score buffer (8 KiB) still sits in L1
 # next to the tile's keys and values.
 TILE = 2048
-# A parallel work item is a run of query (or key) rows worth about this many
-# pairs: enough to amortise its buffer allocations, few enough rows that a
-# handful of queries over many keys still spreads over the cores.
+# A dense work item is a run of rows worth about this many pairs: enough to
+# amortise its set-up, few enough rows that a handful of queries over many
+# keys still spreads over the cores.
 ITEM_PAIRS = 1 << 15
+# Zero-shift sums below this are redone against the row maximum: weights
+# flushed to zero (each < 2**-126) cannot matter above it.
+UNDERFLOW = 2.0**-60
 # The rows-layout dw is summed over rows in this many fixed chunks (partials
 # summed afterwards in order), independent of the thread count.
 DW_CHUNKS = 32
 
-
-@njit(cache=True)
-def _rows_per_item(length):
-    """Rows per work item when each row sweeps ``length`` keys (or queries)."""
-    return max(1, min(64, ITEM_PAIRS // max(length, 1)))
-
-
 # Fast math without nnan/ninf, so NaN and inf propagate as in the reference;
 # reassoc lets LLVM vectorise the sums. error_model="numpy": x / 0 is inf/NaN.
 _FLAGS = {"contract", "reassoc", "nsz", "arcp"}
-_jit = functools.partial(njit, fastmath=_FLAGS, error_model="numpy", cache=True)
-_pjit = functools.partial(_jit, parallel=True)
-_ijit = functools.partial(_jit, inline="always")
+_jit = functools.partial(njit, fastmath=_FLAGS, error_model="numpy", cache=True, nogil=True)
 
-
-# ---------------------------------------------------------------- tile pieces
-# Each works on one tile [j0, j0 + nt) of a feature-major array and a buffer
-# of at least nt. Tile columns are indexed as A[r, _u(j0 + j)]: an unsigned
-# index has no negative-index wraparound, so LLVM emits plain vector loads,
-# and no array views are made per tile (each view costs atomic refcounts).
-# inline="always" lets Numba drop the refcounts of the arguments too.
-
+# Tile columns are indexed as A[r, _u(j)]: an unsigned index has no
+# negative-index wraparound, so LLVM emits plain vector loads, and no array
+# views are made per tile (each view costs atomic refcounts).
 _u = np.uint64
 
 
-@_ijit
-def _sq_dist(a, r, BT, j0, nt, out):
-    """out[j] = ||a[r] - b_(j0+j)||^2 over the tile; BT is (d, m)."""
+# ------------------------------------------------------------- tile pieces
+# Each works on the tile [j0, j0 + nt) of feature-major arrays and a buffer x
+# of at least nt; the ones that sum take a local range [ja, jb) of the tile,
+# so that a key left out of a row (exclude_self) is left out of every sum,
+# NaN or not, instead of being weighted 0 (0 * NaN is NaN).
+
+
+@_jit
+def _tile_sq(a, r, bT, j0, nt, x):
+    """x[j] = ||a_r - b_(j0+j)||^2; a (rows, d), bT (d, cols)."""
     a0 = a[r, 0]
     for j in range(nt):
-        diff = a0 - BT[0, _u(j0 + j)]
-        out[j] = diff * diff
+        diff = a0 - bT[0, _u(j0 + j)]
+        x[j] = diff * diff
     for f in range(1, a.shape[1]):
         af = a[r, f]
         for j in range(nt):
-            diff = af - BT[f, _u(j0 + j)]
-            out[j] += diff * diff
+            diff = af - bT[f, _u(j0 + j)]
+            x[j] = fma(diff, diff, x[j])
 
 
-@_ijit
-def _scores(q, i, kT, c2, j0, nt, x):
-    """x[j] = c2_(j0+j) * ||q_i - k_(j0+j)||^2, the score in log2 units;
-    returns the tile max."""
+@_jit
+def _tile_max(x, c2, j0, ja, jb):
+    """max of c2_(j0+j) x_j over j in [ja, jb)."""
     mx = x.dtype.type(-np.inf)
-    if q.shape[1] == 1:  # one sweep for the common d = 1
-        q0 = q[i, 0]
-        for j in range(nt):
-            jj = _u(j0 + j)
-            diff = q0 - kT[0, jj]
-            s = c2[jj] * (diff * diff)
-            x[j] = s
-            mx = fmax(mx, s)
-    else:
-        _sq_dist(q, i, kT, j0, nt, x)
-        for j in range(nt):
-            s = x[j] * c2[_u(j0 + j)]
-            x[j] = s
-            mx = fmax(mx, s)
+    for j in range(ja, jb):
+        mx = fmax(mx, c2[_u(j0 + j)] * x[j])
     return mx
 
 
-@_ijit
-def _tile_max(x, nt):
-    mx = x.dtype.type(-np.inf)
-    for j in range(nt):
-        mx = fmax(mx, x[j])
-    return mx
-
-
-@_ijit
-def _exp2_shifted(x, nt, shift):
-    """x[j] <- 2**(x[j] - shift) in place; returns the sum."""
+@_jit
+def _tile_exp2(x, c2, j0, ja, jb, shift):
+    """x[j] <- 2**(c2_(j0+j) x_j - shift) in place over [ja, jb); returns the sum."""
     s = x.dtype.type(0)
-    for j in range(nt):
-        e = exp2(x[j] - shift)
+    for j in range(ja, jb):
+        e = exp2(fma(c2[_u(j0 + j)], x[j], -shift))
         x[j] = e
         s += e
     return s
 
 
-@_ijit
-def _exp2_dot(x, nt, shift, vT, j0):
-    """(sum_j e_j, sum_j e_j vT[0, j0+j]) with e_j = 2**(x[j] - shift): the
-    single-channel forward in one sweep, without storing e."""
+@_jit
+def _tile_dot(x, ja, jb, A, r, j0):
+    """sum_j x[j] * A[r, j0 + j] over [ja, jb)."""
     s = x.dtype.type(0)
-    a = x.dtype.type(0)
-    for j in range(nt):
-        e = exp2(x[j] - shift)
-        s += e
-        a += e * vT[0, _u(j0 + j)]
-    return s, a
-
-
-@_ijit
-def _dot(x, nt, A, r, j0):
-    """sum_j x[j] * A[r, j0 + j]."""
-    s = x.dtype.type(0)
-    for j in range(nt):
+    for j in range(ja, jb):
         s += x[j] * A[r, _u(j0 + j)]
     return s
 
 
-@_ijit
-def _dot_diff(x, nt, A, r, j0, a0):
-    """sum_j x[j] * (A[r, j0 + j] - a0)."""
+@_jit
+def _tile_dot_diff(x, ja, jb, A, r, j0, a0):
+    """sum_j x[j] * (A[r, j0 + j] - a0) over [ja, jb)."""
     s = x.dtype.type(0)
-    for j in range(nt):
+    for j in range(ja, jb):
         s += x[j] * (A[r, _u(j0 + j)] - a0)
     return s
 
 
-@_ijit
-def _dot_cols(g, i, AT, j0, nt, out):
-    """out[j] = g[i] . AT[:, j0 + j] (AT is (c, m))."""
+@_jit
+def _tile_gv(g, i, vT, j0, nt, out):
+    """out[j] = g_i . v_(j0+j); vT is (c, cols)."""
     g0 = g[i, 0]
     for j in range(nt):
-        out[j] = g0 * AT[0, _u(j0 + j)]
+        out[j] = g0 * vT[0, _u(j0 + j)]
     for ch in range(1, g.shape[1]):
         gc = g[i, ch]
         for j in range(nt):
-            out[j] += gc * AT[ch, _u(j0 + j)]
+            out[j] = fma(gc, vT[ch, _u(j0 + j)], out[j])
+
+
+@_jit
+def _pieces(j0, nt, skip):
+    """The tile's local ranges without the skipped point: ((0, nt), (nt, nt)),
+    or the two sides of the skipped point where it lies in the tile."""
+    if j0 <= skip < j0 + nt:
+        return ((0, skip - j0), (skip - j0 + 1, nt))
+    return ((0, nt), (nt, nt))
+
+
+@_jit
+def _sweep_11(q0, k0, v0, c2, ja, jb):
+    """d = c = 1, zero shift, in one sweep over keys [ja, jb):
+    (sum_j e_j, sum_j e_j v_j) with e_j = 2**(c2_j (q0 - k_j)^2)."""
+    zero = k0.dtype.type(0)
+    s = zero
+    a = zero
+    for j in range(ja, jb):
+        jj = _u(j)
+        diff = q0 - k0[jj]
+        e = exp2(fma(c2[jj], diff * diff, zero))
+        s += e
+        a += e * v0[jj]
+    return s, a
 
 
 # ------------------------------------------------------------------ one row
 
 
-@_ijit
-def _exp2_sums_11(q0, kT, vT, c2, ja, jb, acc):
-    """d = c = 1 in one sweep over keys [ja, jb), scores known to be <= 0 so
-    no shift: returns sum_j 2**x_j and adds sum_j 2**x_j v_j to acc[0]."""
-    s = kT.dtype.type(0)
-    a = kT.dtype.type(0)
-    for j in range(ja, jb):
-        jj = _u(j)
-        diff = q0 - kT[0, jj]
-        e = exp2(c2[jj] * (diff * diff))
-        s += e
-        a += e * vT[0, jj]
-    acc[0] += a
-    return s
+@_jit
+def _row_sums(q, i, kT, vT, c2, skip, spans, s0, s1, x, acc, online):
+    """Softmax sums of query q[i] over the keys of spans[s0:s1], key ``skip``
+    left out (-1: none). Returns the shift M (log2 units) and total =
+    sum_j 2**(x_j - M) in float64; acc (float64, c) gets sum_j 2**(x_j - M) v_j.
 
-
-@_ijit
-def _softmax_row(q, i, kT, vT, c2, skip, x, acc, zero_shift):
-    """Softmax sums of query q[i] over all keys, key ``skip`` left out (-1:
-    none). Returns the shift M (log2 units) and total = sum_j 2**(x_j - M)
-    in float64; acc (float64, c) gets sum_j 2**(x_j - M) v_j.
-
-    zero_shift: every score is known to be <= 0 (w >= 0), so M = 0 needs no
-    max at all and d = c = 1 runs in one sweep; the caller checks that the
-    total did not underflow. Otherwise M is the running max (online softmax).
+    online False: every score is known to be <= 0 (w >= 0), so M = 0 needs no
+    maximum; the caller checks that the total did not underflow. online True:
+    M is the running maximum.
     """
-    m = c2.size
     c = acc.size
-    ninf = x.dtype.type(-np.inf)
-    M = x.dtype.type(0) if zero_shift else ninf
+    zero = x.dtype.type(0)
+    M = x.dtype.type(-np.inf) if online else zero
     total = 0.0
     acc[:] = 0.0
-    for j0 in range(0, m, TILE):
-        nt = min(TILE, m - j0)
-        if zero_shift and q.shape[1] == 1 and c == 1:  # no buffer
-            ja = j0
-            if ja <= skip < j0 + nt:  # the skipped key splits the span
-                total += _exp2_sums_11(q[i, 0], kT, vT, c2, ja, skip, acc)
-                ja = skip + 1
-            total += _exp2_sums_11(q[i, 0], kT, vT, c2, ja, j0 + nt, acc)
-            continue
-        mt = _scores(q, i, kT, c2, j0, nt, x)
-        if j0 <= skip < j0 + nt:
-            x[skip - j0] = ninf
-            mt = _tile_max(x, nt)
-        if mt > M and not zero_shift:  # rescale what was summed against the old max
-            r = math.exp2(float(M) - float(mt))
-            total *= r
-            for ch in range(c):
-                acc[ch] *= r
-            M = mt
-        # While every score so far is -inf, any finite shift gives weight 0
-        # (and keeps 0 * v, so a NaN value still reaches the sum).
-        shift = M if M > ninf else x.dtype.type(0)
-        if c == 1:
-            lt, at = _exp2_dot(x, nt, shift, vT, j0)
-            total += lt
-            acc[0] += at
-        else:
-            total += _exp2_shifted(x, nt, shift)
-            for ch in range(c):
-                acc[ch] += _dot(x, nt, vT, ch, j0)
+    for s in range(s0, s1):
+        for j0 in range(spans[s, 0], spans[s, 1], TILE):
+            nt = min(TILE, spans[s, 1] - j0)
+            pieces = _pieces(j0, nt, skip)
+            _tile_sq(q, i, kT, j0, nt, x)
+            if online:
+                mt = x.dtype.type(-np.inf)
+                for ja, jb in pieces:
+                    mt = fmax(mt, _tile_max(x, c2, j0, ja, jb))
+                if mt > M:  # rescale what was summed against the old maximum
+                    r = math.exp2(float(M) - float(mt))
+                    total *= r
+                    for ch in range(c):
+                        acc[ch] *= r
+                    M = mt
+            # While every score so far is -inf, any finite shift gives weight 0
+            # (and keeps 0 * v, so a NaN value still reaches the sum).
+            shift = M if M > -np.inf else zero
+            for ja, jb in pieces:
+                total += _tile_exp2(x, c2, j0, ja, jb, shift)
+                for ch in range(c):
+                    acc[ch] += _tile_dot(x, ja, jb, vT, ch, j0)
     return M, total
 
 
-@_ijit
-def _pool_row(q, i, kT, vT, c2, skip, x, acc, scores_nonpositive, out, lse):
+@_jit
+def _pool_row(q, i, kT, vT, c2, skip, spans, s0, s1, x, acc, nonpos, out, lse):
     """out[i] and lse[i] for one query."""
-    M, total = _softmax_row(q, i, kT, vT, c2, skip, x, acc, scores_nonpositive)
-    # With shift 0 the largest weight is >= total / m. Above 2**-60 the weights
-    # flushed to zero (each < 2**-126) cannot matter; below it (a query far from
-    # every key, a huge w) or NaN, redo the row against its running max.
-    if scores_nonpositive and not total >= 2.0**-60:
-        M, total = _softmax_row(q, i, kT, vT, c2, skip, x, acc, False)
+    M, total = _row_sums(q, i, kT, vT, c2, skip, spans, s0, s1, x, acc, not nonpos)
+    if nonpos and not total >= UNDERFLOW:
+        M, total = _row_sums(q, i, kT, vT, c2, skip, spans, s0, s1, x, acc, True)
     for ch in range(acc.size):
         out[i, ch] = acc[ch] / total
     lse[i] = (M + math.log2(total)) * LN2
@@ -260,152 +235,214 @@ def _pool_row(q, i, kT, vT, c2, skip, x, acc, scores_nonpositive, out, lse):
 # ---------------------------------------------------------- shared keys
 
 
-@_pjit
-def _forward_kernel(q, kT, vT, c2, nonpos, exclude_self, out, lse):
-    """q (B, n, d), kT (B, d, m), vT (B, c, m), c2 (B, m) -> out (B, n, c),
-    lse (B, n). nonpos[b]: every c2[b] <= 0."""
-    B, n, _ = q.shape
-    c = vT.shape[1]
-    rows = _rows_per_item(c2.shape[1])
-    nblk = (n + rows - 1) // rows
-    for item in prange(B * nblk):
-        b = item // nblk
-        i0 = (item % nblk) * rows
-        qb, kTb, vTb, c2b, outb, lseb = q[b], kT[b], vT[b], c2[b], out[b], lse[b]
-        x = np.empty(TILE, q.dtype)
-        acc = np.empty(c, np.float64)
+@_jit
+def _forward_fused(lo, hi, q, kT, vT, c2, skip, ptr, spans, rows, out, lse, redo):
+    """d = c = 1 with every w >= 0: one sweep per row with shift 0. Items
+    [lo, hi): rows [t * rows, ...) of batch b for item b * items + t. A row
+    whose sum underflows (or is NaN) is left to ``_forward_general``:
+    redo[b, i] = 1."""
+    n = q.shape[1]
+    items = (n + rows - 1) // rows
+    for item in range(lo, hi):
+        b = item // items
+        i0 = (item % items) * rows
+        k0, v0, c2b = kT[b, 0], vT[b, 0], c2[b]
+        s0, s1 = ptr[item], ptr[item + 1]
         for i in range(i0, min(i0 + rows, n)):
-            skip = i if exclude_self else -1
-            _pool_row(qb, i, kTb, vTb, c2b, skip, x, acc, nonpos[b], outb, lseb)
+            total = 0.0
+            acc = 0.0
+            for s in range(s0, s1):
+                for j0 in range(spans[s, 0], spans[s, 1], TILE):
+                    nt = min(TILE, spans[s, 1] - j0)
+                    for ja, jb in _pieces(j0, nt, skip[b, i]):
+                        st, at = _sweep_11(q[b, i, 0], k0, v0, c2b, j0 + ja, j0 + jb)
+                        total += st
+                        acc += at
+            if total >= UNDERFLOW:
+                out[b, i, 0] = acc / total
+                lse[b, i] = math.log(total)
+            else:
+                redo[b, i] = 1
 
 
-@_ijit
-def _dq_span_11(q0, g0, di, Lh, Ll, k, v, w, c2, ja, jb):
+@_jit
+def _forward_general(lo, hi, q, kT, vT, c2, nonpos, skip, ptr, spans, rows, only, out, lse):
+    """Any d and c: tiles of squared distances in a buffer, shift 0 where
+    nonpos[b] (every c2[b] <= 0) with a redo against the running maximum for
+    rows that underflow, the running maximum from the start otherwise. Only
+    the rows with only[b, i] != 0, unless ``only`` is empty (all rows)."""
+    n = q.shape[1]
+    items = (n + rows - 1) // rows
+    x = np.empty(TILE, q.dtype)
+    acc = np.empty(vT.shape[1], np.float64)
+    for item in range(lo, hi):
+        b = item // items
+        i0 = (item % items) * rows
+        qb, kTb, vTb, c2b, skipb, outb, lseb = q[b], kT[b], vT[b], c2[b], skip[b], out[b], lse[b]
+        s0, s1 = ptr[item], ptr[item + 1]
+        for i in range(i0, min(i0 + rows, n)):
+            if only.size == 0 or only[b, i]:
+                _pool_row(
+                    qb, i, kTb, vTb, c2b, skipb[i], spans, s0, s1, x, acc, nonpos[b], outb, lseb
+                )
+
+
+@_jit
+def _dq_sweep_11(q0, g0, di, Lh, Ll, k0, v0, w, c2, ja, jb):
     """d = c = 1 in one sweep: sum_j t_j w_j (k_j - q0) over keys [ja, jb)."""
-    s = k.dtype.type(0)
+    s = k0.dtype.type(0)
     for j in range(ja, jb):
         jj = _u(j)
-        diff = k[jj] - q0
-        p = exp2((c2[jj] * (diff * diff) - Lh) - Ll)
-        s += p * (g0 * v[jj] - di) * w[jj] * diff
+        diff = k0[jj] - q0
+        p = exp2(fma(c2[jj], diff * diff, -Lh) - Ll)
+        s += p * (g0 * v0[jj] - di) * w[jj] * diff
     return s
 
 
-@_ijit
-def _dkv_span_11(k0, v0, cj, q, g, delta, L2h, L2l, shift, ia, ib, acc):
+@_jit
+def _dq_fused(lo, hi, q, g, delta, L2h, L2l, kT, vT, w, c2, skip, ptr, spans, rows, dq):
+    """d = c = 1: dq_i = sum_j t_ij w_j (k_j - q_i), t_ij = p_ij (g_i v_j -
+    delta_i), one sweep over the key spans of each query."""
+    n = q.shape[1]
+    items = (n + rows - 1) // rows
+    for item in range(lo, hi):
+        b = item // items
+        i0 = (item % items) * rows
+        k0, v0, wb, c2b = kT[b, 0], vT[b, 0], w[b], c2[b]
+        s0, s1 = ptr[item], ptr[item + 1]
+        for i in range(i0, min(i0 + rows, n)):
+            acc = 0.0
+            q0, g0, di, Lh, Ll = q[b, i, 0], g[b, i, 0], delta[b, i], L2h[b, i], L2l[b, i]
+            for s in range(s0, s1):
+                for j0 in range(spans[s, 0], spans[s, 1], TILE):
+                    nt = min(TILE, spans[s, 1] - j0)
+                    for ja, jb in _pieces(j0, nt, skip[b, i]):
+                        acc += _dq_sweep_11(q0, g0, di, Lh, Ll, k0, v0, wb, c2b, j0 + ja, j0 + jb)
+            dq[b, i, 0] = acc
+
+
+@_jit
+def _dq_general(lo, hi, q, g, delta, L2h, L2l, kT, vT, w, c2, skip, ptr, spans, rows, dq):
+    """Any d and c: dq as ``_dq_fused``, through tile buffers."""
+    n, d = q.shape[1], q.shape[2]
+    items = (n + rows - 1) // rows
+    x = np.empty(TILE, q.dtype)
+    t = np.empty(TILE, q.dtype)
+    acc = np.empty(d, np.float64)
+    for item in range(lo, hi):
+        b = item // items
+        i0 = (item % items) * rows
+        qb, gb, kTb, vTb, wb, c2b = q[b], g[b], kT[b], vT[b], w[b], c2[b]
+        s0, s1 = ptr[item], ptr[item + 1]
+        for i in range(i0, min(i0 + rows, n)):
+            acc[:] = 0.0
+            di, Lh, Ll = delta[b, i], L2h[b, i], L2l[b, i]
+            for s in range(s0, s1):
+                for j0 in range(spans[s, 0], spans[s, 1], TILE):
+                    nt = min(TILE, spans[s, 1] - j0)
+                    _tile_sq(qb, i, kTb, j0, nt, x)
+                    _tile_gv(gb, i, vTb, j0, nt, t)
+                    for j in range(nt):  # t_ij w_j
+                        jj = _u(j0 + j)
+                        t[j] = exp2(fma(c2b[jj], x[j], -Lh) - Ll) * (t[j] - di) * wb[jj]
+                    for ja, jb in _pieces(j0, nt, skip[b, i]):
+                        for f in range(d):
+                            acc[f] += _tile_dot_diff(t, ja, jb, kTb, f, j0, qb[i, f])
+            for f in range(d):
+                dq[b, i, f] = acc[f]
+
+
+@_jit
+def _dkv_sweep_11(k0, v0, cj, q, g, delta, L2h, L2l, shift, ia, ib, acc):
     """d = c = 1 in one sweep over queries [ia, ib): adds the sums of p_i g_i,
     t_i (q_i - k0) and t_i (||q_i - k0||^2 - shift_i) to acc[0], acc[1], acc[2]."""
     sv = q.dtype.type(0)
-    sw = q.dtype.type(0)
     sk = q.dtype.type(0)
+    sw = q.dtype.type(0)
     for i in range(ia, ib):
         ii = _u(i)
         diff = q[ii] - k0
         sq = diff * diff
-        p = exp2((cj * sq - L2h[ii]) - L2l[ii])
+        p = exp2(fma(cj, sq, -L2h[ii]) - L2l[ii])
         gi = g[ii]
         t = p * (gi * v0 - delta[ii])
         sv += p * gi
-        sw += t * (sq - shift[ii])
         sk += t * diff
+        sw += t * (sq - shift[ii])
     acc[0] += sv
     acc[1] += sk
     acc[2] += sw
 
 
-@_pjit
-def _dq_kernel(q, g, delta, L2h, L2l, kT, vT, w, c2, exclude_self, dq):
-    """dq_i = sum_j t_ij w_j (k_j - q_i), t_ij = p_ij (g_i . v_j - delta_i):
-    one sweep over key tiles per query."""
-    B, n, d = q.shape
-    c = g.shape[2]
-    m = c2.shape[1]
-    rows = _rows_per_item(m)
-    nblk = (n + rows - 1) // rows
-    for item in prange(B * nblk):
-        b = item // nblk
-        i0 = (item % nblk) * rows
-        qb, gb, kTb, vTb, wb, c2b = q[b], g[b], kT[b], vT[b], w[b], c2[b]
-        k0, v0 = kTb[0], vTb[0]
-        x = np.empty(TILE, q.dtype)
-        t = np.empty(TILE, q.dtype)
-        acc = np.empty(d, np.float64)
-        for i in range(i0, min(i0 + rows, n)):
+@_jit
+def _dkv_fused(
+    lo, hi, k, v, w, c2, qT, gT, delta, L2h, L2l, shift, skipped_by, ptr, spans, rows, dk, dv, dw
+):
+    """d = c = 1: dv_j = sum_i p_ij g_i, dk_j = w_j sum_i t_ij (q_i - k_j),
+    dw_j = -1/2 sum_i t_ij (||q_i - k_j||^2 - shift_i): one sweep over the
+    query spans of each key. skipped_by[b, j]: the query that leaves key j out
+    (-1: none)."""
+    m = k.shape[1]
+    items = (m + rows - 1) // rows
+    acc = np.empty(3, np.float64)  # sums for dv, dk, dw
+    for item in range(lo, hi):
+        b = item // items
+        j0 = (item % items) * rows
+        q0, g0, deltab, L2hb, L2lb, shiftb = qT[b, 0], gT[b, 0], delta[b], L2h[b], L2l[b], shift[b]
+        s0, s1 = ptr[item], ptr[item + 1]
+        for j in range(j0, min(j0 + rows, m)):
             acc[:] = 0.0
-            di, Lh, Ll = delta[b, i], L2h[b, i], L2l[b, i]
-            skip = i if exclude_self else -1
-            for j0 in range(0, m, TILE):
-                nt = min(TILE, m - j0)
-                if d == 1 and c == 1:  # no buffers
-                    q0, g0, ja = qb[i, 0], gb[i, 0], j0
-                    if ja <= skip < j0 + nt:  # the skipped key splits the span
-                        acc[0] += _dq_span_11(q0, g0, di, Lh, Ll, k0, v0, wb, c2b, ja, skip)
-                        ja = skip + 1
-                    acc[0] += _dq_span_11(q0, g0, di, Lh, Ll, k0, v0, wb, c2b, ja, j0 + nt)
-                    continue
-                _scores(qb, i, kTb, c2b, j0, nt, x)
-                _dot_cols(gb, i, vTb, j0, nt, t)
-                for j in range(nt):  # t_ij w_j
-                    t[j] = exp2((x[j] - Lh) - Ll) * (t[j] - di) * wb[_u(j0 + j)]
-                if j0 <= skip < j0 + nt:
-                    t[skip - j0] = 0
-                for f in range(d):
-                    acc[f] += _dot_diff(t, nt, kTb, f, j0, qb[i, f])
-            for f in range(d):
-                dq[b, i, f] = acc[f]
+            kj, vj, cj = k[b, j, 0], v[b, j, 0], c2[b, j]
+            for s in range(s0, s1):
+                for i0 in range(spans[s, 0], spans[s, 1], TILE):
+                    nt = min(TILE, spans[s, 1] - i0)
+                    for ia, ib in _pieces(i0, nt, skipped_by[b, j]):
+                        _dkv_sweep_11(
+                            kj, vj, cj, q0, g0, deltab, L2hb, L2lb, shiftb, i0 + ia, i0 + ib, acc
+                        )
+            dv[b, j, 0] = acc[0]
+            dk[b, j, 0] = w[b, j] * acc[1]
+            dw[b, j] = -0.5 * acc[2]
 
 
-@_pjit
-def _dkv_kernel(k, v, w, c2, qT, gT, delta, L2h, L2l, shift, exclude_self, dk, dv, dw):
-    """dv_j = sum_i p_ij g_i, dk_j = w_j sum_i t_ij (q_i - k_j),
-    dw_j = -1/2 sum_i t_ij (||q_i - k_j||^2 - shift_i): one sweep over query
-    tiles per key."""
-    B, m, d = k.shape
+@_jit
+def _dkv_general(
+    lo, hi, k, v, w, c2, qT, gT, delta, L2h, L2l, shift, skipped_by, ptr, spans, rows, dk, dv, dw
+):
+    """Any d and c: dk, dv, dw as ``_dkv_fused``, through tile buffers."""
+    m, d = k.shape[1], k.shape[2]
     c = v.shape[2]
-    n = L2h.shape[1]
-    rows = _rows_per_item(n)
-    nblk = (m + rows - 1) // rows
-    for item in prange(B * nblk):
-        b = item // nblk
-        j0 = (item % nblk) * rows
+    items = (m + rows - 1) // rows
+    sq = np.empty((1, TILE), k.dtype)  # 2-D so that _tile_dot can read it
+    p = np.empty(TILE, k.dtype)
+    t = np.empty(TILE, k.dtype)
+    acc = np.empty(c + d + 1, np.float64)  # sums for dv, dk, dw
+    for item in range(lo, hi):
+        b = item // items
+        j0 = (item % items) * rows
         kb, vb, qTb, gTb, deltab = k[b], v[b], qT[b], gT[b], delta[b]
         L2hb, L2lb, shiftb = L2h[b], L2l[b], shift[b]
-        q0, g0 = qTb[0], gTb[0]
-        sq = np.empty((1, TILE), k.dtype)  # 2-D so that _dot can read it
-        p = np.empty(TILE, k.dtype)
-        t = np.empty(TILE, k.dtype)
-        acc = np.empty(c + d + 1, np.float64)  # sums for dv, dk, dw
+        s0, s1 = ptr[item], ptr[item + 1]
         for j in range(j0, min(j0 + rows, m)):
             acc[:] = 0.0
             cj = c2[b, j]
-            skip = j if exclude_self else -1
-            for i0 in range(0, n, TILE):
-                nt = min(TILE, n - i0)
-                if d == 1 and c == 1:  # no buffers
-                    k00, v00, ia = kb[j, 0], vb[j, 0], i0
-                    if ia <= skip < i0 + nt:  # the skipped query splits the span
-                        _dkv_span_11(
-                            k00, v00, cj, q0, g0, deltab, L2hb, L2lb, shiftb, ia, skip, acc
-                        )
-                        ia = skip + 1
-                    _dkv_span_11(k00, v00, cj, q0, g0, deltab, L2hb, L2lb, shiftb, ia, i0 + nt, acc)
-                    continue
-                _sq_dist(kb, j, qTb, i0, nt, sq[0])
-                _dot_cols(vb, j, gTb, i0, nt, t)
-                for i in range(nt):
-                    ii = _u(i0 + i)
-                    pi = exp2((cj * sq[0, i] - L2hb[ii]) - L2lb[ii])
-                    p[i] = pi
-                    t[i] = pi * (t[i] - deltab[ii])
-                    sq[0, i] -= shiftb[ii]
-                if i0 <= skip < i0 + nt:
-                    p[skip - i0] = 0
-                    t[skip - i0] = 0
-                for ch in range(c):
-                    acc[ch] += _dot(p, nt, gTb, ch, i0)
-                for f in range(d):
-                    acc[c + f] += _dot_diff(t, nt, qTb, f, i0, kb[j, f])
-                acc[c + d] += _dot(t, nt, sq, 0, 0)
+            for s in range(s0, s1):
+                for i0 in range(spans[s, 0], spans[s, 1], TILE):
+                    nt = min(TILE, spans[s, 1] - i0)
+                    _tile_sq(kb, j, qTb, i0, nt, sq[0])
+                    _tile_gv(vb, j, gTb, i0, nt, t)
+                    for i in range(nt):
+                        ii = _u(i0 + i)
+                        pi = exp2(fma(cj, sq[0, i], -L2hb[ii]) - L2lb[ii])
+                        p[i] = pi
+                        t[i] = pi * (t[i] - deltab[ii])
+                        sq[0, i] -= shiftb[ii]
+                    for ia, ib in _pieces(i0, nt, skipped_by[b, j]):
+                        for ch in range(c):
+                            acc[ch] += _tile_dot(p, ia, ib, gTb, ch, i0)
+                        for f in range(d):
+                            acc[c + f] += _tile_dot_diff(t, ia, ib, qTb, f, i0, kb[j, f])
+                        acc[c + d] += _tile_dot(t, ia, ib, sq, 0, 0)
             for ch in range(c):
                 dv[b, j, ch] = acc[ch]
             for f in range(d):
@@ -413,35 +450,93 @@ def _dkv_kernel(k, v, w, c2, qT, gT, delta, L2h, L2l, shift, exclude_self, dk, d
             dw[b, j] = -0.5 * acc[c + d]
 
 
+@_jit
+def _tangent_items(
+    lo, hi, q, dq, kT, dkT, vT, dvT, w, dw, c2, y, L2h, L2l, skip, ptr, spans, rows, dy
+):
+    """Forward mode: dy_i = sum_j p_ij (dv_j + ds_ij (v_j - y_i)) with
+    ds_ij = -(dw_j / 2) d_ij^2 - w_j (q_i - k_j) . (dq_i - dk_j), over the key
+    spans of each query. Tangents that are zero arrive as zeros."""
+    n, d = q.shape[1], q.shape[2]
+    c = vT.shape[1]
+    items = (n + rows - 1) // rows
+    x = np.empty(TILE, q.dtype)
+    ds = np.empty(TILE, q.dtype)
+    acc = np.empty(c, np.float64)
+    for item in range(lo, hi):
+        b = item // items
+        i0 = (item % items) * rows
+        qb, dqb, kTb, dkTb, vTb, dvTb, wb, dwb, c2b = (
+            q[b],
+            dq[b],
+            kT[b],
+            dkT[b],
+            vT[b],
+            dvT[b],
+            w[b],
+            dw[b],
+            c2[b],
+        )
+        s0, s1 = ptr[item], ptr[item + 1]
+        for i in range(i0, min(i0 + rows, n)):
+            acc[:] = 0.0
+            Lh, Ll = L2h[b, i], L2l[b, i]
+            for s in range(s0, s1):
+                for j0 in range(spans[s, 0], spans[s, 1], TILE):
+                    nt = min(TILE, spans[s, 1] - j0)
+                    _tile_sq(qb, i, kTb, j0, nt, x)
+                    for j in range(nt):
+                        ds[j] = -0.5 * dwb[_u(j0 + j)] * x[j]
+                    for f in range(d):
+                        qf, dqf = qb[i, f], dqb[i, f]
+                        for j in range(nt):
+                            jj = _u(j0 + j)
+                            ds[j] -= wb[jj] * (qf - kTb[f, jj]) * (dqf - dkTb[f, jj])
+                    for j in range(nt):
+                        x[j] = exp2(fma(c2b[_u(j0 + j)], x[j], -Lh) - Ll)
+                    for ja, jb in _pieces(j0, nt, skip[b, i]):
+                        for ch in range(c):
+                            yc = y[b, i, ch]
+                            t = x.dtype.type(0)
+                            for j in range(ja, jb):
+                                jj = _u(j0 + j)
+                                t += x[j] * (dvTb[ch, jj] + ds[j] * (vTb[ch, jj] - yc))
+                            acc[ch] += t
+            for ch in range(c):
+                dy[b, i, ch] = acc[ch]
+
+
 # ---------------------------------------------------------- per-query rows
 
 
-@_pjit
-def _forward_rows_kernel(q, K, V, c2, nonpos, out, lse):
+@_jit
+def _forward_rows_items(lo, hi, q, K, V, c2, nonpos, rows, out, lse):
     """q (n, 1), K and V (n, m), c2 (m,) -> out (n, 1), lse (n,)."""
-    n = q.shape[0]
-    rows = _rows_per_item(c2.size)
-    nblk = (n + rows - 1) // rows
-    for item in prange(nblk):
-        x = np.empty(TILE, q.dtype)
-        acc = np.empty(1, np.float64)
+    n, m = K.shape
+    x = np.empty(TILE, q.dtype)
+    acc = np.empty(1, np.float64)
+    spans = np.empty((1, 2), np.int64)
+    spans[0, 0] = 0
+    spans[0, 1] = m
+    for item in range(lo, hi):
         for i in range(item * rows, min(item * rows + rows, n)):
             # row i's keys and values as (1, m): the shared-key row with d = c = 1
-            _pool_row(q, i, K[i : i + 1], V[i : i + 1], c2, -1, x, acc, nonpos, out, lse)
+            _pool_row(
+                q, i, K[i : i + 1], V[i : i + 1], c2, -1, spans, 0, 1, x, acc, nonpos, out, lse
+            )
 
 
-@_pjit
-def _backward_rows_kernel(q, K, V, w, c2, g, delta, L2h, L2l, shift, dq, dK, dV, dw_part):
-    """One sweep per row gives dq_i = -sum_j dK_ij and, where dK / dV have
-    rows (they are (n, 0) when not wanted), the dK and dV rows; the sums for
-    dw, t_ij (d_ij^2 - shift_i), go into dw_part[chunk] (float64), one fixed
-    chunk of rows per work item."""
+@_jit
+def _backward_rows_items(lo, hi, q, K, V, w, c2, g, delta, L2h, L2l, shift, dq, dK, dV, dw_part):
+    """Chunks [lo, hi) of rows: one sweep per row gives dq_i = -sum_j dK_ij
+    and, where dK / dV have rows (they are (n, 0) when not wanted), the dK and
+    dV rows; the sums for dw, t_ij (d_ij^2 - shift_i), go into dw_part[chunk]
+    (float64), one fixed chunk of rows per item."""
     n, m = K.shape
     write_k = dK.shape[1] == m
     write_v = dV.shape[1] == m
-    nchunk = dw_part.shape[0]
-    per = (n + nchunk - 1) // nchunk
-    for chunk in prange(nchunk):
+    per = (n + dw_part.shape[0] - 1) // dw_part.shape[0]
+    for chunk in range(lo, hi):
         part = dw_part[chunk]
         part[:] = 0.0
         for i in range(chunk * per, min(chunk * per + per, n)):
@@ -454,7 +549,7 @@ def _backward_rows_kernel(q, K, V, w, c2, g, delta, L2h, L2l, shift, dq, dK, dV,
                     jj = _u(j0 + j)
                     diff = qi - Ki[jj]
                     sq = diff * diff
-                    p = exp2((c2[jj] * sq - Lh) - Ll)
+                    p = exp2(fma(c2[jj], sq, -Lh) - Ll)
                     t = p * (gi * Vi[jj] - di)
                     dkj = t * w[jj] * diff
                     s += dkj
@@ -466,6 +561,28 @@ def _backward_rows_kernel(q, K, V, w, c2, g, delta, L2h, L2l, shift, dq, dK, dV,
                         dVi[jj] = p * gi
                 acc += s
             dq[i] = -acc
+
+
+@_jit
+def _tangent_rows_items(lo, hi, q, dq, K, dK, V, dV, w, dw, c2, y, L2h, L2l, rows, dy):
+    """Forward mode of the rows layout: dy_i = sum_j p_ij (dV_ij + ds_ij
+    (V_ij - y_i)), ds_ij = -(dw_j / 2) d_ij^2 - w_j (q_i - K_ij)(dq_i - dK_ij)."""
+    n, m = K.shape
+    for item in range(lo, hi):
+        for i in range(item * rows, min(item * rows + rows, n)):
+            qi, dqi, yi, Lh, Ll = q[i], dq[i], y[i], L2h[i], L2l[i]
+            acc = 0.0
+            for j0 in range(0, m, TILE):
+                t = q.dtype.type(0)
+                for j in range(min(TILE, m - j0)):
+                    jj = _u(j0 + j)
+                    diff = qi - K[i, jj]
+                    sq = diff * diff
+                    p = exp2(fma(c2[jj], sq, -Lh) - Ll)
+                    ds = -0.5 * dw[jj] * sq - w[jj] * diff * (dqi - dK[i, jj])
+                    t += p * (dV[i, jj] + ds * (V[i, jj] - yi))
+                acc += t
+            dy[i] = acc
 
 
 # ------------------------------------------------------------ torch entry
@@ -480,6 +597,11 @@ def _feature_major(t):
     return _np(t.transpose(-1, -2))
 
 
+def _per_key(w, m):
+    """(..., 1) -> (..., m) contiguous: every kernel reads one w per key."""
+    return w.expand(*w.shape[:-1], m).contiguous()
+
+
 def _log2_scale(w):
     """c2 = -(w / 2) * log2(e), computed in float64 and rounded once."""
     return _np((w.double() * (-0.5 * LOG2E)).to(w.dtype))
@@ -487,21 +609,16 @@ def _log2_scale(w):
 
 def _lse_log2(lse, dtype):
     """lse in log2 units as a (high, low) pair of dtype arrays: the backward's
-    exp2((x - high) - low) keeps the weight of the nearest keys exact to
+    2**((c2 d^2 - high) - low) keeps the weights of the nearest keys exact to
     rounding even where |lse| is large (a query far from every key)."""
     L2 = lse.double() * LOG2E
     high = L2.to(dtype)
     return _np(high), _np((L2 - high.double()).to(dtype))
 
 
-def _delta(grad_out, out):
+def _delta_of(grad_out, out):
     """delta_i = g_i . y_i, in float64 then rounded to the input dtype."""
-    return _np((grad_out.double() * out.double()).sum(-1).to(out.dtype))
-
-
-def _per_key(w, m):
-    """(..., 1) -> (..., m) contiguous: every kernel reads one w per key."""
-    return w.expand(*w.shape[:-1], m).contiguous()
+    return (grad_out.double() * out.double()).sum(-1).to(out.dtype)
 
 
 def _dw(dw_keys, w, dtype):
@@ -511,70 +628,100 @@ def _dw(dw_keys, w, dtype):
     return torch.from_numpy(dw_keys).to(dtype)
 
 
-def forward(query, key, value, w, exclude_self):
+def _rows_per_item(length):
+    """Rows (or keys) per dense work item when each sweeps ``length`` points."""
+    return max(1, min(64, ITEM_PAIRS // max(length, 1)))
+
+
+def _plan(query, key, w, diagonal, tolerance):
     B, n, _ = query.shape
+    m = key.shape[1]
+    found = blocks.plan(query, key, w, tolerance, diagonal is not None, BLOCK, BLOCK)
+    return found or blocks.dense(B, n, m, _rows_per_item(m), _rows_per_item(n))
+
+
+def _per_row_keys(skip, m):
+    """How many keys each row's softmax holds."""
+    return torch.from_numpy(m - (skip >= 0).astype(np.int64))
+
+
+def forward(query, key, value, w, diagonal, tolerance):
+    B, n, d = query.shape
     m, c = key.shape[1], value.shape[-1]
-    w = _per_key(w, m)
+    plan = _plan(query, key, w, diagonal, tolerance)
+    (q,) = blocks.queries_in_order(plan, query)
+    k, v, w = blocks.keys_in_order(plan, key, value, _per_key(w, m))
+    skip, _ = blocks.skips(plan, diagonal, B, n, m)
+    nonpos = _np((w >= 0).all(dim=-1))
     out = torch.empty((B, n, c), dtype=query.dtype)
     lse = torch.empty((B, n), dtype=torch.float64)
-    _forward_kernel(
-        _np(query),
-        _feature_major(key),
-        _feature_major(value),
-        _log2_scale(w),
-        _np((w >= 0).all(dim=-1)),
-        bool(exclude_self),
-        out.numpy(),
-        lse.numpy(),
-    )
-    return out, lse
+    q, kT, vT, c2 = _np(q), _feature_major(k), _feature_major(v), _log2_scale(w)
+    items, spans = len(plan.key_ptr) - 1, (plan.key_ptr, plan.key_spans, plan.q_block)
+    only = np.empty((0, 0), np.uint8)  # every row
+    if d == 1 and c == 1 and nonpos.all():
+        only = np.zeros((B, n), np.uint8)
+        _parallel(
+            _forward_fused,
+            items,
+            plan.pairs,
+            q,
+            kT,
+            vT,
+            c2,
+            skip,
+            *spans,
+            out.numpy(),
+            lse.numpy(),
+            only,
+        )
+    if not only.size or only.any():
+        _parallel(
+            _forward_general, items, plan.pairs, q, kT, vT, c2, nonpos, skip, *spans, only,
+            out.numpy(), lse.numpy(),
+        )  # fmt: skip
+    out, lse = blocks.queries_back(plan, out, lse)
+    return out, lse, blocks.pack(plan, B, n, m)
 
 
-def backward(grad_out, query, key, value, w, out, lse, exclude_self, needs):
+def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs):
     need_q, need_k, need_v, need_w = (bool(x) for x in needs)
+    B, n, d = query.shape
+    m, c = key.shape[1], value.shape[-1]
     dtype = query.dtype
-    w_keys = _per_key(w, key.shape[1])
-    c2 = _log2_scale(w_keys)
-    L2h, L2l = _lse_log2(lse, dtype)
-    delta = _delta(grad_out, out)
-    wn = _np(w_keys)
+    plan = blocks.unpack(packed)
+    q, g, out, lse = blocks.queries_in_order(plan, query, grad_out, out, lse)
+    k, v, w_keys = blocks.keys_in_order(plan, key, value, _per_key(w, m))
+    skip, skipped_by = blocks.skips(plan, diagonal, B, n, m)
+    fused = d == 1 and c == 1
+    # per-query terms of every pass: delta_i = g_i . y_i and the lse pair
+    common = (_np(_delta_of(g, out)), *_lse_log2(lse, dtype))
+    c2, wn = _log2_scale(w_keys), _np(w_keys)
     dq = dk = dv = dw = None
     if need_q:
-        dq = torch.empty(query.shape, dtype=dtype)
-        _dq_kernel(
-            _np(query),
-            _np(grad_out),
-            delta,
-            L2h,
-            L2l,
-            _feature_major(key),
-            _feature_major(value),
-            wn,
-            c2,
-            bool(exclude_self),
-            dq.numpy(),
-        )
+        dq = torch.empty(q.shape, dtype=dtype)
+        _parallel(
+            _dq_fused if fused else _dq_general,
+            len(plan.key_ptr) - 1,
+            plan.pairs,
+            _np(q), _np(g), *common, _feature_major(k), _feature_major(v), wn, c2, skip,
+            plan.key_ptr, plan.key_spans, plan.q_block, dq.numpy(),
+        )  # fmt: skip
+        (dq,) = blocks.queries_back(plan, dq)
     if need_k or need_v or need_w:
-        dk = torch.empty(key.shape, dtype=dtype)
-        dv = torch.empty(value.shape, dtype=dtype)
+        dk = torch.empty(k.shape, dtype=dtype)
+        dv = torch.empty(v.shape, dtype=dtype)
         dw_keys = np.empty(w_keys.shape, np.float64)
-        _dkv_kernel(
-            _np(key),
-            _np(value),
-            wn,
-            c2,
-            _feature_major(query),
-            _feature_major(grad_out),
-            delta,
-            L2h,
-            L2l,
-            _np(distance_shift(lse, w, key.shape[1] - bool(exclude_self)).to(dtype)),
-            bool(exclude_self),
-            dk.numpy(),
-            dv.numpy(),
-            dw_keys,
-        )
-        dw = _dw(dw_keys, w, dtype)
+        shift = distance_shift(lse, w, _per_row_keys(skip, m))
+        _parallel(
+            _dkv_fused if fused else _dkv_general,
+            len(plan.query_ptr) - 1,
+            plan.pairs,
+            _np(k), _np(v), wn, c2, _feature_major(q), _feature_major(g), *common,
+            _np(shift.to(dtype)), skipped_by, plan.query_ptr, plan.query_spans, plan.k_block,
+            dk.numpy(), dv.numpy(), dw_keys,
+        )  # fmt: skip
+        dk, dv, dw_keys = blocks.keys_back(plan, dk, dv, torch.from_numpy(dw_keys))
+        dw = _dw(dw_keys.numpy(), w, dtype)
     return (
         dq,
         dk if need_k else None,
@@ -583,17 +730,61 @@ def backward(grad_out, query, key, value, w, out, lse, exclude_self, needs):
     )
 
 
+def _or_zeros(tangent, like):
+    return torch.zeros_like(like) if tangent is None else tangent.to(like.dtype)
+
+
+def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
+    B, n, _ = query.shape
+    m = key.shape[1]
+    dq, dk, dv, dw = (_or_zeros(t, x) for t, x in zip(tangents, (query, key, value, w)))
+    plan = blocks.unpack(packed)
+    q, dq, y, lse = blocks.queries_in_order(plan, query, dq, out, lse)
+    k, dk, v, dv, w, dw = blocks.keys_in_order(
+        plan, key, dk, value, dv, _per_key(w, m), _per_key(dw, m)
+    )
+    skip, _ = blocks.skips(plan, diagonal, B, n, m)
+    dy = torch.empty(y.shape, dtype=query.dtype)
+    _parallel(
+        _tangent_items,
+        len(plan.key_ptr) - 1,
+        plan.pairs,
+        _np(q),
+        _np(dq),
+        _feature_major(k),
+        _feature_major(dk),
+        _feature_major(v),
+        _feature_major(dv),
+        _np(w),
+        _np(dw),
+        _log2_scale(w),
+        _np(y),
+        *_lse_log2(lse, query.dtype),
+        skip,
+        plan.key_ptr,
+        plan.key_spans,
+        plan.q_block,
+        dy.numpy(),
+    )
+    return blocks.queries_back(plan, dy)[0]
+
+
 def forward_rows(query, keys, values, w):
     n, m = keys.shape
     w = _per_key(w, m)
     out = torch.empty(n, dtype=query.dtype)
     lse = torch.empty(n, dtype=torch.float64)
-    _forward_rows_kernel(
+    rows = _rows_per_item(m)
+    _parallel(
+        _forward_rows_items,
+        -(-n // rows),
+        n * m,
         _np(query[:, None]),
         _np(keys),
         _np(values),
         _log2_scale(w),
         bool((w >= 0).all()),
+        rows,
         out.numpy()[:, None],
         lse.numpy(),
     )
@@ -611,14 +802,17 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
     dK = torch.empty((n, m if need_k else 0), dtype=dtype)
     dV = torch.empty((n, m if need_v else 0), dtype=dtype)
     dw_part = np.empty((min(n, DW_CHUNKS), m), np.float64)
-    _backward_rows_kernel(
+    _parallel(
+        _backward_rows_items,
+        dw_part.shape[0],
+        n * m,
         _np(query),
         _np(keys),
         _np(values),
         _np(w_keys),
         _log2_scale(w_keys),
         _np(grad_out),
-        _delta(grad_out[:, None], out[:, None]),
+        _np(_delta_of(grad_out[:, None], out[:, None])),
         *_lse_log2(lse, dtype),
         _np(distance_shift(lse, w, m).to(dtype)),
         dq.numpy(),
@@ -633,3 +827,30 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
         dV if need_v else None,
         dw if need_w else None,
     )
+
+
+def tangent_rows(query, keys, values, w, tangents, out, lse):
+    n, m = keys.shape
+    dq, dK, dV, dw = (_or_zeros(t, x) for t, x in zip(tangents, (query, keys, values, w)))
+    w_keys, dw_keys = _per_key(w, m), _per_key(dw, m)
+    dy = torch.empty(n, dtype=query.dtype)
+    rows = _rows_per_item(m)
+    _parallel(
+        _tangent_rows_items,
+        -(-n // rows),
+        n * m,
+        _np(query),
+        _np(dq),
+        _np(keys),
+        _np(dK),
+        _np(values),
+        _np(dV),
+        _np(w_keys),
+        _np(dw_keys),
+        _log2_scale(w_keys),
+        _np(out),
+        *_lse_log2(lse, query.dtype),
+        rows,
+        dy.numpy(),
+    )
+    return dy

@@ -1,44 +1,53 @@
 """Triton kernels for Nadaraya-Watson attention pooling (GPU backend).
 
 Scores are ``s_ij = -(w_j / 2) * ||q_i - k_j||^2``; the output is the softmax
-over keys applied to the values. The interface (four functions on canonical
-tensors) is described in ``kernels/__init__.py``.
+over keys applied to the values. The interface is described in
+``kernels/__init__.py``; block-sparse plans in ``kernels/blocks.py``.
 
-Shared keys follow FlashAttention: a program owns one (batch, query tile) and
-streams key tiles through an online softmax (running max, rescale, running
-sum, accumulator), then stores the log-sum-exp. The backward recomputes the
-probabilities from that log-sum-exp in two passes, one program per query tile
-for ``dq`` and one per key tile for ``dk``, ``dv`` and ``dw``. Every output
-element is owned by exactly one program and summed in a fixed order, so there
-are no atomics and results repeat bit for bit.
+Shared keys follow FlashAttention: a program owns one block of queries of one
+batch element and streams tiles of keys through an online softmax (running
+max, rescale, running sum, accumulator), then stores the log-sum-exp. The
+keys it streams are its plan's spans: everything for a dense pass, the runs
+of key blocks its bound keeps for a block-sparse one. The backward recomputes
+the probabilities from the log-sum-exp in two passes, one program per query
+block for ``dq`` and one per key block for ``dk``, ``dv`` and ``dw`` (over the
+transposed spans); the tangent (forward-mode AD) is a third query-side pass.
+Every output element is owned by exactly one program and summed in a fixed
+order, so there are no atomics and results repeat bit for bit.
 
-Why the tiles are the shape they are:
+Why the code is shaped the way it is:
 
+* One loop per pass (``for span: for tile``) calls one tile function with a
+  constexpr ``MASK``: full tiles that hold no left-out pair run without masks,
+  and only the ragged end of a span or a tile holding a row's left-out key
+  pays for them. A left-out pair is removed from every sum with ``where``,
+  NaN or not.
+* Exponent arguments are one ``fma(d_ij^2, -c_j, -shift)`` everywhere: the
+  backward's ``2**(c d^2 - lse)`` then reproduces the forward's weights even
+  where ``|c d^2|`` is huge (a query far from every key); a product rounded
+  before the subtraction would not, and the compiler's own contraction of a
+  product and a difference cannot be relied upon to agree between kernels.
+  float32 works in log2 units, log2(e) folded into the per-key constant, so a
+  pair costs one ``ex2.approx``; float64 keeps natural units.
 * Shared layout, compute-bound: one exp and a handful of FMAs per pair. For
   d < 16 there is no matrix product, so nothing forces FlashAttention's MMA
   layout; what matters is where the reductions fall. Every tile is laid out
-  as (streamed points, owned points): dim 0 runs over the keys a query tile
-  streams (or the queries a key tile streams), dim 1 over the points the
-  program owns. Triton's default layout spreads threads along the last dim,
-  so with ``BLOCK_owned >= 32 * num_warps`` each thread owns whole columns:
-  the max and the sums over the streamed axis stay inside one thread (no
-  shuffles), the running max/sum are one register a thread, and a streamed
-  point is a warp-wide broadcast load serving 32 owned points at once.
-* The streamed extent is the register budget: each live tile (squared
-  distance, score/probability, and in the backward ``g.v`` and ``t``) costs
-  ``BLOCK_streamed * BLOCK_owned / threads`` registers a thread, and every
-  streamed point's coordinates, bandwidth and values sit in every thread. So
-  it stays at 8-32 while the owned extent is 64-512 (1, 2 or 4 points a
-  thread, which also shares each broadcast load among them); autotuning
-  picks among those.
-* Features and channels are looped over one at a time (a column of queries
-  against a column of keys) rather than broadcast as a 3-D tile, which would
-  multiply the register tile by d. With half-precision inputs and d >= 16 the
-  cross term q.k runs on tensor cores; with c >= 16 so does p @ v.
-* Rows layout, memory-bound: it reads ``2 n m`` numbers once, so its tiles
-  are wide along the contiguous key axis (128-1024 elements, whole 128-byte
-  transactions) and a few rows tall; reductions there cost nothing next to
-  the memory traffic.
+  as (streamed points, owned points); Triton spreads threads along the last
+  dim, so with ``BLOCK_owned >= 32 * num_warps`` each thread owns whole
+  columns: the max and the sums over the streamed axis stay inside one thread
+  (no shuffles), and a streamed point is one broadcast load serving a warp.
+* The streamed extent is the register budget (every live tile costs
+  ``BLOCK_streamed * BLOCK_owned / threads`` registers a thread), so it stays
+  at 8-32 while the owned extent is 64-512; autotuning picks among those for
+  a dense pass. A block-sparse pass fixes the owned extent to the plan's block
+  (``SPARSE_BLOCK``) and tunes the rest.
+* Features and channels are looped over one at a time rather than broadcast
+  as a 3-D tile, which would multiply the register tile by d. With
+  half-precision inputs and d >= 16 the cross term q.k runs on tensor cores;
+  with c >= 16 so does p @ v.
+* Rows layout, memory-bound: it reads ``2 n m`` numbers once, so its tiles are
+  wide along the contiguous key axis (whole 128-byte transactions) and a few
+  rows tall.
 * Under ``TRITON_INTERPRET=1`` the cost is per program and per block step, not
   per element, so one large fixed tile is used there instead of autotuning.
 """
@@ -49,9 +58,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import distance_shift
+from . import blocks, distance_shift
 
 LOG2E = 1.4426950408889634
+
+# Queries and keys a program owns in a block-sparse pass: the plan's blocks.
+SPARSE_BLOCK = 128
 
 # Columns of the rows-layout backward: fixed (not autotuned) because the number
 # of per-column-block partial sums for dq, and so a buffer's shape, depends on
@@ -63,56 +75,42 @@ ROW_ALIGN = 64
 ROWS_BWD_TARGET_PROGRAMS = 1024
 
 # One fixed large tile for the interpreter (cost is per block step there).
-# BLOCK_N always counts queries and BLOCK_M keys. Tests may shrink these to
-# exercise multi-tile paths.
+# BLOCK_N always counts queries and BLOCK_M keys; the query-side passes share
+# BLOCK_N and the key-side pass owns BLOCK_M keys, the blocks of a sparse
+# plan. Tests may shrink these to exercise multi-tile paths.
 INTERPRET_CONFIGS = {
-    "fwd": {"BLOCK_N": 256, "BLOCK_M": 1024},
-    "dq": {"BLOCK_N": 256, "BLOCK_M": 1024},
-    "dkv": {"BLOCK_N": 1024, "BLOCK_M": 256},
+    "query": {"BLOCK_N": 256, "BLOCK_M": 1024},
+    "key": {"BLOCK_N": 1024, "BLOCK_M": 256},
     "rows_fwd": {"BLOCK_R": 64, "BLOCK_M": 1024},
     "rows_bwd": {"BLOCK_R": 64, "BLOCK_M": 1024},
 }
 
 
-def _cfg(warps, **blocks):
-    return triton.Config(blocks, num_warps=warps, num_stages=2)
+def _cfg(warps, **blocks_):
+    return triton.Config(blocks_, num_warps=warps, num_stages=2)
 
 
 # Owned extent >= 32 * num_warps in every shared-layout config (see above):
 # 1, 2 or 4 owned points a thread. The streamed step is what the registers
 # allow: 32 for the forward at d = 1, 16 in general, 8 for the backward with
-# a few features and channels (ptxas reports no spills for these on sm_90).
-FWD_CONFIGS = [
+# a few features and channels.
+QUERY_CONFIGS = [
     _cfg(4, BLOCK_N=128, BLOCK_M=32),
     _cfg(4, BLOCK_N=128, BLOCK_M=16),
+    _cfg(4, BLOCK_N=128, BLOCK_M=8),
     _cfg(4, BLOCK_N=256, BLOCK_M=32),
+    _cfg(4, BLOCK_N=256, BLOCK_M=16),
     _cfg(4, BLOCK_N=512, BLOCK_M=16),
     _cfg(8, BLOCK_N=256, BLOCK_M=16),
     _cfg(2, BLOCK_N=64, BLOCK_M=16),
 ]
-DQ_CONFIGS = [
-    _cfg(4, BLOCK_N=128, BLOCK_M=16),
-    _cfg(4, BLOCK_N=128, BLOCK_M=8),
-    _cfg(4, BLOCK_N=256, BLOCK_M=16),
-    _cfg(8, BLOCK_N=256, BLOCK_M=8),
-    _cfg(2, BLOCK_N=64, BLOCK_M=16),
-]
-DKV_CONFIGS = [
+KEY_CONFIGS = [
     _cfg(4, BLOCK_M=128, BLOCK_N=16),
     _cfg(4, BLOCK_M=128, BLOCK_N=8),
     _cfg(4, BLOCK_M=256, BLOCK_N=16),
     _cfg(8, BLOCK_M=256, BLOCK_N=8),
     _cfg(2, BLOCK_M=64, BLOCK_N=16),
 ]
-
-
-def _prune_for_dot(configs, named_args, **meta):
-    # tl.dot needs every dimension >= 16, the streamed step included.
-    if not (meta.get("USE_DOT_QK") or meta.get("USE_DOT_PV")):
-        return configs
-    return [c for c in configs if min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) >= 16]
-
-
 # Rows layout: 2-16 rows of 256-1024 contiguous keys a program. Taller
 # tiles spill on sm_90: every element carries its own 64-bit address.
 ROWS_FWD_CONFIGS = [
@@ -130,6 +128,16 @@ ROWS_BWD_CONFIGS = [
 ]
 
 
+def _prune(configs, named_args, **meta):
+    """tl.dot needs every dimension >= 16; a sparse pass owns the plan's block."""
+    if meta.get("USE_DOT_QK") or meta.get("USE_DOT_PV"):
+        configs = [c for c in configs if min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) >= 16]
+    if meta.get("SPARSE"):
+        owned = "BLOCK_M" if "DK" in named_args else "BLOCK_N"
+        configs = [c for c in configs if c.kwargs[owned] == SPARSE_BLOCK]
+    return configs
+
+
 # ---------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------
@@ -137,9 +145,9 @@ ROWS_BWD_CONFIGS = [
 
 @triton.jit
 def _exp(x, USE_EXP2: tl.constexpr):
-    # float32 works in log2 units (log2(e) folded into the per-key constant)
-    # so each pair costs one ex2.approx; float64 keeps natural units because a
-    # float literal for log2(e) would be rounded to float32.
+    # float32 works in log2 units (log2(e) folded into the per-key constant);
+    # float64 keeps natural units because a float literal for log2(e) would be
+    # rounded to float32.
     if USE_EXP2:
         y = tl.exp2(x)
     else:
@@ -151,52 +159,90 @@ def _exp(x, USE_EXP2: tl.constexpr):
 def _split_lse(lse, SCALE: tl.constexpr, ACC: tl.constexpr):
     # The float64 lse in the scores' units as a (high, low) pair: (s - high) -
     # low keeps the weight of the nearest keys exact to rounding even where
-    # |lse| is large (a query far from every key).
+    # |lse| is large.
     scaled = lse * SCALE
     high = scaled.to(ACC)
     return high, (scaled - high.to(tl.float64)).to(ACC)
 
 
 @triton.jit
-def _load_tile(ptr, rows, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
-    # (len(rows), BLOCK) tile of a row-major (*, WIDTH) matrix. Rows are
-    # already clamped in range; only the padded columns need a mask.
-    offs = tl.arange(0, BLOCK)
-    return tl.load(
-        ptr + rows[:, None] * WIDTH + offs[None, :], mask=offs[None, :] < WIDTH, other=0.0
-    )
+def _owner(count, BLOCK: tl.constexpr):
+    # This program's batch element and the points it owns. Batch and block
+    # share grid axis 0 (no 65535 limit on the batch).
+    tiles = tl.cdiv(count, BLOCK)
+    pid = tl.program_id(0)
+    first = (pid % tiles) * BLOCK
+    offs = first + tl.arange(0, BLOCK)
+    # Padded points read point count - 1 and are never stored.
+    return pid, (pid // tiles).to(tl.int64), offs, tl.minimum(offs, count - 1).to(tl.int64)
 
 
 @triton.jit
-def _load_tile_t(ptr, rows, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
-    # The same tile transposed: (BLOCK, len(rows)).
-    offs = tl.arange(0, BLOCK)
-    return tl.load(
-        ptr + rows[None, :] * WIDTH + offs[:, None], mask=offs[:, None] < WIDTH, other=0.0
-    )
-
-
-@triton.jit
-def _stream_rows(offs, size, MASK_TAIL: tl.constexpr):
-    # Row indices of a streamed tile. Only the ragged last tile clamps (its
-    # padded points are dropped from the softmax by the caller), so full
-    # tiles keep provably contiguous indices and vectorised loads.
-    if MASK_TAIL:
-        offs = tl.minimum(offs, size - 1)
-    return offs.to(tl.int64)
-
-
-@triton.jit
-def _keep(offs_s, offs_o, size_s, MASK_TAIL: tl.constexpr, MASK_SELF: tl.constexpr):
-    # (streamed, owned) pairs that take part in the softmax: the streamed
-    # point exists (ragged last tile) and is not the owned point itself
-    # (exclude_self, where queries and keys share indices).
-    if MASK_TAIL:
-        keep = (offs_s < size_s)[:, None]
-        if MASK_SELF:
-            keep = keep & (offs_s[:, None] != offs_o[None, :])
+def _span_range(Ptr, pid, SPARSE: tl.constexpr):
+    # The plan's spans for this program: [ptr[pid], ptr[pid + 1]); a dense
+    # pass has one span, everything.
+    if SPARSE:
+        lo = tl.load(Ptr + pid)
+        hi = tl.load(Ptr + pid + 1)
     else:
-        keep = offs_s[:, None] != offs_o[None, :]
+        lo = 0
+        hi = 1
+    return lo, hi
+
+
+@triton.jit
+def _span(Spans, s, size, SPARSE: tl.constexpr):
+    if SPARSE:
+        lo = tl.load(Spans + 2 * s)
+        hi = tl.load(Spans + 2 * s + 1)
+    else:
+        lo = 0
+        hi = size
+    return lo, hi
+
+
+@triton.jit
+def _left_out(Skip, rows, HAS_SKIP: tl.constexpr):
+    # For each owned point, the streamed index it leaves out (-1: none), and
+    # the range [lo, hi) those fall in: a tile outside it needs no mask.
+    if HAS_SKIP:
+        skip = tl.load(Skip + rows)
+        lo = tl.min(tl.where(skip >= 0, skip, 2**62), axis=0)
+        hi = tl.max(skip, axis=0) + 1
+    else:
+        skip = rows * 0 - 1
+        lo = 0
+        hi = 0
+    return skip, lo, hi
+
+
+@triton.jit
+def _needs_mask(start, end, skip_lo, skip_hi, BLOCK: tl.constexpr):
+    ragged = start + BLOCK > end
+    left_out = (start < skip_hi) & (start + BLOCK > skip_lo)
+    return ragged | left_out
+
+
+@triton.jit
+def _stream(start, end, MASK: tl.constexpr, BLOCK: tl.constexpr):
+    # Indices of a streamed tile; only a masked tile clamps (its padded points
+    # are dropped by the caller), so full tiles keep provably contiguous
+    # indices and vectorised loads.
+    offs = start + tl.arange(0, BLOCK)
+    if MASK:
+        rows = tl.minimum(offs, end - 1)
+    else:
+        rows = offs
+    return offs, rows.to(tl.int64)
+
+
+@triton.jit
+def _keep(offs_s, end, skip_o, HAS_SKIP: tl.constexpr):
+    # (streamed, owned) pairs that take part: the streamed point exists, and
+    # it is not the one the owned point leaves out.
+    keep = (offs_s < end)[:, None]
+    if HAS_SKIP:
+        keep = keep & (offs_s[:, None] != skip_o[None, :])
     return keep
 
 
@@ -205,7 +251,7 @@ def _sq_dist_direct(a_ptr, b_ptr, a_rows, b_rows, D: tl.constexpr, ACC: tl.const
     # ||a_s - b_o||^2 as a (len(a_rows), len(b_rows)) tile, in the difference
     # form one feature at a time: exact to rounding whatever the norms of the
     # points, unlike ||a||^2 + ||b||^2 - 2 a.b. Also returns the first
-    # feature's a - b, so d = 1 never recomputes it in the backward.
+    # feature's a - b, so d = 1 never recomputes it.
     af = tl.load(a_ptr + a_rows * D).to(ACC)
     bf = tl.load(b_ptr + b_rows * D).to(ACC)
     diff0 = af[:, None] - bf[None, :]
@@ -214,7 +260,7 @@ def _sq_dist_direct(a_ptr, b_ptr, a_rows, b_rows, D: tl.constexpr, ACC: tl.const
         af = tl.load(a_ptr + a_rows * D + f).to(ACC)
         bf = tl.load(b_ptr + b_rows * D + f).to(ACC)
         diff = af[:, None] - bf[None, :]
-        dist2 += diff * diff
+        dist2 = tl.fma(diff, diff, dist2)
     return dist2, diff0
 
 
@@ -235,12 +281,49 @@ def _sq_norm(x, AXIS: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptr, rows, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    # (len(rows), BLOCK) tile of a row-major (*, WIDTH) matrix; rows are in
+    # range, only the padded columns need a mask.
+    offs = tl.arange(0, BLOCK)
+    return tl.load(
+        ptr + rows[:, None] * WIDTH + offs[None, :], mask=offs[None, :] < WIDTH, other=0.0
+    )
+
+
+@triton.jit
+def _load_tile_t(ptr, rows, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    # The same tile transposed: (BLOCK, len(rows)).
+    offs = tl.arange(0, BLOCK)
+    return tl.load(
+        ptr + rows[None, :] * WIDTH + offs[:, None], mask=offs[:, None] < WIDTH, other=0.0
+    )
+
+
+@triton.jit
 def _place_row(acc, row, j, BLOCK: tl.constexpr):
     # acc[j, :] += row for a (BLOCK, owned) accumulator, without dynamic
-    # indexing into registers. Keeping the owned points on dim 1 here too
-    # means row needs no layout change.
+    # indexing into registers.
     offs = tl.arange(0, BLOCK)
     return acc + tl.where(offs[:, None] == j, row[None, :], 0.0)
+
+
+@triton.jit
+def _masked(x, keep, MASK: tl.constexpr):
+    if MASK:
+        x = tl.where(keep, x, 0.0)
+    return x
+
+
+@triton.jit
+def _store_owned(ptr, acc, offs, count, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    # acc (BLOCK, owned) into rows offs of a row-major (count, WIDTH) matrix.
+    cols = tl.arange(0, BLOCK)
+    rows = offs.to(tl.int64)
+    tl.store(
+        ptr + rows[None, :] * WIDTH + cols[:, None],
+        acc,
+        mask=(cols[:, None] < WIDTH) & (offs < count)[None, :],
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -250,101 +333,55 @@ def _place_row(acc, row, j, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fwd_tile(
-    m_i,
-    l_i,
-    acc,
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    w_ptr,
-    q_rows,
-    offs_n,
-    q_t,
-    qq,
-    start_m,
-    m,
-    D: tl.constexpr,
-    C: tl.constexpr,
-    ACC: tl.constexpr,
-    USE_EXP2: tl.constexpr,
-    SCALE: tl.constexpr,
-    USE_DOT_QK: tl.constexpr,
-    USE_DOT_PV: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    MASK_TAIL: tl.constexpr,
-    MASK_SELF: tl.constexpr,
-):
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    k_rows = _stream_rows(offs_m, m, MASK_TAIL)
+    m_i, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq, start, end,
+    D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+    SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, MASK: tl.constexpr,
+):  # fmt: skip
+    offs_m, k_rows = _stream(start, end, MASK, BLOCK_M)
     if USE_DOT_QK:
         k = _load_tile(k_ptr, k_rows, D, BLOCK_D)
         dist2 = _sq_dist_dot(k, _sq_norm(k, 1, ACC), q_t, qq, DOT_PREC)
     else:
         dist2, _ = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
     # One constant per key: log2(e) * w_j / 2 (or w_j / 2 in float64).
-    neg_c = tl.load(w_ptr + k_rows).to(ACC) * (-0.5 * SCALE)
-    s = dist2 * neg_c[:, None]
-    if MASK_TAIL or MASK_SELF:
-        s = tl.where(_keep(offs_m, offs_n, m, MASK_TAIL, MASK_SELF), s, float("-inf"))
-
+    neg_c = (tl.load(w_ptr + k_rows).to(ACC) * (-0.5 * SCALE))[:, None]
+    s = dist2 * neg_c
+    keep = _keep(offs_m, end, skip, HAS_SKIP)
+    if MASK:
+        s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=0))
-    # A query whose keys are all masked so far keeps max -inf; subtracting 0
+    # A query whose keys are all left out so far keeps max -inf; subtracting 0
     # instead avoids (-inf) - (-inf) = NaN and leaves its sums at 0.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = _exp(m_i - m_safe, USE_EXP2)
-    p = _exp(s - m_safe[None, :], USE_EXP2)
+    p = _masked(_exp(tl.fma(dist2, neg_c, -m_safe[None, :]), USE_EXP2), keep, MASK)
     l_i = l_i * alpha + tl.sum(p, axis=0)
     acc = acc * alpha[None, :]
-    if USE_DOT_PV:
+    if USE_DOT_PV and not (MASK and HAS_SKIP):
         v_t = _load_tile_t(v_ptr, k_rows, C, BLOCK_C).to(tl.float32)
         acc = tl.dot(v_t, p, acc, input_precision=DOT_PREC)
     else:
         for ch in range(C):
             vc = tl.load(v_ptr + k_rows * C + ch).to(ACC)
-            acc = _place_row(acc, tl.sum(p * vc[:, None], axis=0), ch, BLOCK_C)
+            pv = _masked(p * vc[:, None], keep, MASK)
+            acc = _place_row(acc, tl.sum(pv, axis=0), ch, BLOCK_C)
     return m_new, l_i, acc
 
 
 @triton.jit
-def _nw_fwd_kernel(
-    Q,
-    K,
-    V,
-    W,
-    Out,
-    Lse,
-    n,
-    m,
-    D: tl.constexpr,
-    C: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    ACC: tl.constexpr,
-    USE_EXP2: tl.constexpr,
-    SCALE: tl.constexpr,
-    USE_DOT_QK: tl.constexpr,
-    USE_DOT_PV: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def _fwd_kernel(
+    Q, K, V, W, Skip, Ptr, Spans, Out, Lse, n, m,
+    D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
+    USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
-):
-    # Batch and query tile share grid axis 0 (no 65535 limit on batch).
-    num_tiles = tl.cdiv(n, BLOCK_N)
-    pid = tl.program_id(0)
-    b = (pid // num_tiles).to(tl.int64)
-    n0 = (pid % num_tiles) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    # Padded query rows read row n - 1 and are never stored.
-    q_rows = tl.minimum(offs_n, n - 1).to(tl.int64)
-    q_ptr = Q + b * n * D
-    k_ptr = K + b * m * D
-    v_ptr = V + b * m * C
-    w_ptr = W + b * m
-
+):  # fmt: skip
+    pid, b, offs_n, q_rows = _owner(n, BLOCK_N)
+    q_ptr, k_ptr, v_ptr, w_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, W + b * m
+    skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
     if USE_DOT_QK:
         q_t = _load_tile_t(q_ptr, q_rows, D, BLOCK_D)
         qq = _sq_norm(q_t, 0, ACC)
@@ -355,99 +392,47 @@ def _nw_fwd_kernel(
     m_i = tl.full([BLOCK_N], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_N], ACC)
     acc = tl.zeros([BLOCK_C, BLOCK_N], ACC)
-
-    # Full key tiles run without masks; only the tiles that hold j == i
-    # (exclude_self) and the ragged last tile pay for them.
-    m_full = (m // BLOCK_M) * BLOCK_M
-    if EXCLUDE_SELF:
-        diag_lo = tl.minimum((n0 // BLOCK_M) * BLOCK_M, m_full)
-        diag_hi = tl.minimum(tl.cdiv(n0 + BLOCK_N, BLOCK_M) * BLOCK_M, m_full)
-    else:
-        diag_lo = m_full
-        diag_hi = m_full
-    for start_m in range(0, diag_lo, BLOCK_M):
-        m_i, l_i, acc = _fwd_tile(
-            m_i, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, offs_n, q_t, qq, start_m, m,
-            D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC,
-            BLOCK_M, BLOCK_D, BLOCK_C, False, False,
-        )  # fmt: skip
-    for start_m in range(diag_lo, diag_hi, BLOCK_M):
-        m_i, l_i, acc = _fwd_tile(
-            m_i, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, offs_n, q_t, qq, start_m, m,
-            D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC,
-            BLOCK_M, BLOCK_D, BLOCK_C, False, True,
-        )  # fmt: skip
-    for start_m in range(diag_hi, m_full, BLOCK_M):
-        m_i, l_i, acc = _fwd_tile(
-            m_i, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, offs_n, q_t, qq, start_m, m,
-            D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC,
-            BLOCK_M, BLOCK_D, BLOCK_C, False, False,
-        )  # fmt: skip
-    for start_m in range(m_full, m, BLOCK_M):
-        m_i, l_i, acc = _fwd_tile(
-            m_i, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, offs_n, q_t, qq, start_m, m,
-            D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC,
-            BLOCK_M, BLOCK_D, BLOCK_C, True, EXCLUDE_SELF,
-        )  # fmt: skip
+    s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
+    for s in range(s_lo, s_hi):
+        lo, hi = _span(Spans, s, m, SPARSE)
+        for start in range(lo, hi, BLOCK_M):
+            if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
+                m_i, l_i, acc = _fwd_tile(
+                    m_i, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq,
+                    start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
+                    DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, True,
+                )  # fmt: skip
+            else:
+                m_i, l_i, acc = _fwd_tile(
+                    m_i, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq,
+                    start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
+                    DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, False,
+                )  # fmt: skip
 
     # l_i == 0 only if every score is -inf; 0 / 0 = NaN is what the reference
     # softmax gives there too.
-    out = acc / l_i[None, :]
+    _store_owned(Out + b * n * C, acc / l_i[None, :], offs_n, n, C, BLOCK_C)
     # float64: the backward needs exp(s - lse) exact where |lse| is large.
     lse = m_i.to(tl.float64) * (1.0 / SCALE) + tl.log(l_i.to(tl.float64))
-
-    n_mask = offs_n < n
-    rows = offs_n.to(tl.int64)
-    offs_c = tl.arange(0, BLOCK_C)
-    tl.store(
-        Out + b * n * C + rows[None, :] * C + offs_c[:, None],
-        out,
-        mask=(offs_c[:, None] < C) & n_mask[None, :],
-    )
-    tl.store(Lse + b * n + rows, lse, mask=n_mask)
+    tl.store(Lse + b * n + offs_n.to(tl.int64), lse, mask=offs_n < n)
 
 
 # ---------------------------------------------------------------------------
-# Shared keys: backward, dq. One program per query tile streams key tiles;
-# tiles are (BLOCK_M keys, BLOCK_N queries).
+# Shared keys: the query-side passes of the backward (dq) and of forward mode
+# (the tangent). Tiles are (BLOCK_M keys, BLOCK_N queries).
 # ---------------------------------------------------------------------------
 
 
 @triton.jit
 def _dq_tile(
-    dq_t,
-    a_sum,
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    w_ptr,
-    g_ptr,
-    q_rows,
-    offs_n,
-    q_t,
-    qq,
-    g_t,
-    lse_s,
-    lse_lo,
-    delta,
-    start_m,
-    m,
-    D: tl.constexpr,
-    C: tl.constexpr,
-    ACC: tl.constexpr,
-    USE_EXP2: tl.constexpr,
-    SCALE: tl.constexpr,
-    USE_DOT_QK: tl.constexpr,
-    USE_DOT_PV: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    MASK_TAIL: tl.constexpr,
-    MASK_SELF: tl.constexpr,
-):
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    k_rows = _stream_rows(offs_m, m, MASK_TAIL)
+    dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, skip, q_t, qq, g_t,
+    lse_hi, lse_lo, delta, start, end,
+    D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+    SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, MASK: tl.constexpr,
+):  # fmt: skip
+    offs_m, k_rows = _stream(start, end, MASK, BLOCK_M)
     if USE_DOT_QK:
         k = _load_tile(k_ptr, k_rows, D, BLOCK_D)
         dist2 = _sq_dist_dot(k, _sq_norm(k, 1, ACC), q_t, qq, DOT_PREC)
@@ -456,7 +441,8 @@ def _dq_tile(
         # diff0 = k_j - q_i (first feature)
         dist2, diff0 = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
     w = tl.load(w_ptr + k_rows).to(ACC)
-    p = _exp((dist2 * (w * (-0.5 * SCALE))[:, None] - lse_s[None, :]) - lse_lo[None, :], USE_EXP2)
+    neg_c = (w * (-0.5 * SCALE))[:, None]
+    p = _exp(tl.fma(dist2, neg_c, -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
 
     # g_i . v_j
     if USE_DOT_PV:
@@ -469,69 +455,49 @@ def _dq_tile(
         for ch in range(1, C):
             vc = tl.load(v_ptr + k_rows * C + ch).to(ACC)
             gc = tl.load(g_ptr + q_rows * C + ch).to(ACC)
-            gv += vc[:, None] * gc[None, :]
+            gv = tl.fma(vc[:, None], gc[None, :], gv)
     # t_ij = dL/ds_ij and dq_i = -sum_j t_ij w_j (q_i - k_j)
     #                          =  sum_j a_ij (k_j - q_i),  a_ij = t_ij w_j.
-    a = p * (gv - delta[None, :]) * w[:, None]
-    if MASK_TAIL or MASK_SELF:
-        # Dropped pairs get exactly 0, even where lse or delta is NaN:
-        # autograd through the reference's -inf mask gives 0 there.
-        a = tl.where(_keep(offs_m, offs_n, m, MASK_TAIL, MASK_SELF), a, 0.0)
+    keep = _keep(offs_m, end, skip, HAS_SKIP)
+    a = _masked(p * (gv - delta[None, :]) * w[:, None], keep, MASK)
 
-    if USE_DOT_QK:
+    if USE_DOT_QK and not (MASK and HAS_SKIP):
         # sum_j a_ij k_j on tensor cores; -A_i q_i is applied once at the end.
-        # tf32 keeps a's float32 range (a cast of a to half could overflow for
-        # large w) at half precision's mantissa.
+        # tf32 keeps a's float32 range at half precision's mantissa.
         dq_t = tl.dot(tl.trans(k).to(tl.float32), a, dq_t, input_precision=DOT_PREC)
         a_sum += tl.sum(a, axis=0)
     else:
-        dq_t = _place_row(dq_t, tl.sum(a * diff0, axis=0), 0, BLOCK_D)
+        # one feature at a time, so that a left-out key (NaN or not) reaches
+        # no sum: a product would carry its 0 * NaN into every query
+        if not USE_DOT_QK:
+            term = a * diff0
+        else:
+            k0 = tl.load(k_ptr + k_rows * D).to(ACC)
+            q0 = tl.load(q_ptr + q_rows * D).to(ACC)
+            term = a * (k0[:, None] - q0[None, :])
+        dq_t = _place_row(dq_t, tl.sum(_masked(term, keep, MASK), axis=0), 0, BLOCK_D)
         for f in range(1, D):
             kf = tl.load(k_ptr + k_rows * D + f).to(ACC)
             qf = tl.load(q_ptr + q_rows * D + f).to(ACC)
-            dq_t = _place_row(dq_t, tl.sum(a * (kf[:, None] - qf[None, :]), axis=0), f, BLOCK_D)
+            term = _masked(a * (kf[:, None] - qf[None, :]), keep, MASK)
+            dq_t = _place_row(dq_t, tl.sum(term, axis=0), f, BLOCK_D)
     return dq_t, a_sum
 
 
 @triton.jit
-def _nw_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    W,
-    G,
-    Lse,
-    Delta,
-    DQ,
-    n,
-    m,
-    D: tl.constexpr,
-    C: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    ACC: tl.constexpr,
-    USE_EXP2: tl.constexpr,
-    SCALE: tl.constexpr,
-    USE_DOT_QK: tl.constexpr,
-    USE_DOT_PV: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def _dq_kernel(
+    Q, K, V, W, G, Lse, Delta, Skip, Ptr, Spans, DQ, n, m,
+    D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
+    USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
-):
-    num_tiles = tl.cdiv(n, BLOCK_N)
-    pid = tl.program_id(0)
-    b = (pid // num_tiles).to(tl.int64)
-    n0 = (pid % num_tiles) * BLOCK_N
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    q_rows = tl.minimum(offs_n, n - 1).to(tl.int64)
-    q_ptr = Q + b * n * D
-    k_ptr = K + b * m * D
-    v_ptr = V + b * m * C
-    w_ptr = W + b * m
+):  # fmt: skip
+    pid, b, offs_n, q_rows = _owner(n, BLOCK_N)
+    q_ptr, k_ptr, v_ptr, w_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, W + b * m
     g_ptr = G + b * n * C
-
-    lse_s, lse_lo = _split_lse(tl.load(Lse + b * n + q_rows), SCALE, ACC)
+    skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
+    lse_hi, lse_lo = _split_lse(tl.load(Lse + b * n + q_rows), SCALE, ACC)
     delta = tl.load(Delta + b * n + q_rows).to(ACC)
     if USE_DOT_QK:
         q_t = _load_tile_t(q_ptr, q_rows, D, BLOCK_D)
@@ -546,97 +512,116 @@ def _nw_bwd_dq_kernel(
 
     dq_t = tl.zeros([BLOCK_D, BLOCK_N], ACC)
     a_sum = tl.zeros([BLOCK_N], ACC)
-
-    m_full = (m // BLOCK_M) * BLOCK_M
-    if EXCLUDE_SELF:
-        diag_lo = tl.minimum((n0 // BLOCK_M) * BLOCK_M, m_full)
-        diag_hi = tl.minimum(tl.cdiv(n0 + BLOCK_N, BLOCK_M) * BLOCK_M, m_full)
-    else:
-        diag_lo = m_full
-        diag_hi = m_full
-    for start_m in range(0, diag_lo, BLOCK_M):
-        dq_t, a_sum = _dq_tile(
-            dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, offs_n, q_t, qq,
-            g_t, lse_s, lse_lo, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
-            USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, False, False,
-        )  # fmt: skip
-    for start_m in range(diag_lo, diag_hi, BLOCK_M):
-        dq_t, a_sum = _dq_tile(
-            dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, offs_n, q_t, qq,
-            g_t, lse_s, lse_lo, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
-            USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, False, True,
-        )  # fmt: skip
-    for start_m in range(diag_hi, m_full, BLOCK_M):
-        dq_t, a_sum = _dq_tile(
-            dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, offs_n, q_t, qq,
-            g_t, lse_s, lse_lo, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
-            USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, False, False,
-        )  # fmt: skip
-    for start_m in range(m_full, m, BLOCK_M):
-        dq_t, a_sum = _dq_tile(
-            dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, offs_n, q_t, qq,
-            g_t, lse_s, lse_lo, delta, start_m, m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK,
-            USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, True, EXCLUDE_SELF,
-        )  # fmt: skip
-
+    s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
+    for s in range(s_lo, s_hi):
+        lo, hi = _span(Spans, s, m, SPARSE)
+        for start in range(lo, hi, BLOCK_M):
+            if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
+                dq_t, a_sum = _dq_tile(
+                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, skip, q_t, qq,
+                    g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2, SCALE,
+                    USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
+                    True,
+                )  # fmt: skip
+            else:
+                dq_t, a_sum = _dq_tile(
+                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, skip, q_t, qq,
+                    g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2, SCALE,
+                    USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
+                    False,
+                )  # fmt: skip
     if USE_DOT_QK:
         dq_t -= a_sum[None, :] * q_t.to(ACC)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_n.to(tl.int64)
-    tl.store(
-        DQ + b * n * D + rows[None, :] * D + offs_d[:, None],
-        dq_t,
-        mask=(offs_d[:, None] < D) & (offs_n < n)[None, :],
-    )
+    _store_owned(DQ + b * n * D, dq_t, offs_n, n, D, BLOCK_D)
+
+
+@triton.jit
+def _tangent_tile(
+    acc, q_ptr, k_ptr, v_ptr, w_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
+    skip, lse_hi, lse_lo, start, end,
+    D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SKIP: tl.constexpr, MASK: tl.constexpr,
+):  # fmt: skip
+    # dy_i = sum_j p_ij (dv_j + ds_ij (v_j - y_i)),
+    # ds_ij = -(dw_j / 2) d_ij^2 - w_j (q_i - k_j) . (dq_i - dk_j).
+    offs_m, k_rows = _stream(start, end, MASK, BLOCK_M)
+    dist2, _ = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
+    w = tl.load(w_ptr + k_rows).to(ACC)
+    neg_c = (w * (-0.5 * SCALE))[:, None]
+    p = _exp(tl.fma(dist2, neg_c, -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
+    ds = (tl.load(dw_ptr + k_rows).to(ACC) * -0.5)[:, None] * dist2
+    for f in range(D):
+        diff = (
+            tl.load(q_ptr + q_rows * D + f).to(ACC)[None, :]
+            - tl.load(k_ptr + k_rows * D + f).to(ACC)[:, None]
+        )
+        dd = (
+            tl.load(dq_ptr + q_rows * D + f).to(ACC)[None, :]
+            - tl.load(dk_ptr + k_rows * D + f).to(ACC)[:, None]
+        )
+        ds -= w[:, None] * diff * dd
+    keep = _keep(offs_m, end, skip, HAS_SKIP)
+    for ch in range(C):
+        vc = tl.load(v_ptr + k_rows * C + ch).to(ACC)[:, None]
+        dvc = tl.load(dv_ptr + k_rows * C + ch).to(ACC)[:, None]
+        yc = tl.load(y_ptr + q_rows * C + ch).to(ACC)[None, :]
+        term = _masked(p * (dvc + ds * (vc - yc)), keep, MASK)
+        acc = _place_row(acc, tl.sum(term, axis=0), ch, BLOCK_C)
+    return acc
+
+
+@triton.jit
+def _tangent_kernel(
+    Q, K, V, W, DQ, DK, DV, DW, Y, Lse, Skip, Ptr, Spans, DY, n, m,
+    D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    pid, b, offs_n, q_rows = _owner(n, BLOCK_N)
+    q_ptr, k_ptr, v_ptr, w_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, W + b * m
+    dq_ptr, dk_ptr, dv_ptr, dw_ptr = DQ + b * n * D, DK + b * m * D, DV + b * m * C, DW + b * m
+    y_ptr = Y + b * n * C
+    skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
+    lse_hi, lse_lo = _split_lse(tl.load(Lse + b * n + q_rows), SCALE, ACC)
+    acc = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
+    for s in range(s_lo, s_hi):
+        lo, hi = _span(Spans, s, m, SPARSE)
+        for start in range(lo, hi, BLOCK_M):
+            if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
+                acc = _tangent_tile(
+                    acc, q_ptr, k_ptr, v_ptr, w_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
+                    q_rows, skip, lse_hi, lse_lo, start, hi, D, C, ACC, USE_EXP2, SCALE,
+                    BLOCK_M, BLOCK_C, HAS_SKIP, True,
+                )  # fmt: skip
+            else:
+                acc = _tangent_tile(
+                    acc, q_ptr, k_ptr, v_ptr, w_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
+                    q_rows, skip, lse_hi, lse_lo, start, hi, D, C, ACC, USE_EXP2, SCALE,
+                    BLOCK_M, BLOCK_C, HAS_SKIP, False,
+                )  # fmt: skip
+    _store_owned(DY + b * n * C, acc, offs_n, n, C, BLOCK_C)
 
 
 # ---------------------------------------------------------------------------
-# Shared keys: backward, dk / dv / dw. One program per key tile streams query
-# tiles; tiles are (BLOCK_N queries, BLOCK_M keys).
+# Shared keys: backward, dk / dv / dw. One program per key block streams the
+# query spans; tiles are (BLOCK_N queries, BLOCK_M keys).
 # ---------------------------------------------------------------------------
 
 
 @triton.jit
 def _dkv_tile(
-    dk_t,
-    t_sum,
-    dv_t,
-    dw_acc,
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    g_ptr,
-    lse_ptr,
-    delta_ptr,
-    shift_ptr,
-    k_rows,
-    offs_m,
-    neg_c,
-    k_t,
-    kk,
-    v_t,
-    start_n,
-    n,
-    D: tl.constexpr,
-    C: tl.constexpr,
-    ACC: tl.constexpr,
-    USE_EXP2: tl.constexpr,
-    SCALE: tl.constexpr,
-    USE_DOT_QK: tl.constexpr,
-    USE_DOT_PV: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    NEED_DK: tl.constexpr,
-    NEED_DV: tl.constexpr,
-    NEED_DW: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    MASK_TAIL: tl.constexpr,
-    MASK_SELF: tl.constexpr,
-):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    q_rows = _stream_rows(offs_n, n, MASK_TAIL)
-    lse_s, lse_lo = _split_lse(tl.load(lse_ptr + q_rows), SCALE, ACC)
+    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, shift_ptr,
+    skip_ptr, k_rows, offs_m, neg_c, k_t, kk, v_t, start, end,
+    D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+    SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
+    DOT_PREC: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+    NEED_DW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, MASK: tl.constexpr,
+):  # fmt: skip
+    offs_n, q_rows = _stream(start, end, MASK, BLOCK_N)
+    lse_hi, lse_lo = _split_lse(tl.load(lse_ptr + q_rows), SCALE, ACC)
     if USE_DOT_QK:
         q = _load_tile(q_ptr, q_rows, D, BLOCK_D)
         dist2 = _sq_dist_dot(q, _sq_norm(q, 1, ACC), k_t, kk, DOT_PREC)
@@ -644,18 +629,21 @@ def _dkv_tile(
     else:
         # diff0 = q_i - k_j (first feature)
         dist2, diff0 = _sq_dist_direct(q_ptr, k_ptr, q_rows, k_rows, D, ACC)
-    s = dist2 * neg_c[None, :]
-    if MASK_SELF:
-        # p_ii = exp(-inf - lse_i): 0, or NaN in a NaN row, which is what the
-        # reference softmax holds there and so what reaches dv through p.
-        s = tl.where(offs_n[:, None] != offs_m[None, :], s, float("-inf"))
-    p = _exp((s - lse_s[:, None]) - lse_lo[:, None], USE_EXP2)
-    if MASK_TAIL:
-        p = tl.where((offs_n < n)[:, None], p, 0.0)
+    p = _exp(tl.fma(dist2, neg_c[None, :], -lse_hi[:, None]) - lse_lo[:, None], USE_EXP2)
+    # a pair is left out where the streamed query's left-out key is this key
+    if MASK:
+        keep = (offs_n < end)[:, None]
+        if HAS_SKIP:
+            keep = keep & (tl.load(skip_ptr + q_rows)[:, None] != offs_m[None, :])
+        p = tl.where(keep, p, 0.0)
+    else:
+        keep = 0
 
     # dv_j = sum_i p_ij g_i, and g_i . v_j for t (which dk and dw need).
     if USE_DOT_PV:
         g = _load_tile(g_ptr, q_rows, C, BLOCK_C)
+        if MASK:
+            g = tl.where((offs_n < end)[:, None], g, 0.0)
         if NEED_DV:
             dv_t = tl.dot(tl.trans(g).to(tl.float32), p, dv_t, input_precision=DOT_PREC)
         if NEED_DK or NEED_DW:
@@ -663,88 +651,66 @@ def _dkv_tile(
     else:
         gc = tl.load(g_ptr + q_rows * C).to(ACC)
         if NEED_DV:
-            dv_t = _place_row(dv_t, tl.sum(p * gc[:, None], axis=0), 0, BLOCK_C)
+            dv_t = _place_row(
+                dv_t, tl.sum(_masked(p * gc[:, None], keep, MASK), axis=0), 0, BLOCK_C
+            )
         if NEED_DK or NEED_DW:
             gv = gc[:, None] * tl.load(v_ptr + k_rows * C).to(ACC)[None, :]
         for ch in range(1, C):
             gc = tl.load(g_ptr + q_rows * C + ch).to(ACC)
             if NEED_DV:
-                dv_t = _place_row(dv_t, tl.sum(p * gc[:, None], axis=0), ch, BLOCK_C)
+                dv_t = _place_row(
+                    dv_t, tl.sum(_masked(p * gc[:, None], keep, MASK), axis=0), ch, BLOCK_C
+                )
             if NEED_DK or NEED_DW:
-                gv += gc[:, None] * tl.load(v_ptr + k_rows * C + ch).to(ACC)[None, :]
+                gv = tl.fma(gc[:, None], tl.load(v_ptr + k_rows * C + ch).to(ACC)[None, :], gv)
 
     if NEED_DK or NEED_DW:
         delta = tl.load(delta_ptr + q_rows).to(ACC)
-        t = p * (gv - delta[:, None])
-        if MASK_TAIL or MASK_SELF:
-            # Dropped pairs get exactly 0, even where lse or delta is NaN:
-            # autograd through the reference's -inf mask gives 0 there.
-            t = tl.where(_keep(offs_n, offs_m, n, MASK_TAIL, MASK_SELF), t, 0.0)
+        t = _masked(p * (gv - delta[:, None]), keep, MASK)
         if NEED_DW:
             shift = tl.load(shift_ptr + q_rows).to(ACC)
-            dw_acc += tl.sum(t * (dist2 - shift[:, None]), axis=0)
+            dw_acc += tl.sum(_masked(t * (dist2 - shift[:, None]), keep, MASK), axis=0)
         if NEED_DK:
             # dk_j = w_j sum_i t_ij (q_i - k_j); w_j is applied at the end.
-            if USE_DOT_QK:
+            if USE_DOT_QK and not (MASK and HAS_SKIP):
                 dk_t = tl.dot(tl.trans(q).to(tl.float32), t, dk_t, input_precision=DOT_PREC)
                 t_sum += tl.sum(t, axis=0)
             else:
-                dk_t = _place_row(dk_t, tl.sum(t * diff0, axis=0), 0, BLOCK_D)
+                if not USE_DOT_QK:
+                    term = t * diff0
+                else:
+                    q0 = tl.load(q_ptr + q_rows * D).to(ACC)
+                    k0 = tl.load(k_ptr + k_rows * D).to(ACC)
+                    term = t * (q0[:, None] - k0[None, :])
+                dk_t = _place_row(dk_t, tl.sum(_masked(term, keep, MASK), axis=0), 0, BLOCK_D)
                 for f in range(1, D):
                     qf = tl.load(q_ptr + q_rows * D + f).to(ACC)
                     kf = tl.load(k_ptr + k_rows * D + f).to(ACC)
-                    dk_t = _place_row(
-                        dk_t, tl.sum(t * (qf[:, None] - kf[None, :]), axis=0), f, BLOCK_D
-                    )
+                    term = _masked(t * (qf[:, None] - kf[None, :]), keep, MASK)
+                    dk_t = _place_row(dk_t, tl.sum(term, axis=0), f, BLOCK_D)
     return dk_t, t_sum, dv_t, dw_acc
 
 
 @triton.jit
-def _nw_bwd_dkv_kernel(
-    Q,
-    K,
-    V,
-    W,
-    G,
-    Lse,
-    Delta,
-    Shift,
-    DK,
-    DV,
-    DW,
-    n,
-    m,
-    D: tl.constexpr,
-    C: tl.constexpr,
-    EXCLUDE_SELF: tl.constexpr,
-    ACC: tl.constexpr,
-    USE_EXP2: tl.constexpr,
-    SCALE: tl.constexpr,
-    USE_DOT_QK: tl.constexpr,
-    USE_DOT_PV: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    NEED_DK: tl.constexpr,
-    NEED_DV: tl.constexpr,
-    NEED_DW: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def _dkv_kernel(
+    Q, K, V, W, G, Lse, Delta, Shift, Skip, SkippedBy, Ptr, Spans, DK, DV, DW, n, m,
+    D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
+    USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
+    NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, NEED_DW: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
-):
-    num_tiles = tl.cdiv(m, BLOCK_M)
-    pid = tl.program_id(0)
-    b = (pid // num_tiles).to(tl.int64)
-    m0 = (pid % num_tiles) * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    # Padded key columns read key m - 1 and are never stored.
-    k_rows = tl.minimum(offs_m, m - 1).to(tl.int64)
-    q_ptr = Q + b * n * D
-    k_ptr = K + b * m * D
-    v_ptr = V + b * m * C
-    g_ptr = G + b * n * C
-    lse_ptr = Lse + b * n
-    delta_ptr = Delta + b * n
-    shift_ptr = Shift + b * n
+):  # fmt: skip
+    pid, b, offs_m, k_rows = _owner(m, BLOCK_M)
+    q_ptr, k_ptr, v_ptr, g_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, G + b * n * C
+    lse_ptr, delta_ptr, shift_ptr, skip_ptr = (
+        Lse + b * n,
+        Delta + b * n,
+        Shift + b * n,
+        Skip + b * n,
+    )
+    _, skip_lo, skip_hi = _left_out(SkippedBy + b * m, k_rows, HAS_SKIP)
 
     w = tl.load(W + b * m + k_rows).to(ACC)
     neg_c = w * (-0.5 * SCALE)
@@ -763,63 +729,35 @@ def _nw_bwd_dkv_kernel(
     t_sum = tl.zeros([BLOCK_M], ACC)
     dv_t = tl.zeros([BLOCK_C, BLOCK_M], ACC)
     dw_acc = tl.zeros([BLOCK_M], ACC)
+    s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
+    for s in range(s_lo, s_hi):
+        lo, hi = _span(Spans, s, n, SPARSE)
+        for start in range(lo, hi, BLOCK_N):
+            if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_N):
+                dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
+                    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr,
+                    delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, neg_c, k_t, kk, v_t,
+                    start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
+                    DOT_PREC, NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C,
+                    HAS_SKIP, True,
+                )  # fmt: skip
+            else:
+                dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
+                    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr,
+                    delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, neg_c, k_t, kk, v_t,
+                    start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
+                    DOT_PREC, NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C,
+                    HAS_SKIP, False,
+                )  # fmt: skip
 
-    n_full = (n // BLOCK_N) * BLOCK_N
-    if EXCLUDE_SELF:
-        diag_lo = tl.minimum((m0 // BLOCK_N) * BLOCK_N, n_full)
-        diag_hi = tl.minimum(tl.cdiv(m0 + BLOCK_M, BLOCK_N) * BLOCK_N, n_full)
-    else:
-        diag_lo = n_full
-        diag_hi = n_full
-    for start_n in range(0, diag_lo, BLOCK_N):
-        dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, shift_ptr,
-            k_rows, offs_m, neg_c, k_t, kk, v_t, start_n, n, D, C, ACC, USE_EXP2,
-            SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK, NEED_DV, NEED_DW,
-            BLOCK_N, BLOCK_D, BLOCK_C, False, False,
-        )  # fmt: skip
-    for start_n in range(diag_lo, diag_hi, BLOCK_N):
-        dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, shift_ptr,
-            k_rows, offs_m, neg_c, k_t, kk, v_t, start_n, n, D, C, ACC, USE_EXP2,
-            SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK, NEED_DV, NEED_DW,
-            BLOCK_N, BLOCK_D, BLOCK_C, False, True,
-        )  # fmt: skip
-    for start_n in range(diag_hi, n_full, BLOCK_N):
-        dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, shift_ptr,
-            k_rows, offs_m, neg_c, k_t, kk, v_t, start_n, n, D, C, ACC, USE_EXP2,
-            SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK, NEED_DV, NEED_DW,
-            BLOCK_N, BLOCK_D, BLOCK_C, False, False,
-        )  # fmt: skip
-    for start_n in range(n_full, n, BLOCK_N):
-        dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-            dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, shift_ptr,
-            k_rows, offs_m, neg_c, k_t, kk, v_t, start_n, n, D, C, ACC, USE_EXP2,
-            SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK, NEED_DV, NEED_DW,
-            BLOCK_N, BLOCK_D, BLOCK_C, True, EXCLUDE_SELF,
-        )  # fmt: skip
-
-    m_mask = offs_m < m
-    cols = offs_m.to(tl.int64)
     if NEED_DK:
         if USE_DOT_QK:
             dk_t -= t_sum[None, :] * k_t.to(ACC)
-        offs_d = tl.arange(0, BLOCK_D)
-        tl.store(
-            DK + b * m * D + cols[None, :] * D + offs_d[:, None],
-            dk_t * w[None, :],
-            mask=(offs_d[:, None] < D) & m_mask[None, :],
-        )
+        _store_owned(DK + b * m * D, dk_t * w[None, :], offs_m, m, D, BLOCK_D)
     if NEED_DV:
-        offs_c = tl.arange(0, BLOCK_C)
-        tl.store(
-            DV + b * m * C + cols[None, :] * C + offs_c[:, None],
-            dv_t,
-            mask=(offs_c[:, None] < C) & m_mask[None, :],
-        )
+        _store_owned(DV + b * m * C, dv_t, offs_m, m, C, BLOCK_C)
     if NEED_DW:
-        tl.store(DW + b * m + cols, -0.5 * dw_acc, mask=m_mask)
+        tl.store(DW + b * m + offs_m.to(tl.int64), -0.5 * dw_acc, mask=offs_m < m)
 
 
 # ---------------------------------------------------------------------------
@@ -828,21 +766,11 @@ def _nw_bwd_dkv_kernel(
 
 
 @triton.jit
-def _nw_rows_fwd_kernel(
-    Q,
-    K,
-    V,
-    W,
-    Out,
-    Lse,
-    n,
-    m,
-    ACC: tl.constexpr,
-    USE_EXP2: tl.constexpr,
-    SCALE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+def _rows_fwd_kernel(
+    Q, K, V, W, Out, Lse, n, m,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     # Padded rows read row n - 1 (finite work, never stored), so only the
     # ragged last column block needs a mask.
@@ -859,13 +787,14 @@ def _nw_rows_fwd_kernel(
         mask = c_mask[None, :]
         k = tl.load(K + row_base + offs_m[None, :], mask=mask, other=0.0).to(ACC)
         v = tl.load(V + row_base + offs_m[None, :], mask=mask, other=0.0).to(ACC)
-        neg_c = tl.load(W + offs_m, mask=c_mask, other=0.0).to(ACC) * (-0.5 * SCALE)
+        neg_c = (tl.load(W + offs_m, mask=c_mask, other=0.0).to(ACC) * (-0.5 * SCALE))[None, :]
         diff = q[:, None] - k
-        s = tl.where(mask, diff * diff * neg_c[None, :], float("-inf"))
+        dist2 = diff * diff
+        s = tl.where(mask, dist2 * neg_c, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = _exp(m_i - m_safe, USE_EXP2)
-        p = _exp(s - m_safe[:, None], USE_EXP2)
+        p = tl.where(mask, _exp(tl.fma(dist2, neg_c, -m_safe[:, None]), USE_EXP2), 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha + tl.sum(p * v, axis=1)
         m_i = m_new
@@ -876,32 +805,12 @@ def _nw_rows_fwd_kernel(
 
 
 @triton.jit
-def _nw_rows_bwd_kernel(
-    Q,
-    K,
-    V,
-    W,
-    G,
-    Out,
-    Lse,
-    Shift,
-    DK,
-    DV,
-    DQ_PART,
-    DW_PART,
-    n,
-    m,
-    rows_per_group,
-    ACC: tl.constexpr,
-    USE_EXP2: tl.constexpr,
-    SCALE: tl.constexpr,
-    NEED_DQ: tl.constexpr,
-    NEED_DK: tl.constexpr,
-    NEED_DV: tl.constexpr,
-    NEED_DW: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+def _rows_bwd_kernel(
+    Q, K, V, W, G, Out, Lse, Shift, DK, DV, DQ_PART, DW_PART, n, m, rows_per_group,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
+    NEED_DQ: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+    NEED_DW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     # A program owns one (row group, column block). The probabilities come
     # straight from the saved lse, so every element is independent; dq needs
     # a sum over columns (one partial per column block) and dw a sum over
@@ -914,7 +823,7 @@ def _nw_rows_bwd_kernel(
     offs_m = cb * BLOCK_M + tl.arange(0, BLOCK_M)
     c_mask = offs_m < m
     w = tl.load(W + offs_m, mask=c_mask, other=0.0).to(ACC)
-    neg_c = w * (-0.5 * SCALE)
+    neg_c = (w * (-0.5 * SCALE))[None, :]
     dw_acc = tl.zeros([BLOCK_M], ACC)
 
     row_lo = grp * rows_per_group
@@ -925,15 +834,15 @@ def _nw_rows_bwd_kernel(
         q = tl.load(Q + offs_r, mask=r_mask, other=0.0).to(ACC)
         g = tl.load(G + offs_r, mask=r_mask, other=0.0).to(ACC)
         y = tl.load(Out + offs_r, mask=r_mask, other=0.0).to(ACC)
-        lse_s, lse_lo = _split_lse(tl.load(Lse + offs_r, mask=r_mask, other=0.0), SCALE, ACC)
+        lse_hi, lse_lo = _split_lse(tl.load(Lse + offs_r, mask=r_mask, other=0.0), SCALE, ACC)
         mask = r_mask[:, None] & c_mask[None, :]
         idx = offs_r[:, None] * m + offs_m[None, :]
         k = tl.load(K + idx, mask=mask, other=0.0).to(ACC)
         v = tl.load(V + idx, mask=mask, other=0.0).to(ACC)
         diff = q[:, None] - k
         dist2 = diff * diff
-        s = tl.where(mask, dist2 * neg_c[None, :], float("-inf"))
-        p = _exp((s - lse_s[:, None]) - lse_lo[:, None], USE_EXP2)
+        p = _exp(tl.fma(dist2, neg_c, -lse_hi[:, None]) - lse_lo[:, None], USE_EXP2)
+        p = tl.where(mask, p, 0.0)
         gp = p * g[:, None]
         if NEED_DV:
             tl.store(DV + idx, gp, mask=mask)
@@ -952,17 +861,56 @@ def _nw_rows_bwd_kernel(
         tl.store(DW_PART + grp * m + offs_m, -0.5 * dw_acc, mask=c_mask)
 
 
+@triton.jit
+def _rows_tangent_kernel(
+    Q, K, V, W, DQ, DK, DV, DW, Y, Lse, DY, n, m,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    # dy_i = sum_j p_ij (dV_ij + ds_ij (V_ij - y_i)),
+    # ds_ij = -(dw_j / 2) d_ij^2 - w_j (q_i - K_ij)(dq_i - dK_ij).
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.minimum(offs_r, n - 1).to(tl.int64)
+    q = tl.load(Q + rows).to(ACC)
+    dq = tl.load(DQ + rows).to(ACC)
+    y = tl.load(Y + rows).to(ACC)
+    lse_hi, lse_lo = _split_lse(tl.load(Lse + rows), SCALE, ACC)
+    row_base = rows[:, None] * m
+    acc = tl.zeros([BLOCK_R], ACC)
+    for start in range(0, m, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        c_mask = offs_m < m
+        mask = c_mask[None, :]
+        idx = row_base + offs_m[None, :]
+        k = tl.load(K + idx, mask=mask, other=0.0).to(ACC)
+        v = tl.load(V + idx, mask=mask, other=0.0).to(ACC)
+        dk = tl.load(DK + idx, mask=mask, other=0.0).to(ACC)
+        dv = tl.load(DV + idx, mask=mask, other=0.0).to(ACC)
+        w = tl.load(W + offs_m, mask=c_mask, other=0.0).to(ACC)[None, :]
+        dw = tl.load(DW + offs_m, mask=c_mask, other=0.0).to(ACC)[None, :]
+        diff = q[:, None] - k
+        dist2 = diff * diff
+        p = _exp(tl.fma(dist2, w * (-0.5 * SCALE), -lse_hi[:, None]) - lse_lo[:, None], USE_EXP2)
+        ds = -0.5 * dw * dist2 - w * diff * (dq[:, None] - dk)
+        acc += tl.sum(tl.where(mask, p * (dv + ds * (v - y[:, None])), 0.0), axis=1)
+    tl.store(DY + offs_r, acc, mask=offs_r < n)
+
+
 # Autotuned twins for the GPU; the interpreter calls the plain kernels with
 # INTERPRET_CONFIGS.
 _SHARED_TUNING = {
-    "key": ["n", "m", "D", "C"],
-    "prune_configs_by": {"early_config_prune": _prune_for_dot},
+    "key": ["n", "m", "D", "C", "SPARSE"],
+    "prune_configs_by": {"early_config_prune": _prune},
 }
-_nw_fwd_tuned = triton.autotune(FWD_CONFIGS, **_SHARED_TUNING)(_nw_fwd_kernel)
-_nw_bwd_dq_tuned = triton.autotune(DQ_CONFIGS, **_SHARED_TUNING)(_nw_bwd_dq_kernel)
-_nw_bwd_dkv_tuned = triton.autotune(DKV_CONFIGS, **_SHARED_TUNING)(_nw_bwd_dkv_kernel)
-_nw_rows_fwd_tuned = triton.autotune(ROWS_FWD_CONFIGS, key=["n", "m"])(_nw_rows_fwd_kernel)
-_nw_rows_bwd_tuned = triton.autotune(ROWS_BWD_CONFIGS, key=["n", "m"])(_nw_rows_bwd_kernel)
+_TUNED = {
+    _fwd_kernel: triton.autotune(QUERY_CONFIGS, **_SHARED_TUNING)(_fwd_kernel),
+    _dq_kernel: triton.autotune(QUERY_CONFIGS, **_SHARED_TUNING)(_dq_kernel),
+    _tangent_kernel: triton.autotune(QUERY_CONFIGS, **_SHARED_TUNING)(_tangent_kernel),
+    _dkv_kernel: triton.autotune(KEY_CONFIGS, **_SHARED_TUNING)(_dkv_kernel),
+    _rows_fwd_kernel: triton.autotune(ROWS_FWD_CONFIGS, key=["n", "m"])(_rows_fwd_kernel),
+    _rows_tangent_kernel: triton.autotune(ROWS_FWD_CONFIGS, key=["n", "m"])(_rows_tangent_kernel),
+    _rows_bwd_kernel: triton.autotune(ROWS_BWD_CONFIGS, key=["n", "m"])(_rows_bwd_kernel),
+}
 
 
 # ---------------------------------------------------------------------------
@@ -972,6 +920,10 @@ _nw_rows_bwd_tuned = triton.autotune(ROWS_BWD_CONFIGS, key=["n", "m"])(_nw_rows_
 
 def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _dot_policy(dtype, d, c):
@@ -987,13 +939,19 @@ def _dot_policy(dtype, d, c):
     return half and d >= 16, dtype != torch.float64 and c >= 16
 
 
-def _meta(dtype, d, c):
+def _scalar_meta(dtype):
     is64 = dtype == torch.float64
-    use_dot_qk, use_dot_pv = _dot_policy(dtype, d, c)
     return {
         "ACC": tl.float64 if is64 else tl.float32,
         "USE_EXP2": not is64,
         "SCALE": 1.0 if is64 else LOG2E,
+    }
+
+
+def _meta(dtype, d, c):
+    use_dot_qk, use_dot_pv = _dot_policy(dtype, d, c)
+    return {
+        **_scalar_meta(dtype),
         "USE_DOT_QK": use_dot_qk,
         "USE_DOT_PV": use_dot_pv,
         # Products with a computed float32 operand (p, t, a): TF32 for half
@@ -1005,20 +963,30 @@ def _meta(dtype, d, c):
     }
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _launch(kernel, side, count, args, meta, sparse_items=None):
+    """Run ``kernel`` over blocks of ``count`` points (per batch element) with
+    the interpreter's fixed config for ``side``, else autotuned. A sparse pass
+    has one program per plan item."""
+    owned = "BLOCK_M" if side == "key" else "BLOCK_N"
+    batch = args[0].shape[0]
 
+    def grid(cfg):
+        return (
+            sparse_items if sparse_items is not None else batch * triton.cdiv(count, cfg[owned]),
+        )
 
-def _launch(kernel, tuned, name, tiles, args, meta):
-    """Run `kernel` with the interpreter's fixed config, else autotuned.
-
-    `tiles(cfg)` gives the 1-D grid size for a config's block sizes.
-    """
     if _interpreting():
-        cfg = INTERPRET_CONFIGS[name]
-        kernel[(tiles(cfg),)](*args, **{**meta, **cfg})
+        cfg = INTERPRET_CONFIGS[side]
+        kernel[grid(cfg)](*args, **{**meta, **cfg})
     else:
-        tuned[lambda cfg: (tiles(cfg),)](*args, **meta)
+        _TUNED[kernel][lambda cfg: grid(cfg)](*args, **meta)
+
+
+def _plan_blocks():
+    """(query block, key block) of a block-sparse plan: what a program owns."""
+    if _interpreting():
+        return INTERPRET_CONFIGS["query"]["BLOCK_N"], INTERPRET_CONFIGS["key"]["BLOCK_M"]
+    return SPARSE_BLOCK, SPARSE_BLOCK
 
 
 def _per_key(w, m):
@@ -1033,88 +1001,161 @@ def _dw(dw_keys, w):
     return dw_keys.to(w.dtype)
 
 
-def forward(query, key, value, w, exclude_self):
+class _Spans:
+    """A plan on the device: its arrays, and whether it is sparse at all."""
+
+    def __init__(self, plan, diagonal, B, n, m, device):
+        self.plan = plan
+        self.sparse = plan is not None
+        on = torch.device(device)
+        if self.sparse:
+            self.key_ptr, self.key_spans, self.query_ptr, self.query_spans = (
+                torch.from_numpy(a).to(on)
+                for a in (plan.key_ptr, plan.key_spans, plan.query_ptr, plan.query_spans)
+            )
+        else:
+            self.key_ptr = self.key_spans = self.query_ptr = self.query_spans = torch.zeros(
+                1, dtype=torch.int64, device=on
+            )
+        skip, skipped_by = blocks.skips(plan, diagonal, B, n, m)
+        self.has_skip = diagonal is not None
+        self.skip = torch.from_numpy(skip).to(on)
+        self.skipped_by = torch.from_numpy(skipped_by).to(on)
+        self.rows_kept = torch.from_numpy(m - (skip >= 0)).to(on)
+
+    def items(self, side):
+        if not self.sparse:
+            return None
+        return len(self.plan.key_ptr if side == "query" else self.plan.query_ptr) - 1
+
+
+def _plan(query, key, w, diagonal, tolerance):
+    q_block, k_block = _plan_blocks()
+    return blocks.plan(query, key, w, tolerance, diagonal is not None, q_block, k_block)
+
+
+def _packed(plan, B, n, m):
+    """A dense plan is packed as an empty one: nothing to reuse."""
+    if plan is None:
+        return torch.zeros(0, dtype=torch.int64)
+    return blocks.pack(plan, B, n, m)
+
+
+def _unpacked(packed):
+    return blocks.unpack(packed) if packed.numel() else None
+
+
+def forward(query, key, value, w, diagonal, tolerance):
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[2]
-    w = _per_key(w, m)
+    plan = _plan(query, key, w, diagonal, tolerance)
+    (q,) = blocks.queries_in_order(plan, query)
+    k, v, w = blocks.keys_in_order(plan, key, value, _per_key(w, m))
+    spans = _Spans(plan, diagonal, B, n, m, query.device)
     out = torch.empty((B, n, c), dtype=query.dtype, device=query.device)
     lse = torch.empty((B, n), dtype=torch.float64, device=query.device)
-    if B * n == 0:
-        return out, lse
     _launch(
-        _nw_fwd_kernel,
-        _nw_fwd_tuned,
-        "fwd",
-        lambda cfg: B * triton.cdiv(n, cfg["BLOCK_N"]),
-        (query, key, value, w, out, lse, n, m, d, c, bool(exclude_self)),
-        _meta(query.dtype, d, c),
+        _fwd_kernel,
+        "query",
+        n,
+        (q, k, v, w, spans.skip, spans.key_ptr, spans.key_spans, out, lse, n, m, d, c),
+        {**_meta(query.dtype, d, c), "HAS_SKIP": spans.has_skip, "SPARSE": spans.sparse},
+        spans.items("query"),
     )
-    return out, lse
+    out, lse = blocks.queries_back(plan, out, lse)
+    return out, lse, _packed(plan, B, n, m)
 
 
-def backward(grad_out, query, key, value, w, out, lse, exclude_self, needs):
+def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs):
     need_q, need_k, need_v, need_w = (bool(x) for x in needs)
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[2]
-    dtype = query.dtype
-    w_keys = _per_key(w, m)
-    dq = torch.empty_like(query) if need_q else None
-    dk = torch.empty_like(key) if need_k else None
-    dv = torch.empty_like(value) if need_v else None
-    # float32 partial sums per key: summed in float64 for a shared w.
-    dw = torch.empty(w_keys.shape, dtype=_acc_dtype(dtype), device=w.device) if need_w else None
-    if B * n * m == 0 or not any((need_q, need_k, need_v, need_w)):
-        for x in (dq, dk, dv, dw):
-            if x is not None:
-                x.zero_()
-        return dq, dk, dv, None if dw is None else _dw(dw, w)
-
+    dtype, device = query.dtype, query.device
+    plan = _unpacked(packed)
+    q, g, out, lse = blocks.queries_in_order(plan, query, grad_out, out, lse)
+    k, v, w_keys = blocks.keys_in_order(plan, key, value, _per_key(w, m))
+    spans = _Spans(plan, diagonal, B, n, m, device)
     acc = _acc_dtype(dtype)
     # delta_i = g_i . y_i, the per-query term of t_ij; O(n c), done once here
     # so neither pass has to rebuild it.
-    delta = (grad_out.to(acc) * out.to(acc)).sum(-1).contiguous()
-    meta = _meta(dtype, d, c)
-    common = (n, m, d, c, bool(exclude_self))
+    delta = (g.to(acc) * out.to(acc)).sum(-1).contiguous()
+    meta = {**_meta(dtype, d, c), "HAS_SKIP": spans.has_skip, "SPARSE": spans.sparse}
+    dq = dk = dv = dw = None
     if need_q:
+        dq = torch.empty_like(q)
         _launch(
-            _nw_bwd_dq_kernel,
-            _nw_bwd_dq_tuned,
-            "dq",
-            lambda cfg: B * triton.cdiv(n, cfg["BLOCK_N"]),
-            (query, key, value, w_keys, grad_out, lse, delta, dq) + common,
+            _dq_kernel,
+            "query",
+            n,
+            (q, k, v, w_keys, g, lse, delta, spans.skip, spans.key_ptr, spans.key_spans, dq)
+            + (n, m, d, c),
             meta,
+            spans.items("query"),
         )
+        (dq,) = blocks.queries_back(plan, dq)
     if need_k or need_v or need_w:
         # Unneeded outputs get a stand-in pointer that the kernel never touches.
+        dk = torch.empty_like(k) if need_k else k
+        dv = torch.empty_like(v) if need_v else v
+        # float32 partial sums per key: summed in float64 for a shared w.
+        dw_keys = torch.empty(w_keys.shape, dtype=acc, device=device) if need_w else w_keys
+        shift = distance_shift(lse, w, spans.rows_kept).to(acc)
         _launch(
-            _nw_bwd_dkv_kernel,
-            _nw_bwd_dkv_tuned,
-            "dkv",
-            lambda cfg: B * triton.cdiv(m, cfg["BLOCK_M"]),
-            (
-                query,
-                key,
-                value,
-                w_keys,
-                grad_out,
-                lse,
-                delta,
-                distance_shift(lse, w, m - bool(exclude_self)).to(acc),
-            )
-            + (dk if need_k else key, dv if need_v else value, dw if need_w else w_keys)
-            + common,
+            _dkv_kernel,
+            "key",
+            m,
+            (q, k, v, w_keys, g, lse, delta, shift, spans.skip, spans.skipped_by)
+            + (spans.query_ptr, spans.query_spans, dk, dv, dw_keys, n, m, d, c),
             {**meta, "NEED_DK": need_k, "NEED_DV": need_v, "NEED_DW": need_w},
+            spans.items("key"),
         )
-    return dq, dk, dv, None if dw is None else _dw(dw, w)
+        dk, dv, dw_keys = blocks.keys_back(plan, dk, dv, dw_keys)
+        dw = _dw(dw_keys, w) if need_w else None
+    return dq, dk if need_k else None, dv if need_v else None, dw
 
 
-def _rows_meta(dtype):
-    is64 = dtype == torch.float64
-    return {
-        "ACC": tl.float64 if is64 else tl.float32,
-        "USE_EXP2": not is64,
-        "SCALE": 1.0 if is64 else LOG2E,
-    }
+def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
+    B, n, d = query.shape
+    m, c = key.shape[1], value.shape[2]
+    zeros = (
+        torch.zeros_like(x) if t is None else t for t, x in zip(tangents, (query, key, value, w))
+    )
+    dq, dk, dv, dw = zeros
+    plan = _unpacked(packed)
+    q, dq, y, lse = blocks.queries_in_order(plan, query, dq, out, lse)
+    k, dk, v, dv, w, dw = blocks.keys_in_order(
+        plan, key, dk, value, dv, _per_key(w, m), _per_key(dw, m)
+    )
+    spans = _Spans(plan, diagonal, B, n, m, query.device)
+    dy = torch.empty_like(y)
+    _launch(
+        _tangent_kernel,
+        "query",
+        n,
+        (q, k, v, w, dq, dk, dv, dw, y, lse, spans.skip, spans.key_ptr, spans.key_spans, dy)
+        + (n, m, d, c),
+        {
+            **_scalar_meta(query.dtype),
+            "BLOCK_C": triton.next_power_of_2(c),
+            "HAS_SKIP": spans.has_skip,
+            "SPARSE": spans.sparse,
+        },
+        spans.items("query"),
+    )
+    return blocks.queries_back(plan, dy)[0]
+
+
+# ---------------------------------------------------------------------------
+# Rows layout
+# ---------------------------------------------------------------------------
+
+
+def _launch_rows(kernel, name, rows, args, meta):
+    if _interpreting():
+        cfg = INTERPRET_CONFIGS[name]
+        kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](*args, **{**meta, **cfg})
+    else:
+        _TUNED[kernel][lambda cfg: (triton.cdiv(rows, cfg["BLOCK_R"]),)](*args, **meta)
 
 
 def forward_rows(query, keys, values, w):
@@ -1122,17 +1163,30 @@ def forward_rows(query, keys, values, w):
     w = _per_key(w, m)
     out = torch.empty((n,), dtype=query.dtype, device=query.device)
     lse = torch.empty((n,), dtype=torch.float64, device=query.device)
-    if n == 0:
-        return out, lse
-    _launch(
-        _nw_rows_fwd_kernel,
-        _nw_rows_fwd_tuned,
+    _launch_rows(
+        _rows_fwd_kernel,
         "rows_fwd",
-        lambda cfg: triton.cdiv(n, cfg["BLOCK_R"]),
+        n,
         (query, keys, values, w, out, lse, n, m),
-        _rows_meta(query.dtype),
+        _scalar_meta(query.dtype),
     )
     return out, lse
+
+
+def tangent_rows(query, keys, values, w, tangents, out, lse):
+    n, m = keys.shape
+    dq, dK, dV, dw = (
+        torch.zeros_like(x) if t is None else t for t, x in zip(tangents, (query, keys, values, w))
+    )
+    dy = torch.empty_like(out)
+    _launch_rows(
+        _rows_tangent_kernel,
+        "rows_fwd",
+        n,
+        (query, keys, values, _per_key(w, m), dq, dK, dV, _per_key(dw, m), out, lse, dy, n, m),
+        _scalar_meta(query.dtype),
+    )
+    return dy
 
 
 def _rows_bwd_block_m():
@@ -1160,37 +1214,35 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
     w_keys = _per_key(w, m)
     dk = torch.empty_like(keys) if need_k else None
     dv = torch.empty_like(values) if need_v else None
-    if n * m == 0 or not any((need_q, need_k, need_v, need_w)):
-        dq = torch.zeros_like(query) if need_q else None
-        dw = torch.zeros_like(w) if need_w else None
-        for x in (dk, dv):
-            if x is not None:
-                x.zero_()
-        return dq, dk, dv, dw
-
     acc = _acc_dtype(dtype)
     block_m = _rows_bwd_block_m()
     col_blocks = triton.cdiv(m, block_m)
     groups, rows_per_group = _row_groups(n, m, block_m)
     dq_part = torch.empty((col_blocks, n), dtype=acc, device=dev) if need_q else lse
     dw_part = torch.empty((groups, m), dtype=acc, device=dev) if need_w else lse
-    _launch(
-        _nw_rows_bwd_kernel,
-        _nw_rows_bwd_tuned,
-        "rows_bwd",
-        lambda cfg: groups * col_blocks,
-        (query, keys, values, w_keys, grad_out, out, lse, distance_shift(lse, w, m).to(acc))
-        + (dk if need_k else keys, dv if need_v else values, dq_part, dw_part)
-        + (n, m, rows_per_group),
-        {
-            **_rows_meta(dtype),
-            "NEED_DQ": need_q,
-            "NEED_DK": need_k,
-            "NEED_DV": need_v,
-            "NEED_DW": need_w,
-            "BLOCK_M": block_m,
-        },
+    meta = {
+        **_scalar_meta(dtype),
+        "NEED_DQ": need_q,
+        "NEED_DK": need_k,
+        "NEED_DV": need_v,
+        "NEED_DW": need_w,
+        "BLOCK_M": block_m,
+    }
+    args = (query, keys, values, w_keys, grad_out, out, lse, distance_shift(lse, w, m).to(acc))
+    args += (
+        dk if need_k else keys,
+        dv if need_v else values,
+        dq_part,
+        dw_part,
+        n,
+        m,
+        rows_per_group,
     )
+    if _interpreting():
+        cfg = INTERPRET_CONFIGS["rows_bwd"]
+        _rows_bwd_kernel[(groups * col_blocks,)](*args, **{**meta, "BLOCK_R": cfg["BLOCK_R"]})
+    else:
+        _TUNED[_rows_bwd_kernel][(groups * col_blocks,)](*args, **meta)
     dq = dq_part.sum(0).to(dtype) if need_q else None
     dw = _dw(dw_part.double().sum(0), w) if need_w else None
     return dq, dk, dv, dw

@@ -10,6 +10,7 @@ caller's own tensors (a scalar ``w`` expanded to every key sums its gradient).
 import numbers
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 # Half precision reaches only the GPU kernels; the CPU kernels compute in float32/64.
@@ -36,6 +37,11 @@ class Rows(NamedTuple):
 def _tensor(name, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or x.layout != torch.strided:
+        kind = "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        raise TypeError(
+            f"{name} must be a dense (strided) tensor, got {kind}; call .to_dense() first"
+        )
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     return x
@@ -69,8 +75,32 @@ def _is_scalar(w):
     return w.dim() == 0 or tuple(w.shape) == (1,)
 
 
+# The default tolerance: what the dtype's own rounding loses anyway (half
+# precision accumulates in float32).
+DEFAULT_TOLERANCE = {torch.float64: 2.0**-53}
+
+
+def resolve_tolerance(tolerance, dtype):
+    """``tolerance`` checked, or the dtype's default for None."""
+    if tolerance is None:
+        return DEFAULT_TOLERANCE.get(dtype, 2.0**-24)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
+        raise TypeError(f"tolerance must be a number or None, got {type(tolerance).__name__}")
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance must lie in [0, 1), got {tolerance!r}")
+    return float(tolerance)
+
+
+def _flag(name, value):
+    # "no" is truthy: a flag must be a real bool, or leave-one-out runs silently.
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def prepare_shared(query, key, value, w, exclude_self=False):
     """Check ``nw_pool``'s arguments and return them in the canonical layout."""
+    exclude_self = _flag("exclude_self", exclude_self)
     for name, x in (("query", query), ("key", key), ("value", value)):
         _tensor(name, x)
     w = _bandwidth(w, query)

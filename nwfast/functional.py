@@ -7,14 +7,15 @@ A per-feature bandwidth is not a kernel feature: scale ``query`` and ``key`` by
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from nwfast import ops, reference
-from nwfast._checks import prepare_rows, prepare_shared
+from nwfast._checks import prepare_rows, prepare_shared, resolve_tolerance
 
 __all__ = ["nw_pool", "nw_pool_rows", "nw_pool_with_lse", "nw_weights"]
 
 
-def nw_pool(query, key, value, w, *, exclude_self=False, backend="auto"):
+def nw_pool(query, key, value, w, *, exclude_self=False, backend="auto", tolerance=None):
     """Pool ``value`` with softmax weights of Gaussian scores between queries and keys.
 
     Args:
@@ -27,40 +28,54 @@ def nw_pool(query, key, value, w, *, exclude_self=False, backend="auto"):
             left out of query i's softmax.
         backend: ``"auto"`` (Numba on CPU, Triton on CUDA), ``"numba"``,
             ``"triton"`` or ``"torch"`` (the plain PyTorch reference).
+        tolerance: the most softmax mass a query may skip, by a bound the
+            kernels compute: each output row is then within
+            ``2 * tolerance * max_j ||v_j||`` of the exact one, and gradients
+            likewise. ``None`` is the dtype's rounding (2**-24 for float32 and
+            half precision, 2**-53 for float64); ``0.0`` computes every pair.
+            Skipping applies where it is safe and pays (``w >= 0``, finite
+            data, d <= 4, large enough sizes); elsewhere, and on the torch
+            backend, every pair is computed.
 
     Returns:
         The pooled values, float dtype of the inputs. Gradients flow to query, key,
-        value and w; no n x m matrix is built on the fused backends.
+        value and w (reverse and forward mode); no n x m matrix is built on the
+        fused backends.
     """
-    if backend == "torch":
-        return reference.nw_pool_broadcast(query, key, value, w, exclude_self=exclude_self)
     args = prepare_shared(query, key, value, w, exclude_self)
-    backend = ops.resolve_backend(backend, args.q.device, args.q.dtype)
-    if args.q.numel() == 0 or args.v.shape[-1] == 0:
-        return args.q.new_zeros(args.out_shape)
-    out, _ = ops.pool(args.q, args.k, args.v, args.w, args.exclude_self, backend)
+    tolerance = resolve_tolerance(tolerance, args.q.dtype)
+    if backend == "torch" or args.q.numel() == 0 or args.v.shape[-1] == 0:
+        ops.resolve_backend("auto" if backend == "torch" else backend, args.q.device, args.q.dtype)
+        return reference.pool_and_lse(query, key, value, w, exclude_self)[0]
+    out, _ = _pool(args, tolerance, backend)
     return out.reshape(args.out_shape)
 
 
-def nw_pool_with_lse(query, key, value, w, *, exclude_self=False, backend="auto"):
+def nw_pool_with_lse(query, key, value, w, *, exclude_self=False, backend="auto", tolerance=None):
     """``nw_pool`` and the log-sum-exp of each query's scores, ``(B..., n)`` float64.
 
     For estimators that need more than the pooled value: for instance the sum of
     squared weights, ``sum_j p_ij**2 = exp(lse_i(2 w) - 2 lse_i(w))``. The lse
     carries no gradient.
     """
-    if backend == "torch":
-        prepare_shared(query, key, value, w, exclude_self)
-        out, lse = reference.pool_and_lse(query, key, value, w, exclude_self)
-        return out, lse.double()
     args = prepare_shared(query, key, value, w, exclude_self)
-    backend = ops.resolve_backend(backend, args.q.device, args.q.dtype)
+    tolerance = resolve_tolerance(tolerance, args.q.dtype)
+    if backend == "torch" or args.q.numel() == 0 or args.v.shape[-1] == 0:
+        out, lse = reference.pool_and_lse(query, key, value, w, exclude_self)
+        return out, lse.detach().double()
+    out, lse = _pool(args, tolerance, backend)
     lse_shape = query.shape[:-1] if query.dim() > 1 else query.shape
-    if args.q.numel() == 0 or args.v.shape[-1] == 0:
-        empty = torch.zeros(lse_shape, dtype=torch.float64, device=args.q.device)
-        return args.q.new_zeros(args.out_shape), empty
-    out, lse = ops.pool(args.q, args.k, args.v, args.w, args.exclude_self, backend)
-    return out.reshape(args.out_shape), lse.detach().reshape(lse_shape)
+    return out.reshape(args.out_shape), lse.reshape(lse_shape)
+
+
+def _pool(args, tolerance, backend):
+    backend = ops.resolve_backend(backend, args.q.device, args.q.dtype)
+    # torch.compile cannot trace a custom forward-mode rule: it gets the
+    # reverse-mode function alone.
+    function = _Pool if torch.compiler.is_compiling() else _PoolForwardMode
+    diagonal = 0 if args.exclude_self else None
+    out, lse, _ = function.apply(args.q, args.k, args.v, args.w, diagonal, tolerance, backend)
+    return out, lse
 
 
 def nw_pool_rows(query, keys, values, w, *, backend="auto"):
@@ -70,13 +85,15 @@ def nw_pool_rows(query, keys, values, w, *, backend="auto"):
     w a scalar or ``(m,)``; the result is ``(n,)``. Its cost is reading 2·n·m
     numbers, so it is memory-bound where the shared layout is compute-bound.
     """
-    if backend == "torch":
-        return reference.nw_pool_rows_broadcast(query, keys, values, w)
     args = prepare_rows(query, keys, values, w)
+    if backend == "torch" or args.query.numel() == 0:
+        ops.resolve_backend(
+            "auto" if backend == "torch" else backend, args.query.device, args.query.dtype
+        )
+        return reference.rows_and_lse(query, keys, values, w)[0]
     backend = ops.resolve_backend(backend, args.query.device, args.query.dtype)
-    if args.query.numel() == 0:
-        return args.query.new_zeros(args.query.shape)
-    out, _ = ops.pool_rows(args.query, args.keys, args.values, args.w, backend)
+    function = _Rows if torch.compiler.is_compiling() else _RowsForwardMode
+    out, _ = function.apply(args.query, args.keys, args.values, args.w, backend)
     return out
 
 
@@ -88,3 +105,87 @@ def nw_weights(query, key, w, *, exclude_self=False):
     value = key[..., :1] if key.dim() > 1 else key  # shapes only: weights need no values
     prepare_shared(query, key, value, w, exclude_self)
     return reference.attention_weights(query, key, w, exclude_self)
+
+
+# --- autograd ------------------------------------------------------------------
+# The ops carry reverse mode themselves (nwfast.ops); these functions add
+# forward mode (the tangent is one more fused pass) and, through the ops'
+# vmap rules, torch.func's transforms. Double backward is refused clearly.
+
+
+class _Pool(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(query, key, value, w, diagonal, tolerance, backend):
+        return ops.pool(query, key, value, w, diagonal, tolerance, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ops.save_pool_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_lse, _grad_plan):
+        return (*ops.pool_gradients(ctx, grad_out), None, None, None)
+
+
+class _PoolForwardMode(_Pool):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _Pool.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:4], *output)
+
+    @staticmethod
+    def jvp(ctx, dquery, dkey, dvalue, dw, *_):
+        query, key, value, w, out, lse, plan = ctx.saved_tensors
+        tangent = ops.pool_tangent(
+            query,
+            key,
+            value,
+            w,
+            dquery,
+            dkey,
+            dvalue,
+            dw,
+            out,
+            lse,
+            ctx.diagonal,
+            plan,
+            ctx.backend,
+        )
+        return tangent, None, None
+
+
+class _Rows(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(query, keys, values, w, backend):
+        return ops.pool_rows(query, keys, values, w, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ops.save_rows_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        return (*ops.rows_gradients(ctx, grad_out), None)
+
+
+class _RowsForwardMode(_Rows):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _Rows.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:4], *output)
+
+    @staticmethod
+    def jvp(ctx, dquery, dkeys, dvalues, dw, _backend):
+        query, keys, values, w, out, lse = ctx.saved_tensors
+        tangent = ops.pool_rows_tangent(
+            query, keys, values, w, dquery, dkeys, dvalues, dw, out, lse, ctx.backend
+        )
+        return tangent, None

@@ -83,9 +83,13 @@ def _removed(scores, exclude_self):
 
 
 def _masked_scores(differences, w, exclude_self):
-    scores = nw_scores(differences, w)
-    removed = _removed(scores, exclude_self)
-    return scores if removed is None else scores.masked_fill(removed, float("-inf"))
+    removed = _removed(differences[..., 0], exclude_self)
+    if removed is None:
+        return nw_scores(differences, w)
+    # The removed pairs' differences are zeroed too: no NaN in k_i reaches row
+    # i, not even through the gradient.
+    differences = differences.masked_fill(removed[..., None], 0.0)
+    return nw_scores(differences, w).masked_fill(removed, float("-inf"))
 
 
 def _pool(differences, value, w, exclude_self):

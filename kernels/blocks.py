@@ -1,0 +1,612 @@
+"""Block-sparse plans: which keys each block of queries must see, proved by a bound.
+
+With w >= 0 a key j weighs ``exp(s_ij) = exp(-w_j d_ij^2 / 2)`` in query i's
+softmax. Points are put in an order where near points share blocks (sorted for
+d = 1, the leaves of a kd-tree for d >= 2), and each block of ``q_block``
+queries and each block of ``k_block`` keys gets a bounding box. For a query
+block Q and a set of keys N (a block, or a node of the key tree: a run of
+blocks) the boxes give, for every query i in Q,
+
+    U(Q, N) = |N| exp(-min_w(N) dmin(Q, N)^2 / 2) >= sum_{j in N} exp(s_ij)
+    L(Q, N) = |N| exp(-max_w(N) dmax(Q, N)^2 / 2) <= sum_{j in N} exp(s_ij)
+
+dmin and dmax being the least and greatest distance between the two boxes.
+Each query block walks the key tree best-first (largest U first, so nearest
+first); the leaves it reaches sum to a lower bound L_Q of every row's softmax
+denominator (less one key each where a row leaves one out). It stops once the
+nodes it has not opened weigh at most ``tolerance / 2 * L_Q``, then drops the
+lightest leaves it reached while everything dropped stays within
+``tolerance * L_Q``. So the keys a row skips hold at most ``tolerance`` of its
+softmax mass, and each output row moves by at most
+``2 * tolerance * max_j ||v_j||``. The arithmetic is float64 and spends only
+half of the tolerance (``SAFETY``), the rest covering rounding.
+
+The plan is dense (every query sees every key) where skipping is not safe or
+cannot pay: ``tolerance == 0``, a negative or non-finite w (scores are then
+not bounded by distance), NaN or inf among the points, d > 4 (boxes separate
+little), sizes too small for blocks, or a bound that keeps most pairs anyway.
+
+A plan gives each work item (a block of queries of one batch element) the
+[start, end) runs of keys it sweeps, and each block of keys the runs of
+queries, as CSR arrays (``ptr``, ``spans``), in the points' new order. It is
+computed on the CPU whatever the device; the kernels only read the spans.
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from numba import njit
+
+from .workers import parallel
+
+_jit = functools.partial(njit, cache=True, nogil=True, error_model="numpy")
+
+MAX_DIM = 4
+# Below this many pairs planning costs more than it can save.
+MIN_PAIRS = 1 << 22
+# A plan that keeps more than this fraction of the pairs runs dense.
+MAX_KEPT = 0.75
+# Fraction of the tolerance the bound spends; the rest covers rounding.
+SAFETY = 0.5
+# The key tree's top level has at most this many nodes (all opened at once).
+TOP_NODES = 16
+
+
+class Plan(NamedTuple):
+    """Spans for the kernels (see the module doc), int64 numpy arrays.
+
+    Work items are blocks of ``q_block`` queries (item b * ceil(n / q_block) + t
+    for rows [t * q_block, ...) of batch element b) with their key spans
+    ``key_spans[key_ptr[item]:key_ptr[item + 1]]``, and blocks of ``k_block``
+    keys with their query spans likewise. ``pairs`` counts the (query, key)
+    pairs computed, over the batch; ``order`` holds the permutations (B, n) and
+    (B, m) that put queries and keys in the plan's order, or is None (the
+    caller's order).
+    """
+
+    q_block: int
+    k_block: int
+    key_ptr: np.ndarray
+    key_spans: np.ndarray
+    query_ptr: np.ndarray
+    query_spans: np.ndarray
+    pairs: int
+    order: tuple = None
+
+
+def dense(batch, n, m, q_block, k_block):
+    """Every block of queries sees all m keys, every block of keys all n queries."""
+    key_ptr, key_spans = _everything(batch * -(-n // q_block), m)
+    query_ptr, query_spans = _everything(batch * -(-m // k_block), n)
+    return Plan(q_block, k_block, key_ptr, key_spans, query_ptr, query_spans, batch * n * m)
+
+
+def _everything(items, size):
+    spans = np.zeros((items, 2), np.int64)
+    spans[:, 1] = size
+    return np.arange(items + 1, dtype=np.int64), spans
+
+
+def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block):
+    """The plan for query (B, n, d), key (B, m, d), w (B, m) or (B, 1), or
+    None where the module doc says the pass should be dense.
+
+    ``leaves_one_out``: a query may leave one key out of its softmax (its
+    lower bound loses that key).
+    """
+    B, n, d = query.shape
+    m = key.shape[1]
+    if not _worth_planning(query, key, w, tolerance, q_block, k_block):
+        return None
+    points_k = key.detach().to("cpu", torch.float64).numpy()
+    if _same_points(query, key):
+        points_q, perm_q = points_k, _order(points_k, k_block)
+        perm_k = perm_q
+    else:
+        points_q = query.detach().to("cpu", torch.float64).numpy()
+        perm_q, perm_k = _order(points_q, q_block), _order(points_k, k_block)
+    w64 = w.detach().to("cpu", torch.float64).numpy()
+    w_sorted = w64 if w64.shape[1] == 1 else np.take_along_axis(w64, perm_k, axis=1)
+    q_sorted = np.take_along_axis(points_q, perm_q[..., None], axis=1)
+    k_sorted = np.take_along_axis(points_k, perm_k[..., None], axis=1)
+
+    q_lo, q_hi = _boxes(q_sorted, q_block)
+    tree = _key_tree(k_sorted, w_sorted, k_block)
+    n_qb, n_kb = q_lo.shape[1], tree[-1]
+    budget = SAFETY * tolerance
+    chunks = parallel(_walk, B * n_qb, B * n * m // 64, q_lo, q_hi, *tree, budget, leaves_one_out)
+    counts = np.concatenate([c for c, _ in chunks])
+    leaves = np.concatenate([lv for _, lv in chunks])
+    spans = _spans(counts, leaves, n_qb, n_kb, q_block, k_block, n, m)
+    pairs = int(spans[-1])
+    if pairs > MAX_KEPT * B * n * m:
+        return None
+    order = (torch.from_numpy(perm_q), torch.from_numpy(perm_k))
+    return Plan(q_block, k_block, *spans[:4], pairs, order)
+
+
+def _worth_planning(query, key, w, tolerance, q_block, k_block):
+    B, n, d = query.shape
+    m = key.shape[1]
+    if not tolerance > 0 or d > MAX_DIM or B * n * m < MIN_PAIRS:
+        return False
+    if n < 2 * q_block or m < 4 * k_block:
+        return False
+    finite = torch.isfinite(query).all() and torch.isfinite(key).all() and torch.isfinite(w).all()
+    return bool(finite and (w >= 0).all())
+
+
+def _same_points(query, key):
+    """One tensor passed as both (leave-one-out): one order serves both."""
+    return (
+        query.data_ptr() == key.data_ptr()
+        and query.shape == key.shape
+        and query.stride() == key.stride()
+    )
+
+
+# ------------------------------------------------------------------ order
+
+
+def _order(points, leaf):
+    """(B, n) int64: d = 1 sorted, else the leaves of a kd-tree in tree order."""
+    B, n, d = points.shape
+    perm = np.empty((B, n), np.int64)
+    if d == 1:
+        for b in range(B):
+            perm[b] = _radix_argsort(points[b, :, 0].astype(np.float32))
+        return perm
+    for b in range(B):
+        perm[b] = np.arange(n)
+        _kd_order(points[b].copy(), leaf, perm[b])
+    return perm
+
+
+@_jit
+def _radix_argsort(x):
+    """argsort of float32 x by three passes of an 11-bit radix sort on its
+    bits mapped to unsigned integers of the same order."""
+    n = x.size
+    bits = x.view(np.uint32)
+    keys = np.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000))
+    perm = np.arange(n)
+    scratch = np.empty(n, np.int64)
+    for shift in (0, 11, 22):
+        counts = np.zeros(2049, np.int64)
+        for i in range(n):
+            counts[((keys[perm[i]] >> shift) & 2047) + 1] += 1
+        for r in range(2048):
+            counts[r + 1] += counts[r]
+        for i in range(n):
+            digit = (keys[perm[i]] >> shift) & 2047
+            scratch[counts[digit]] = perm[i]
+            counts[digit] += 1
+        perm, scratch = scratch, perm
+    return perm
+
+
+@_jit
+def _kd_order(points, leaf, perm):
+    """Reorder perm (n,) in place into kd-tree order with leaves of ``leaf``;
+    points (n, d) is a scratch copy reordered along with it.
+
+    A node of L leaves splits at its widest side into a left child of the
+    largest power of two below L leaves and the rest, so every node covers an
+    aligned run of blocks: the same runs that ``_key_tree`` pairs up.
+    """
+    d = points.shape[1]
+    stack = np.empty((130, 2), np.int64)
+    stack[0, 0], stack[0, 1] = 0, perm.size
+    top = 1
+    while top > 0:
+        top -= 1
+        a, b = stack[top, 0], stack[top, 1]
+        leaves = (b - a + leaf - 1) // leaf
+        if leaves <= 1:
+            continue
+        left = 1
+        while 2 * left < leaves:
+            left *= 2
+        split = a + left * leaf
+        # the widest side, from a sample of some 256 points: it only picks
+        # the direction of the split
+        step = max(1, (b - a) // 256)
+        widest, extent = 0, -1.0
+        for f in range(d):
+            lo, hi = np.inf, -np.inf
+            for i in range(a, b, step):
+                lo, hi = min(lo, points[i, f]), max(hi, points[i, f])
+            if hi - lo > extent:
+                widest, extent = f, hi - lo
+        _select(perm, points, widest, a, b, split)
+        stack[top, 0], stack[top, 1] = split, b
+        stack[top + 1, 0], stack[top + 1, 1] = a, split
+        top += 2
+
+
+@_jit
+def _select(perm, points, f, a, b, k):
+    """Partition rows [a, b) of points (and perm with them) so that rows
+    [a, k) hold the smallest coordinates f (Hoare's selection, median-of-three
+    pivots)."""
+    d = points.shape[1]
+    lo, hi = a, b - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        x, y, z = points[lo, f], points[mid, f], points[hi, f]
+        pivot = max(min(x, y), min(max(x, y), z))
+        i, j = lo, hi
+        while i <= j:
+            while points[i, f] < pivot:
+                i += 1
+            while points[j, f] > pivot:
+                j -= 1
+            if i <= j:
+                perm[i], perm[j] = perm[j], perm[i]
+                for g in range(d):
+                    points[i, g], points[j, g] = points[j, g], points[i, g]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+
+
+# ------------------------------------------------------------------ boxes
+
+
+def _boxes(points, block):
+    """Bounding boxes (B, blocks, d) of consecutive runs of ``block`` points."""
+    B, n, d = points.shape
+    blocks = -(-n // block)
+    padded = np.concatenate(
+        [points, np.repeat(points[:, -1:], blocks * block - n, axis=1)], axis=1
+    ).reshape(B, blocks, block, d)
+    return padded.min(axis=2), padded.max(axis=2)
+
+
+def _key_tree(keys, w, block):
+    """Nodes of the key tree, leaves (the blocks) first, then each level up to
+    TOP_NODES nodes: (lo, hi) boxes (B, N, d), key counts, smallest and
+    largest w (B, N), children (B, N, 2) (-1 for a leaf), the first top
+    node's index and the number of leaves."""
+    B, m, _ = keys.shape
+    lo, hi = _boxes(keys, block)
+    blocks = lo.shape[1]
+    count = np.minimum(block, m - np.arange(blocks) * block).astype(np.float64)
+    if w.shape[1] == 1:
+        w_lo = np.broadcast_to(w, (B, blocks)).copy()
+        w_hi = w_lo.copy()
+    else:
+        padded = np.concatenate([w, np.repeat(w[:, -1:], blocks * block - m, axis=1)], axis=1)
+        w_lo = padded.reshape(B, blocks, block).min(axis=2)
+        w_hi = padded.reshape(B, blocks, block).max(axis=2)
+    levels = [(lo, hi, np.broadcast_to(count, (B, blocks)), w_lo, w_hi)]
+    children = [np.full((blocks, 2), -1, np.int64)]
+    first = 0
+    while levels[-1][0].shape[1] > TOP_NODES:
+        size = levels[-1][0].shape[1]
+        pairs = -(-size // 2)
+        left = np.arange(pairs) * 2
+        right = np.minimum(left + 1, size - 1)
+        lo_, hi_, count_, w_lo_, w_hi_ = levels[-1]
+        lone = (left == right)[None, :, None]
+        levels.append(
+            (
+                np.minimum(lo_[:, left], lo_[:, right]),
+                np.maximum(hi_[:, left], hi_[:, right]),
+                count_[:, left] + np.where(lone[..., 0], 0.0, count_[:, right]),
+                np.minimum(w_lo_[:, left], w_lo_[:, right]),
+                np.maximum(w_hi_[:, left], w_hi_[:, right]),
+            )
+        )
+        kids = np.stack([left, np.where(left == right, -1, right)], axis=1) + first
+        first += size
+        children.append(kids)
+    nodes = [np.concatenate([level[i] for level in levels], axis=1) for i in range(5)]
+    kids = np.broadcast_to(np.concatenate(children), (B, nodes[0].shape[1], 2))
+    return (*(np.ascontiguousarray(x) for x in nodes), np.ascontiguousarray(kids), first, blocks)
+
+
+# ------------------------------------------------------------------ walk
+
+
+@_jit
+def _box_bounds(ql, qh, nl, nh, y):
+    """Squared least and greatest distances between the query box and node
+    y's box (rows of nl, nh: indexed, not sliced, to make no array views)."""
+    near = 0.0
+    far = 0.0
+    for f in range(ql.size):
+        gap = max(nl[y, f] - qh[f], ql[f] - nh[y, f], 0.0)
+        span = max(qh[f] - nl[y, f], nh[y, f] - ql[f])
+        near += gap * gap
+        far += span * span
+    return near, far
+
+
+@_jit
+def _closer(ql, qh, nl, nh, x, y):
+    """Whichever of nodes x and y has its box closer to the query box (by the
+    least distance, then the greatest)."""
+    near_x, far_x = _box_bounds(ql, qh, nl, nh, x)
+    near_y, far_y = _box_bounds(ql, qh, nl, nh, y)
+    return y if near_y < near_x or (near_y == near_x and far_y < far_x) else x
+
+
+@_jit
+def _nearest_leaf(ql, qh, nl, nh, kids, top):
+    x = top
+    for y in range(top + 1, nl.shape[0]):
+        x = _closer(ql, qh, nl, nh, x, y)
+    while kids[x, 0] >= 0:
+        y = kids[x, 0]
+        if kids[x, 1] >= 0:
+            y = _closer(ql, qh, nl, nh, y, kids[x, 1])
+        x = y
+    return x
+
+
+@_jit
+def _walk(lo, hi, q_lo, q_hi, n_lo, n_hi, count, w_lo, w_hi, kids, top, leaves, budget, one_out):
+    """Kept key blocks of query blocks [lo, hi) (item = b * blocks + t):
+    (per-item counts, the blocks in ascending order, concatenated).
+
+    Per query block: a first lower bound L0 from the key leaf nearest to it;
+    every node whose U is at most ``budget / 2 * L0 / leaves`` is pruned
+    unopened (all of them together stay within budget / 2 * L0); the leaves
+    left give the lower bound L, and the lightest of them are dropped while
+    the pruned and dropped mass stays within budget * L. Weights are kept
+    relative to a reference scale ``ref`` so that none underflows.
+    """
+    n_qb = q_lo.shape[1]
+    nodes = n_lo.shape[1]
+    log_count = np.log(count)
+    stack = np.empty(nodes, np.int64)
+    found = np.empty(leaves, np.int64)
+    weight = np.empty(leaves, np.float64)
+    counts = np.zeros(hi - lo, np.int64)
+    out = np.empty(max(16, 4 * (hi - lo)), np.int64)
+    used = 0
+    for item in range(lo, hi):
+        b, t = item // n_qb, item % n_qb
+        ql, qh = q_lo[b, t], q_hi[b, t]
+        nl, nh, wl, wh, kb = n_lo[b], n_hi[b], w_lo[b], w_hi[b], kids[b]
+
+        x = _nearest_leaf(ql, qh, nl, nh, kb, top)
+        _, far = _box_bounds(ql, qh, nl, nh, x)
+        ref = log_count[b, x] - 0.5 * wh[x] * far
+        # one key of the leaf may be the row's own, left out
+        keys0 = count[b, x] - (1.0 if one_out else 0.0)
+        if keys0 > 0:
+            log_prune = math.log(0.5 * budget * keys0 / leaves) - 0.5 * wh[x] * far
+        else:
+            log_prune = -np.inf
+
+        pruned = 0.0
+        lower = 0.0
+        one_key = 0.0
+        n_found = 0
+        # pushed in reverse so that leaves are found in ascending order
+        size = nodes - top
+        stack[:size] = np.arange(nodes - 1, top - 1, -1)
+        while size > 0:
+            size -= 1
+            y = stack[size]
+            near, far = _box_bounds(ql, qh, nl, nh, y)
+            log_u = log_count[b, y] - 0.5 * wl[y] * near
+            if log_u <= log_prune:
+                pruned += math.exp(log_u - ref)
+            elif kb[y, 0] < 0:
+                found[n_found] = y
+                weight[n_found] = math.exp(log_u - ref)
+                n_found += 1
+                single = math.exp(-0.5 * wh[y] * far - ref)
+                lower += count[b, y] * single
+                one_key = max(one_key, single)
+            else:
+                for c in range(1, -1, -1):
+                    if kb[y, c] >= 0:
+                        stack[size] = kb[y, c]
+                        size += 1
+        floor = lower - one_key if one_out else lower
+        spare = budget * floor - pruned
+
+        # Drop the lightest leaves within what is left (keep one at least).
+        # Only leaves lighter than all that is left can go: sort those alone.
+        light = np.nonzero(weight[:n_found] <= spare)[0]
+        light = light[np.argsort(weight[light])]
+        dropped = 0
+        for r in light[: n_found - 1]:
+            if weight[r] > spare:
+                break
+            spare -= weight[r]
+            found[r] = -1
+            dropped += 1
+        kept = n_found - dropped
+        if used + kept > out.size:
+            grown = np.empty(2 * (used + kept), np.int64)
+            grown[:used] = out[:used]
+            out = grown
+        for r in range(n_found):
+            if found[r] >= 0:
+                out[used] = found[r]
+                used += 1
+        counts[item - lo] = kept
+    return counts, out[:used]
+
+
+@_jit
+def _spans(counts, leaves, n_qb, n_kb, q_block, k_block, n, m):
+    """CSR spans both ways from the kept key blocks of each query block
+    (``counts`` per item, ``leaves`` ascending within each): consecutive
+    blocks merge into one [start, end) run. Returns (key_ptr, key_spans,
+    query_ptr, query_spans, pairs)."""
+    items = counts.size
+    batch = items // n_qb
+    key_ptr = np.zeros(items + 1, np.int64)
+    key_spans = np.empty((leaves.size, 2), np.int64)
+    key_items = batch * n_kb
+    per_key = np.zeros(key_items + 1, np.int64)
+    start = 0
+    runs = 0
+    pairs = 0
+    for item in range(items):
+        rows = min(q_block, n - (item % n_qb) * q_block)
+        for r in range(start, start + counts[item]):
+            per_key[(item // n_qb) * n_kb + leaves[r] + 1] += 1
+            if r == start or leaves[r] != leaves[r - 1] + 1:
+                key_spans[runs, 0] = leaves[r] * k_block
+                runs += 1
+            key_spans[runs - 1, 1] = min((leaves[r] + 1) * k_block, m)
+            pairs += rows * (min((leaves[r] + 1) * k_block, m) - leaves[r] * k_block)
+        start += counts[item]
+        key_ptr[item + 1] = runs
+    # the transpose, by a counting sort on the key block: query blocks come
+    # out in ascending order within each
+    for kb in range(key_items):
+        per_key[kb + 1] += per_key[kb]
+    fill = per_key[:-1].copy()
+    queries = np.empty(leaves.size, np.int64)
+    start = 0
+    for item in range(items):
+        for r in range(start, start + counts[item]):
+            kb = (item // n_qb) * n_kb + leaves[r]
+            queries[fill[kb]] = item % n_qb
+            fill[kb] += 1
+        start += counts[item]
+    query_ptr = np.zeros(key_items + 1, np.int64)
+    query_spans = np.empty((leaves.size, 2), np.int64)
+    runs = 0
+    for kb in range(key_items):
+        for r in range(per_key[kb], per_key[kb + 1]):
+            if r == per_key[kb] or queries[r] != queries[r - 1] + 1:
+                query_spans[runs, 0] = queries[r] * q_block
+                runs += 1
+            query_spans[runs - 1, 1] = min((queries[r] + 1) * q_block, n)
+        query_ptr[kb + 1] = runs
+    return key_ptr, key_spans[: key_ptr[-1]], query_ptr, query_spans[:runs], pairs
+
+
+# ------------------------------------------------------------- using a plan
+
+
+def _gather(x, perm):
+    """x (B, r, ...) with its rows in the order perm (B, r)."""
+    index = perm.to(x.device).reshape(*perm.shape, *([1] * (x.dim() - 2)))
+    return x.gather(1, index.expand(*perm.shape, *x.shape[2:]))
+
+
+def _scatter(x, perm):
+    """The inverse of _gather: row i of x goes back to row perm[i]."""
+    index = perm.to(x.device).reshape(*perm.shape, *([1] * (x.dim() - 2)))
+    return torch.empty_like(x).scatter_(1, index.expand(*perm.shape, *x.shape[2:]), x)
+
+
+def queries_in_order(plan, *tensors):
+    """Query-side tensors (B, n, ...) in the plan's order (a plan of None, or
+    without an order, keeps the caller's)."""
+    if plan is None or plan.order is None:
+        return tensors
+    return tuple(_gather(x, plan.order[0]) for x in tensors)
+
+
+def keys_in_order(plan, *tensors):
+    """Key-side tensors (B, m, ...) in the plan's order; a shared w (B, 1) stays."""
+    if plan is None or plan.order is None:
+        return tensors
+    return tuple(x if x.shape[1] == 1 else _gather(x, plan.order[1]) for x in tensors)
+
+
+def queries_back(plan, *tensors):
+    """Query-side results in the caller's order."""
+    if plan is None or plan.order is None:
+        return tensors
+    return tuple(_scatter(x, plan.order[0]) for x in tensors)
+
+
+def keys_back(plan, *tensors):
+    """Key-side results in the caller's order; a shared w's (B, 1) stays."""
+    if plan is None or plan.order is None:
+        return tensors
+    return tuple(x if x.shape[1] == 1 else _scatter(x, plan.order[1]) for x in tensors)
+
+
+def skips(plan, diagonal, B, n, m):
+    """In the plan's order, the key each query leaves out, skip (B, n), and the
+    query that leaves each key out, skipped_by (B, m); -1 for none. int64."""
+    skip = np.full((B, n), -1, np.int64)
+    skipped_by = np.full((B, m), -1, np.int64)
+    if diagonal is None:
+        return skip, skipped_by
+    rows = np.arange(n)
+    target = rows + diagonal
+    valid = (target >= 0) & (target < m)
+    if plan is None or plan.order is None:
+        skip[:, valid] = target[valid]
+        skipped_by[:, target[valid]] = rows[valid]
+        return skip, skipped_by
+    perm_q, perm_k = (p.numpy() for p in plan.order)
+    inverse_k = np.empty_like(perm_k)
+    np.put_along_axis(inverse_k, perm_k, np.arange(m)[None, :].repeat(B, 0), axis=1)
+    original = perm_q + diagonal
+    valid = (original >= 0) & (original < m)
+    bs, rows = np.nonzero(valid)
+    keys = inverse_k[bs, original[bs, rows]]
+    skip[bs, rows] = keys
+    skipped_by[bs, keys] = rows
+    return skip, skipped_by
+
+
+# ------------------------------------------------------------------ packing
+
+_HEADER = 8
+
+
+def pack(plan, batch, n, m):
+    """The plan as one int64 CPU tensor, for an operator to return and take."""
+    ordered = plan.order is not None
+    header = [
+        plan.q_block,
+        plan.k_block,
+        batch,
+        n,
+        m,
+        int(ordered),
+        len(plan.key_spans),
+        plan.pairs,
+    ]
+    parts = [np.array(header, np.int64)]
+    if ordered:
+        parts += [plan.order[0].numpy().ravel(), plan.order[1].numpy().ravel()]
+    parts += [plan.key_ptr, plan.key_spans.ravel(), plan.query_ptr, plan.query_spans.ravel()]
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def unpack(packed):
+    """The Plan that ``pack`` packed."""
+    a = packed.numpy()
+    q_block, k_block, batch, n, m, ordered, key_runs, pairs = (int(x) for x in a[:_HEADER])
+    at = _HEADER
+    order = None
+    if ordered:
+        perm_q = a[at : at + batch * n].reshape(batch, n)
+        perm_k = a[at + batch * n : at + batch * (n + m)].reshape(batch, m)
+        order = (torch.from_numpy(perm_q), torch.from_numpy(perm_k))
+        at += batch * (n + m)
+    items = batch * -(-n // q_block)
+    key_ptr = a[at : at + items + 1]
+    at += items + 1
+    key_spans = a[at : at + 2 * key_runs].reshape(key_runs, 2)
+    at += 2 * key_runs
+    key_items = batch * -(-m // k_block)
+    query_ptr = a[at : at + key_items + 1]
+    at += key_items + 1
+    query_spans = a[at:].reshape(-1, 2)
+    return Plan(q_block, k_block, key_ptr, key_spans, query_ptr, query_spans, pairs, order)
