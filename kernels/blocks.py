@@ -306,7 +306,7 @@ def _key_tree(keys, w, block):
                 np.maximum(w_hi_[:, left], w_hi_[:, right]),
             )
         )
-        kids = np.stack([left, np.where(left == right, -1, right)], axis=1) + first
+        kids = np.stack([left + first, np.where(left == right, -1, right + first)], axis=1)
         first += size
         children.append(kids)
     nodes = [np.concatenate([level[i] for level in levels], axis=1) for i in range(5)]
@@ -362,14 +362,18 @@ def _walk(lo, hi, q_lo, q_hi, n_lo, n_hi, count, w_lo, w_hi, kids, top, leaves, 
     every node whose U is at most ``budget / 2 * L0 / leaves`` is pruned
     unopened (all of them together stay within budget / 2 * L0); the leaves
     left give the lower bound L, and the lightest of them are dropped while
-    the pruned and dropped mass stays within budget * L. Weights are kept
-    relative to a reference scale ``ref`` so that none underflows.
+    the pruned and dropped mass stays within budget * L. The walk keeps logs;
+    the sums are taken against the largest of them, so nothing overflows.
     """
     n_qb = q_lo.shape[1]
     nodes = n_lo.shape[1]
     log_count = np.log(count)
     stack = np.empty(nodes, np.int64)
     found = np.empty(leaves, np.int64)
+    log_weight = np.empty(leaves, np.float64)  # log U of each leaf reached
+    log_lower = np.empty(leaves, np.float64)  # log L of each, and one key's
+    log_single = np.empty(leaves, np.float64)
+    log_pruned = np.empty(nodes, np.float64)
     weight = np.empty(leaves, np.float64)
     counts = np.zeros(hi - lo, np.int64)
     out = np.empty(max(16, 4 * (hi - lo)), np.int64)
@@ -379,20 +383,16 @@ def _walk(lo, hi, q_lo, q_hi, n_lo, n_hi, count, w_lo, w_hi, kids, top, leaves, 
         ql, qh = q_lo[b, t], q_hi[b, t]
         nl, nh, wl, wh, kb = n_lo[b], n_hi[b], w_lo[b], w_hi[b], kids[b]
 
+        # L0: a lower bound from one leaf near the block (any leaf gives one)
         x = _nearest_leaf(ql, qh, nl, nh, kb, top)
         _, far = _box_bounds(ql, qh, nl, nh, x)
-        ref = log_count[b, x] - 0.5 * wh[x] * far
-        # one key of the leaf may be the row's own, left out
-        keys0 = count[b, x] - (1.0 if one_out else 0.0)
+        keys0 = count[b, x] - (1.0 if one_out else 0.0)  # one may be the row's own
+        log_prune = -np.inf
         if keys0 > 0:
             log_prune = math.log(0.5 * budget * keys0 / leaves) - 0.5 * wh[x] * far
-        else:
-            log_prune = -np.inf
 
-        pruned = 0.0
-        lower = 0.0
-        one_key = 0.0
         n_found = 0
+        n_pruned = 0
         # pushed in reverse so that leaves are found in ascending order
         size = nodes - top
         stack[:size] = np.arange(nodes - 1, top - 1, -1)
@@ -402,19 +402,32 @@ def _walk(lo, hi, q_lo, q_hi, n_lo, n_hi, count, w_lo, w_hi, kids, top, leaves, 
             near, far = _box_bounds(ql, qh, nl, nh, y)
             log_u = log_count[b, y] - 0.5 * wl[y] * near
             if log_u <= log_prune:
-                pruned += math.exp(log_u - ref)
+                log_pruned[n_pruned] = log_u
+                n_pruned += 1
             elif kb[y, 0] < 0:
                 found[n_found] = y
-                weight[n_found] = math.exp(log_u - ref)
+                log_weight[n_found] = log_u
+                log_single[n_found] = -0.5 * wh[y] * far
+                log_lower[n_found] = log_count[b, y] + log_single[n_found]
                 n_found += 1
-                single = math.exp(-0.5 * wh[y] * far - ref)
-                lower += count[b, y] * single
-                one_key = max(one_key, single)
             else:
                 for c in range(1, -1, -1):
                     if kb[y, c] >= 0:
                         stack[size] = kb[y, c]
                         size += 1
+
+        ref = -np.inf
+        for r in range(n_found):
+            ref = max(ref, log_weight[r], log_lower[r])
+        pruned = 0.0
+        for r in range(n_pruned):
+            pruned += math.exp(log_pruned[r] - ref)
+        lower = 0.0
+        one_key = 0.0
+        for r in range(n_found):
+            weight[r] = math.exp(log_weight[r] - ref)
+            lower += math.exp(log_lower[r] - ref)
+            one_key = max(one_key, math.exp(log_single[r] - ref))
         floor = lower - one_key if one_out else lower
         spare = budget * floor - pruned
 

@@ -31,9 +31,8 @@ How the work is laid out:
   takes that path from the start.
 - Inner loops run along keys on unit-stride rows, so keys and values are
   passed feature-major, (d, m) and (c, m); for d = c = 1 each pass is one
-  fused sweep with no buffer. Sums inside a tile of TILE keys are in the input
-  dtype (SIMD lanes); tile sums go into float64, so float32 error does not
-  grow with m.
+  fused sweep with no buffer. Sums over SUM_BLOCK keys are in the input dtype
+  (SIMD lanes) and go into float64, so float32 error does not grow with m.
 - The backward recomputes ``p_ij = 2**(c2_j d_ij^2 - lse_i log2(e))`` with the
   lse as a (high, low) pair of the input dtype. ``dq`` is a sweep over key
   spans per query; ``dk``, ``dv``, ``dw`` a sweep over query spans per key.
@@ -64,6 +63,11 @@ TILE = 2048
 # amortise its set-up, few enough rows that a handful of queries over many
 # keys still spreads over the cores.
 ITEM_PAIRS = 1 << 15
+# Sums run in the input dtype over at most SUM_BLOCK keys, SIMD lanes each
+# adding SUM_BLOCK / lanes terms (16 to 32), and then go into float64: the
+# depth of a float32 sum, and so its worst error, stays bounded whatever m,
+# even where one dominant weight makes a lane drop the sub-ulp terms after it.
+SUM_BLOCK = 256
 # Zero-shift sums below this are redone against the row maximum: weights
 # flushed to zero (each < 2**-126) cannot matter above it.
 UNDERFLOW = 2.0**-60
@@ -114,31 +118,41 @@ def _tile_max(x, c2, j0, ja, jb):
 
 @_jit
 def _tile_exp2(x, c2, j0, ja, jb, shift):
-    """x[j] <- 2**(c2_(j0+j) x_j - shift) in place over [ja, jb); returns the sum."""
-    s = x.dtype.type(0)
-    for j in range(ja, jb):
-        e = exp2(fma(c2[_u(j0 + j)], x[j], -shift))
-        x[j] = e
-        s += e
-    return s
+    """x[j] <- 2**(c2_(j0+j) x_j - shift) in place over [ja, jb); returns the
+    sum (float64, from blocked sums in the dtype)."""
+    total = 0.0
+    for b0 in range(ja, jb, SUM_BLOCK):
+        s = x.dtype.type(0)
+        for j in range(b0, min(b0 + SUM_BLOCK, jb)):
+            e = exp2(fma(c2[_u(j0 + j)], x[j], -shift))
+            x[j] = e
+            s += e
+        total += s
+    return total
 
 
 @_jit
 def _tile_dot(x, ja, jb, A, r, j0):
-    """sum_j x[j] * A[r, j0 + j] over [ja, jb)."""
-    s = x.dtype.type(0)
-    for j in range(ja, jb):
-        s += x[j] * A[r, _u(j0 + j)]
-    return s
+    """sum_j x[j] * A[r, j0 + j] over [ja, jb), float64 from blocked sums."""
+    total = 0.0
+    for b0 in range(ja, jb, SUM_BLOCK):
+        s = x.dtype.type(0)
+        for j in range(b0, min(b0 + SUM_BLOCK, jb)):
+            s += x[j] * A[r, _u(j0 + j)]
+        total += s
+    return total
 
 
 @_jit
 def _tile_dot_diff(x, ja, jb, A, r, j0, a0):
-    """sum_j x[j] * (A[r, j0 + j] - a0) over [ja, jb)."""
-    s = x.dtype.type(0)
-    for j in range(ja, jb):
-        s += x[j] * (A[r, _u(j0 + j)] - a0)
-    return s
+    """sum_j x[j] * (A[r, j0 + j] - a0) over [ja, jb), float64 from blocked sums."""
+    total = 0.0
+    for b0 in range(ja, jb, SUM_BLOCK):
+        s = x.dtype.type(0)
+        for j in range(b0, min(b0 + SUM_BLOCK, jb)):
+            s += x[j] * (A[r, _u(j0 + j)] - a0)
+        total += s
+    return total
 
 
 @_jit
@@ -252,8 +266,8 @@ def _forward_fused(lo, hi, q, kT, vT, c2, skip, ptr, spans, rows, out, lse, redo
             total = 0.0
             acc = 0.0
             for s in range(s0, s1):
-                for j0 in range(spans[s, 0], spans[s, 1], TILE):
-                    nt = min(TILE, spans[s, 1] - j0)
+                for j0 in range(spans[s, 0], spans[s, 1], SUM_BLOCK):
+                    nt = min(SUM_BLOCK, spans[s, 1] - j0)
                     for ja, jb in _pieces(j0, nt, skip[b, i]):
                         st, at = _sweep_11(q[b, i, 0], k0, v0, c2b, j0 + ja, j0 + jb)
                         total += st
@@ -314,8 +328,8 @@ def _dq_fused(lo, hi, q, g, delta, L2h, L2l, kT, vT, w, c2, skip, ptr, spans, ro
             acc = 0.0
             q0, g0, di, Lh, Ll = q[b, i, 0], g[b, i, 0], delta[b, i], L2h[b, i], L2l[b, i]
             for s in range(s0, s1):
-                for j0 in range(spans[s, 0], spans[s, 1], TILE):
-                    nt = min(TILE, spans[s, 1] - j0)
+                for j0 in range(spans[s, 0], spans[s, 1], SUM_BLOCK):
+                    nt = min(SUM_BLOCK, spans[s, 1] - j0)
                     for ja, jb in _pieces(j0, nt, skip[b, i]):
                         acc += _dq_sweep_11(q0, g0, di, Lh, Ll, k0, v0, wb, c2b, j0 + ja, j0 + jb)
             dq[b, i, 0] = acc
@@ -394,8 +408,8 @@ def _dkv_fused(
             acc[:] = 0.0
             kj, vj, cj = k[b, j, 0], v[b, j, 0], c2[b, j]
             for s in range(s0, s1):
-                for i0 in range(spans[s, 0], spans[s, 1], TILE):
-                    nt = min(TILE, spans[s, 1] - i0)
+                for i0 in range(spans[s, 0], spans[s, 1], SUM_BLOCK):
+                    nt = min(SUM_BLOCK, spans[s, 1] - i0)
                     for ia, ib in _pieces(i0, nt, skipped_by[b, j]):
                         _dkv_sweep_11(
                             kj, vj, cj, q0, g0, deltab, L2hb, L2lb, shiftb, i0 + ia, i0 + ib, acc
@@ -497,11 +511,12 @@ def _tangent_items(
                     for ja, jb in _pieces(j0, nt, skip[b, i]):
                         for ch in range(c):
                             yc = y[b, i, ch]
-                            t = x.dtype.type(0)
-                            for j in range(ja, jb):
-                                jj = _u(j0 + j)
-                                t += x[j] * (dvTb[ch, jj] + ds[j] * (vTb[ch, jj] - yc))
-                            acc[ch] += t
+                            for b0 in range(ja, jb, SUM_BLOCK):
+                                t = x.dtype.type(0)
+                                for j in range(b0, min(b0 + SUM_BLOCK, jb)):
+                                    jj = _u(j0 + j)
+                                    t += x[j] * (dvTb[ch, jj] + ds[j] * (vTb[ch, jj] - yc))
+                                acc[ch] += t
             for ch in range(c):
                 dy[b, i, ch] = acc[ch]
 
@@ -543,9 +558,9 @@ def _backward_rows_items(lo, hi, q, K, V, w, c2, g, delta, L2h, L2l, shift, dq, 
             qi, gi, di, Lh, Ll, ri = q[i], g[i], delta[i], L2h[i], L2l[i], shift[i]
             Ki, Vi, dKi, dVi = K[i], V[i], dK[i], dV[i]
             acc = 0.0
-            for j0 in range(0, m, TILE):
+            for j0 in range(0, m, SUM_BLOCK):
                 s = q.dtype.type(0)
-                for j in range(min(TILE, m - j0)):
+                for j in range(min(SUM_BLOCK, m - j0)):
                     jj = _u(j0 + j)
                     diff = qi - Ki[jj]
                     sq = diff * diff
@@ -572,9 +587,9 @@ def _tangent_rows_items(lo, hi, q, dq, K, dK, V, dV, w, dw, c2, y, L2h, L2l, row
         for i in range(item * rows, min(item * rows + rows, n)):
             qi, dqi, yi, Lh, Ll = q[i], dq[i], y[i], L2h[i], L2l[i]
             acc = 0.0
-            for j0 in range(0, m, TILE):
+            for j0 in range(0, m, SUM_BLOCK):
                 t = q.dtype.type(0)
-                for j in range(min(TILE, m - j0)):
+                for j in range(min(SUM_BLOCK, m - j0)):
                     jj = _u(j0 + j)
                     diff = qi - K[i, jj]
                     sq = diff * diff
@@ -624,8 +639,8 @@ def _delta_of(grad_out, out):
 def _dw(dw_keys, w, dtype):
     """The per-key sums as w's gradient: summed over keys for a shared w."""
     if w.shape[-1] == 1:
-        dw_keys = dw_keys.sum(-1, keepdims=True)
-    return torch.from_numpy(dw_keys).to(dtype)
+        dw_keys = dw_keys.sum(-1, keepdim=True)
+    return dw_keys.to(dtype)
 
 
 def _rows_per_item(length):
@@ -710,7 +725,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs):
     if need_k or need_v or need_w:
         dk = torch.empty(k.shape, dtype=dtype)
         dv = torch.empty(v.shape, dtype=dtype)
-        dw_keys = np.empty(w_keys.shape, np.float64)
+        dw_keys = torch.empty(w_keys.shape, dtype=torch.float64)
         shift = distance_shift(lse, w, _per_row_keys(skip, m))
         _parallel(
             _dkv_fused if fused else _dkv_general,
@@ -718,10 +733,10 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs):
             plan.pairs,
             _np(k), _np(v), wn, c2, _feature_major(q), _feature_major(g), *common,
             _np(shift.to(dtype)), skipped_by, plan.query_ptr, plan.query_spans, plan.k_block,
-            dk.numpy(), dv.numpy(), dw_keys,
+            dk.numpy(), dv.numpy(), dw_keys.numpy(),
         )  # fmt: skip
-        dk, dv, dw_keys = blocks.keys_back(plan, dk, dv, torch.from_numpy(dw_keys))
-        dw = _dw(dw_keys.numpy(), w, dtype)
+        dk, dv, dw_keys = blocks.keys_back(plan, dk, dv, dw_keys)
+        dw = _dw(dw_keys, w, dtype)
     return (
         dq,
         dk if need_k else None,
@@ -801,7 +816,7 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
     dq = torch.empty(n, dtype=dtype)
     dK = torch.empty((n, m if need_k else 0), dtype=dtype)
     dV = torch.empty((n, m if need_v else 0), dtype=dtype)
-    dw_part = np.empty((min(n, DW_CHUNKS), m), np.float64)
+    dw_part = torch.empty((min(n, DW_CHUNKS), m), dtype=torch.float64).numpy()
     _parallel(
         _backward_rows_items,
         dw_part.shape[0],
@@ -820,7 +835,7 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
         dV.numpy(),
         dw_part,
     )
-    dw = _dw(-0.5 * dw_part.sum(axis=0), w, dtype)
+    dw = _dw(torch.from_numpy(-0.5 * dw_part.sum(axis=0)), w, dtype)
     return (
         dq if need_q else None,
         dK if need_k else None,

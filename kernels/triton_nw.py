@@ -308,6 +308,14 @@ def _place_row(acc, row, j, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _sum64(tile):
+    # A tile's sum over its streamed axis, as the float64 the passes add up
+    # across tiles: a float32 running sum over many tiles would drop the
+    # sub-ulp terms after a dominant one.
+    return tl.sum(tile, axis=0).to(tl.float64)
+
+
+@triton.jit
 def _masked(x, keep, MASK: tl.constexpr):
     if MASK:
         x = tl.where(keep, x, 0.0)
@@ -357,16 +365,16 @@ def _fwd_tile(
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = _exp(m_i - m_safe, USE_EXP2)
     p = _masked(_exp(tl.fma(dist2, neg_c, -m_safe[None, :]), USE_EXP2), keep, MASK)
-    l_i = l_i * alpha + tl.sum(p, axis=0)
+    alpha = alpha.to(tl.float64)
+    l_i = l_i * alpha + _sum64(p)
     acc = acc * alpha[None, :]
     if USE_DOT_PV and not (MASK and HAS_SKIP):
         v_t = _load_tile_t(v_ptr, k_rows, C, BLOCK_C).to(tl.float32)
-        acc = tl.dot(v_t, p, acc, input_precision=DOT_PREC)
+        acc += tl.dot(v_t, p, input_precision=DOT_PREC).to(tl.float64)
     else:
         for ch in range(C):
             vc = tl.load(v_ptr + k_rows * C + ch).to(ACC)
-            pv = _masked(p * vc[:, None], keep, MASK)
-            acc = _place_row(acc, tl.sum(pv, axis=0), ch, BLOCK_C)
+            acc = _place_row(acc, _sum64(_masked(p * vc[:, None], keep, MASK)), ch, BLOCK_C)
     return m_new, l_i, acc
 
 
@@ -389,9 +397,11 @@ def _fwd_kernel(
         q_t = 0
         qq = 0
 
+    # Sums across tiles in float64: a float32 running sum over m / BLOCK_M
+    # tiles would drop the sub-ulp weights after a dominant one.
     m_i = tl.full([BLOCK_N], float("-inf"), ACC)
-    l_i = tl.zeros([BLOCK_N], ACC)
-    acc = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    l_i = tl.zeros([BLOCK_N], tl.float64)
+    acc = tl.zeros([BLOCK_C, BLOCK_N], tl.float64)
     s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
     for s in range(s_lo, s_hi):
         lo, hi = _span(Spans, s, m, SPARSE)
@@ -413,7 +423,7 @@ def _fwd_kernel(
     # softmax gives there too.
     _store_owned(Out + b * n * C, acc / l_i[None, :], offs_n, n, C, BLOCK_C)
     # float64: the backward needs exp(s - lse) exact where |lse| is large.
-    lse = m_i.to(tl.float64) * (1.0 / SCALE) + tl.log(l_i.to(tl.float64))
+    lse = m_i.to(tl.float64) * (1.0 / SCALE) + tl.log(l_i)
     tl.store(Lse + b * n + offs_n.to(tl.int64), lse, mask=offs_n < n)
 
 
@@ -464,8 +474,8 @@ def _dq_tile(
     if USE_DOT_QK and not (MASK and HAS_SKIP):
         # sum_j a_ij k_j on tensor cores; -A_i q_i is applied once at the end.
         # tf32 keeps a's float32 range at half precision's mantissa.
-        dq_t = tl.dot(tl.trans(k).to(tl.float32), a, dq_t, input_precision=DOT_PREC)
-        a_sum += tl.sum(a, axis=0)
+        dq_t += tl.dot(tl.trans(k).to(tl.float32), a, input_precision=DOT_PREC).to(tl.float64)
+        a_sum += _sum64(a)
     else:
         # one feature at a time, so that a left-out key (NaN or not) reaches
         # no sum: a product would carry its 0 * NaN into every query
@@ -475,12 +485,12 @@ def _dq_tile(
             k0 = tl.load(k_ptr + k_rows * D).to(ACC)
             q0 = tl.load(q_ptr + q_rows * D).to(ACC)
             term = a * (k0[:, None] - q0[None, :])
-        dq_t = _place_row(dq_t, tl.sum(_masked(term, keep, MASK), axis=0), 0, BLOCK_D)
+        dq_t = _place_row(dq_t, _sum64(_masked(term, keep, MASK)), 0, BLOCK_D)
         for f in range(1, D):
             kf = tl.load(k_ptr + k_rows * D + f).to(ACC)
             qf = tl.load(q_ptr + q_rows * D + f).to(ACC)
             term = _masked(a * (kf[:, None] - qf[None, :]), keep, MASK)
-            dq_t = _place_row(dq_t, tl.sum(term, axis=0), f, BLOCK_D)
+            dq_t = _place_row(dq_t, _sum64(term), f, BLOCK_D)
     return dq_t, a_sum
 
 
@@ -510,8 +520,8 @@ def _dq_kernel(
     else:
         g_t = 0
 
-    dq_t = tl.zeros([BLOCK_D, BLOCK_N], ACC)
-    a_sum = tl.zeros([BLOCK_N], ACC)
+    dq_t = tl.zeros([BLOCK_D, BLOCK_N], tl.float64)
+    a_sum = tl.zeros([BLOCK_N], tl.float64)
     s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
     for s in range(s_lo, s_hi):
         lo, hi = _span(Spans, s, m, SPARSE)
@@ -531,7 +541,7 @@ def _dq_kernel(
                     False,
                 )  # fmt: skip
     if USE_DOT_QK:
-        dq_t -= a_sum[None, :] * q_t.to(ACC)
+        dq_t -= a_sum[None, :] * q_t.to(tl.float64)
     _store_owned(DQ + b * n * D, dq_t, offs_n, n, D, BLOCK_D)
 
 
@@ -567,7 +577,7 @@ def _tangent_tile(
         dvc = tl.load(dv_ptr + k_rows * C + ch).to(ACC)[:, None]
         yc = tl.load(y_ptr + q_rows * C + ch).to(ACC)[None, :]
         term = _masked(p * (dvc + ds * (vc - yc)), keep, MASK)
-        acc = _place_row(acc, tl.sum(term, axis=0), ch, BLOCK_C)
+        acc = _place_row(acc, _sum64(term), ch, BLOCK_C)
     return acc
 
 
@@ -584,7 +594,7 @@ def _tangent_kernel(
     y_ptr = Y + b * n * C
     skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
     lse_hi, lse_lo = _split_lse(tl.load(Lse + b * n + q_rows), SCALE, ACC)
-    acc = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+    acc = tl.zeros([BLOCK_C, BLOCK_N], tl.float64)
     s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
     for s in range(s_lo, s_hi):
         lo, hi = _span(Spans, s, m, SPARSE)
@@ -645,23 +655,19 @@ def _dkv_tile(
         if MASK:
             g = tl.where((offs_n < end)[:, None], g, 0.0)
         if NEED_DV:
-            dv_t = tl.dot(tl.trans(g).to(tl.float32), p, dv_t, input_precision=DOT_PREC)
+            dv_t += tl.dot(tl.trans(g).to(tl.float32), p, input_precision=DOT_PREC).to(tl.float64)
         if NEED_DK or NEED_DW:
             gv = tl.dot(g, v_t, input_precision=DOT_PREC)
     else:
         gc = tl.load(g_ptr + q_rows * C).to(ACC)
         if NEED_DV:
-            dv_t = _place_row(
-                dv_t, tl.sum(_masked(p * gc[:, None], keep, MASK), axis=0), 0, BLOCK_C
-            )
+            dv_t = _place_row(dv_t, _sum64(_masked(p * gc[:, None], keep, MASK)), 0, BLOCK_C)
         if NEED_DK or NEED_DW:
             gv = gc[:, None] * tl.load(v_ptr + k_rows * C).to(ACC)[None, :]
         for ch in range(1, C):
             gc = tl.load(g_ptr + q_rows * C + ch).to(ACC)
             if NEED_DV:
-                dv_t = _place_row(
-                    dv_t, tl.sum(_masked(p * gc[:, None], keep, MASK), axis=0), ch, BLOCK_C
-                )
+                dv_t = _place_row(dv_t, _sum64(_masked(p * gc[:, None], keep, MASK)), ch, BLOCK_C)
             if NEED_DK or NEED_DW:
                 gv = tl.fma(gc[:, None], tl.load(v_ptr + k_rows * C + ch).to(ACC)[None, :], gv)
 
@@ -670,12 +676,14 @@ def _dkv_tile(
         t = _masked(p * (gv - delta[:, None]), keep, MASK)
         if NEED_DW:
             shift = tl.load(shift_ptr + q_rows).to(ACC)
-            dw_acc += tl.sum(_masked(t * (dist2 - shift[:, None]), keep, MASK), axis=0)
+            dw_acc += _sum64(_masked(t * (dist2 - shift[:, None]), keep, MASK))
         if NEED_DK:
             # dk_j = w_j sum_i t_ij (q_i - k_j); w_j is applied at the end.
             if USE_DOT_QK and not (MASK and HAS_SKIP):
-                dk_t = tl.dot(tl.trans(q).to(tl.float32), t, dk_t, input_precision=DOT_PREC)
-                t_sum += tl.sum(t, axis=0)
+                dk_t += tl.dot(tl.trans(q).to(tl.float32), t, input_precision=DOT_PREC).to(
+                    tl.float64
+                )
+                t_sum += _sum64(t)
             else:
                 if not USE_DOT_QK:
                     term = t * diff0
@@ -683,12 +691,12 @@ def _dkv_tile(
                     q0 = tl.load(q_ptr + q_rows * D).to(ACC)
                     k0 = tl.load(k_ptr + k_rows * D).to(ACC)
                     term = t * (q0[:, None] - k0[None, :])
-                dk_t = _place_row(dk_t, tl.sum(_masked(term, keep, MASK), axis=0), 0, BLOCK_D)
+                dk_t = _place_row(dk_t, _sum64(_masked(term, keep, MASK)), 0, BLOCK_D)
                 for f in range(1, D):
                     qf = tl.load(q_ptr + q_rows * D + f).to(ACC)
                     kf = tl.load(k_ptr + k_rows * D + f).to(ACC)
                     term = _masked(t * (qf[:, None] - kf[None, :]), keep, MASK)
-                    dk_t = _place_row(dk_t, tl.sum(term, axis=0), f, BLOCK_D)
+                    dk_t = _place_row(dk_t, _sum64(term), f, BLOCK_D)
     return dk_t, t_sum, dv_t, dw_acc
 
 
@@ -725,10 +733,10 @@ def _dkv_kernel(
     else:
         v_t = 0
 
-    dk_t = tl.zeros([BLOCK_D, BLOCK_M], ACC)
-    t_sum = tl.zeros([BLOCK_M], ACC)
-    dv_t = tl.zeros([BLOCK_C, BLOCK_M], ACC)
-    dw_acc = tl.zeros([BLOCK_M], ACC)
+    dk_t = tl.zeros([BLOCK_D, BLOCK_M], tl.float64)
+    t_sum = tl.zeros([BLOCK_M], tl.float64)
+    dv_t = tl.zeros([BLOCK_C, BLOCK_M], tl.float64)
+    dw_acc = tl.zeros([BLOCK_M], tl.float64)
     s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
     for s in range(s_lo, s_hi):
         lo, hi = _span(Spans, s, n, SPARSE)
@@ -752,8 +760,8 @@ def _dkv_kernel(
 
     if NEED_DK:
         if USE_DOT_QK:
-            dk_t -= t_sum[None, :] * k_t.to(ACC)
-        _store_owned(DK + b * m * D, dk_t * w[None, :], offs_m, m, D, BLOCK_D)
+            dk_t -= t_sum[None, :] * k_t.to(tl.float64)
+        _store_owned(DK + b * m * D, dk_t * w.to(tl.float64)[None, :], offs_m, m, D, BLOCK_D)
     if NEED_DV:
         _store_owned(DV + b * m * C, dv_t, offs_m, m, C, BLOCK_C)
     if NEED_DW:
@@ -779,8 +787,8 @@ def _rows_fwd_kernel(
     row_base = rows[:, None] * m  # int64: n * m may pass 2^31
 
     m_i = tl.full([BLOCK_R], float("-inf"), ACC)
-    l_i = tl.zeros([BLOCK_R], ACC)
-    acc = tl.zeros([BLOCK_R], ACC)
+    l_i = tl.zeros([BLOCK_R], tl.float64)
+    acc = tl.zeros([BLOCK_R], tl.float64)
     for start in range(0, m, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         c_mask = offs_m < m
@@ -793,14 +801,14 @@ def _rows_fwd_kernel(
         s = tl.where(mask, dist2 * neg_c, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = _exp(m_i - m_safe, USE_EXP2)
+        alpha = _exp(m_i - m_safe, USE_EXP2).to(tl.float64)
         p = tl.where(mask, _exp(tl.fma(dist2, neg_c, -m_safe[:, None]), USE_EXP2), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha + tl.sum(p * v, axis=1)
+        l_i = l_i * alpha + tl.sum(p, axis=1).to(tl.float64)
+        acc = acc * alpha + tl.sum(p * v, axis=1).to(tl.float64)
         m_i = m_new
     r_mask = offs_r < n
     tl.store(Out + offs_r, acc / l_i, mask=r_mask)
-    lse = m_i.to(tl.float64) * (1.0 / SCALE) + tl.log(l_i.to(tl.float64))
+    lse = m_i.to(tl.float64) * (1.0 / SCALE) + tl.log(l_i)
     tl.store(Lse + offs_r, lse, mask=r_mask)
 
 
@@ -824,7 +832,7 @@ def _rows_bwd_kernel(
     c_mask = offs_m < m
     w = tl.load(W + offs_m, mask=c_mask, other=0.0).to(ACC)
     neg_c = (w * (-0.5 * SCALE))[None, :]
-    dw_acc = tl.zeros([BLOCK_M], ACC)
+    dw_acc = tl.zeros([BLOCK_M], tl.float64)
 
     row_lo = grp * rows_per_group
     row_hi = tl.minimum(row_lo + rows_per_group, n)
@@ -856,7 +864,7 @@ def _rows_bwd_kernel(
                 tl.store(DQ_PART + cb * n + offs_r, -tl.sum(dk, axis=1), mask=r_mask)
         if NEED_DW:
             shift = tl.load(Shift + offs_r, mask=r_mask, other=0.0).to(ACC)
-            dw_acc += tl.sum(t * (dist2 - shift[:, None]), axis=0)
+            dw_acc += _sum64(t * (dist2 - shift[:, None]))
     if NEED_DW:
         tl.store(DW_PART + grp * m + offs_m, -0.5 * dw_acc, mask=c_mask)
 
@@ -876,7 +884,7 @@ def _rows_tangent_kernel(
     y = tl.load(Y + rows).to(ACC)
     lse_hi, lse_lo = _split_lse(tl.load(Lse + rows), SCALE, ACC)
     row_base = rows[:, None] * m
-    acc = tl.zeros([BLOCK_R], ACC)
+    acc = tl.zeros([BLOCK_R], tl.float64)
     for start in range(0, m, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         c_mask = offs_m < m
@@ -892,7 +900,7 @@ def _rows_tangent_kernel(
         dist2 = diff * diff
         p = _exp(tl.fma(dist2, w * (-0.5 * SCALE), -lse_hi[:, None]) - lse_lo[:, None], USE_EXP2)
         ds = -0.5 * dw * dist2 - w * diff * (dq[:, None] - dk)
-        acc += tl.sum(tl.where(mask, p * (dv + ds * (v - y[:, None])), 0.0), axis=1)
+        acc += tl.sum(tl.where(mask, p * (dv + ds * (v - y[:, None])), 0.0), axis=1).to(tl.float64)
     tl.store(DY + offs_r, acc, mask=offs_r < n)
 
 

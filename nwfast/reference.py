@@ -82,14 +82,17 @@ def _removed(scores, exclude_self):
     return None
 
 
+def _masked_differences(differences, exclude_self):
+    """The left-out pairs' differences zeroed: no NaN in k_i reaches row i, not
+    even through the gradient."""
+    removed = _removed(differences[..., 0], exclude_self)
+    return differences if removed is None else differences.masked_fill(removed[..., None], 0.0)
+
+
 def _masked_scores(differences, w, exclude_self):
     removed = _removed(differences[..., 0], exclude_self)
-    if removed is None:
-        return nw_scores(differences, w)
-    # The removed pairs' differences are zeroed too: no NaN in k_i reaches row
-    # i, not even through the gradient.
-    differences = differences.masked_fill(removed[..., None], 0.0)
-    return nw_scores(differences, w).masked_fill(removed, float("-inf"))
+    scores = nw_scores(_masked_differences(differences, exclude_self), w)
+    return scores if removed is None else scores.masked_fill(removed, float("-inf"))
 
 
 def _pool(differences, value, w, exclude_self):
@@ -101,9 +104,11 @@ def _pool(differences, value, w, exclude_self):
     if removed is None:
         out = weights @ v
     else:
-        # Remove key i from row i rather than weighting it 0 (see the module doc).
-        terms = weights[..., None] * v[..., None, :, :]
-        out = torch.where(removed[..., None], 0.0, terms).sum(-2)
+        # Remove key i from row i rather than weighting it 0 (see the module
+        # doc): its value is zeroed before the product, so that no NaN in it
+        # reaches row i, not even through the gradient (0 * NaN is NaN).
+        values = torch.where(removed[..., None], 0.0, v[..., None, :, :])
+        out = (weights[..., None] * values).sum(-2)
     if value.dim() == 1:
         out = out[..., 0]
     return out, torch.logsumexp(scores, dim=-1)

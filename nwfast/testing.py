@@ -16,8 +16,9 @@ float32, 1e-12 in float64, 1e-2 in half precision). The second keeps a result
 that cancels, a mean near 0 of values of size 1 say, from failing for the
 condition it has; it is computed, never guessed:
 
-* **Outputs** (``check_pool``, ``check_rows``): a rounding-error bound for softmax pooling.
-  Computing ``y_i = sum_j p_ij v_j`` with unit roundoff u perturbs
+* **Outputs** (``check_pool``, ``check_rows``): a rounding-error bound for
+  softmax pooling. Computing ``y_i = sum_j p_ij v_j`` with unit roundoff u
+  perturbs
 
   - the weighted sum and its normaliser by a small multiple of
     ``u * sum_j p_ij ||v_j||``: the magnitudes of the terms, not their sum;
@@ -28,18 +29,25 @@ condition it has; it is computed, never guessed:
 
   ``allowed_i = ROUNDING_FACTOR * u * (both terms)``, in the 2-norm over rows.
   ``ROUNDING_FACTOR = 16`` is the depth of sequential summation the kernels' sums
-  stay below in the tested sizes (SIMD lanes and tiles cut the rest) with room
-  for the polynomial exp (1.3 u) and the lse's rounding; measured errors sit
-  between 0.01 and 0.5 of the bound.
-* **The log-sum-exp** (``lse_allowance``): absolute, per row
-  ``ROUNDING_FACTOR * u * (1 + sum_j p_ij |s_ij|)``.
-* **Gradients** (``check_gradients``): gradients such as ``dw`` sum terms that
-  cancel heavily, and the bound above does not carry over to them in a simple
-  form. Their case-aware term is measured instead, as flash-attention's tests
-  do: the error of torch's own autograd of the reference in float32 (in the
-  tested dtype for half precision), times ``TORCH_FACTOR = 4``, scaled by the
-  ratio of unit roundoffs for float64 (the float32 run estimates the case's
-  condition number). ``GRAD_TOLERANCE`` is the floor (1e-10 in float64).
+  stay below (SIMD lanes and tiles cut the rest) with room for the polynomial
+  exp (1.3 u) and the lse's rounding; measured errors sit between 0.01 and 0.3
+  of the bound.
+* **The log-sum-exp**: absolute, per row ``ROUNDING_FACTOR * u * (1 + sum_j
+  p_ij |s_ij|)``.
+* **Gradients** (``check_pool_gradients``, ``check_rows_gradients``): the
+  larger of two. TORCH_FACTOR = 4 times the error of torch's own autograd of the
+  reference in float32 (in the tested dtype for half precision), scaled by the
+  ratio of unit roundoffs for float64, as flash-attention's tests do: the
+  float32 run measures how hard the case is. And a rounding bound from the
+  backward's own formula: the error of each ``t_ij = p_ij (g_i . v_j - delta_i)``
+  is at most ``tau_ij = p_ij (1 + |s_ij|) ||g_i|| (||v_j|| + sum_k p_ik ||v_k||)``,
+  and each gradient sums it times its own factor (``|w_j| ||q_i - k_j||`` for dq
+  and dk, ``| ||q_i - k_j||^2 - r_i | / 2`` for dw with the kernel contract's
+  distance shift r_i, ``p_ij (1 + |s_ij|) |g_i|`` for dv): torch is exact by
+  luck where a softmax is exactly one-hot, and an equally accurate kernel
+  need not be. ``GRAD_TOLERANCE`` is the floor (1e-10 in float64).
+* **Tangents** (forward mode, ``check_pool_tangent``): likewise, with the
+  rounding bound ``sum_j p_ij (1 + |s_ij|) (||dv_j|| + |ds_ij| ||v_j - y_i||)``.
 
 For half-precision inputs the kernels compute in float32: u is float32's and the
 result's own rounding, ``u_half * ||ref||``, is added.
@@ -90,9 +98,8 @@ def compare(out, ref, allowed, name="result"):
     """``||out - ref|| <= allowed`` over finite entries, NaN/inf in the same places."""
     out, ref = _f64(out), _f64(ref)
     if out.shape != ref.shape:
-        return Verdict(
-            name, float("inf"), allowed, False, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
-        )
+        shapes = f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
+        return Verdict(name, float("inf"), allowed, False, shapes)
     for what, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
         mismatch = test(out) != test(ref)
         if mismatch.any():
@@ -100,24 +107,20 @@ def compare(out, ref, allowed, name="result"):
             count = int(mismatch.sum())
             detail = f"{what} placement differs at {count} entries, first {where}"
             return Verdict(name, float("inf"), allowed, False, detail)
-    finite = torch.isfinite(ref)
-    diff = (out - ref).where(finite, 0.0)
+    diff = (out - ref).where(torch.isfinite(ref), 0.0)
     error = float(diff.norm())
     detail = ""
     if error > allowed:
-        worst = diff.abs().flatten().argmax()
-        index = list(torch.unravel_index(worst, diff.shape)) if diff.dim() else []
-        at = tuple(int(i) for i in index)
-        detail = (
-            f"worst at {at}: {float(out.flatten()[worst]):.9g} vs {float(ref.flatten()[worst]):.9g}"
-        )
+        worst = int(diff.abs().flatten().argmax())
+        at = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), diff.shape))
+        got, want = float(out.flatten()[worst]), float(ref.flatten()[worst])
+        detail = f"worst at {at}: {got:.9g} vs {want:.9g}"
     return Verdict(name, error, allowed, error <= allowed, detail)
 
 
 def assert_ok(*verdicts):
-    """Raise with every verdict listed if any failed."""
-    failed = [v for v in verdicts if not v.ok]
-    if failed:
+    """Raise, listing every verdict, if any failed."""
+    if not all(v.ok for v in verdicts):
         raise AssertionError("\n".join(str(v) for v in verdicts))
 
 
@@ -134,8 +137,7 @@ def assert_close(out, ref, tolerance=None, name="result"):
     """A fixed relative tolerance, for identities that have no error model of their
     own (weights summing to 1, two paths that must agree): TOLERANCE by default."""
     tolerance = TOLERANCE[out.dtype] if tolerance is None else tolerance
-    scale = float(_f64(ref)[torch.isfinite(_f64(ref))].norm())
-    assert_ok(compare(out, ref, tolerance * (scale if scale > 0 else 1.0), name))
+    assert_ok(compare(out, ref, tolerance * max(_norm(ref), 1e-300), name))
 
 
 def _norm(x):
@@ -148,100 +150,164 @@ def _compute_roundoff(dtype):
     return UNIT_ROUNDOFF[F64 if dtype == F64 else torch.float32]
 
 
-def _allowance_terms(scores, values, out):
-    """Per row (...,): sum_j p_ij ||v_ij|| + sum_j p_ij (1 + |s_ij|) ||v_ij - y_i||.
-
-    scores (..., n, m); values broadcastable to (..., n, m, c); out (..., n, c).
-    Pairs with p_ij = 0 (removed keys) contribute nothing, whatever their value.
-    """
-    p = torch.softmax(scores, dim=-1)
-    used = p > 0
-    size = values.abs() if values.shape[-1] == 1 else values.norm(dim=-1, keepdim=True)
-    spread = (values - out[..., None, :]).norm(dim=-1)
-    magnitude = torch.where(used, p * size[..., 0], 0.0).sum(-1)
-    rounding = torch.where(used, p * (1 + scores.abs()) * spread, 0.0).sum(-1)
-    return (magnitude + rounding).nan_to_num(nan=0.0, posinf=0.0)
-
-
-def _allowed(ref, per_row, dtype):
-    u = _compute_roundoff(dtype)
-    case = ROUNDING_FACTOR * u * float(per_row.norm())
+def _allowed(ref, bound, dtype, tolerance=TOLERANCE):
+    """max(tolerance * ||ref||, ROUNDING_FACTOR * u * ||bound||), plus the
+    rounding of a half-precision result."""
+    case = ROUNDING_FACTOR * _compute_roundoff(dtype) * _norm(bound)
     if dtype not in (torch.float32, F64):
         case += UNIT_ROUNDOFF[dtype] * _norm(ref)
-    return max(TOLERANCE[dtype] * _norm(ref), case)
+    return max(tolerance[dtype] * _norm(ref), case)
+
+
+# --- the cases, one entry per (query, key) pair ----------------------------------
 
 
 def _as_f64(*tensors):
     return [_f64(x) if isinstance(x, torch.Tensor) else x for x in tensors]
 
 
-def _shared_case(query, key, value, w, exclude_self):
-    """float64 reference out (with a channel dim), scores and per-pair values."""
+class _Pairs(NamedTuple):
+    """A case in float64, one entry per (query, key) pair: (..., n, m, ...)."""
+
+    diff: torch.Tensor  # q_i - k_j, (..., n, m, d)
+    scores: torch.Tensor  # (..., n, m), -inf where a key is left out
+    values: torch.Tensor  # v_j for each pair, (..., n, m, c)
+    w: torch.Tensor  # broadcastable to (..., n, m)
+    out: torch.Tensor  # the reference output with a channel dim, (..., n, c)
+    lse: torch.Tensor  # (..., n)
+    dtype: torch.dtype  # the tested dtype
+
+    @property
+    def weights(self):
+        return torch.softmax(self.scores, dim=-1)
+
+    @property
+    def rounding(self):
+        """p_ij (1 + |s_ij|), plus the weights the arithmetic flushes to zero
+        (below its smallest normal number, in units of its roundoff); 0 for a
+        left-out key, NaN or not."""
+        compute = F64 if self.dtype == F64 else torch.float32
+        flushed = torch.finfo(compute).tiny / UNIT_ROUNDOFF[compute]
+        p = self.weights
+        return torch.where(self.scores > -torch.inf, p * (1 + self.scores.abs()) + flushed, 0.0)
+
+    @property
+    def keys(self):
+        """How many keys each row's softmax holds."""
+        return torch.isfinite(self.scores).sum(-1) + torch.isnan(self.scores).sum(-1)
+
+
+def _points(x):
+    return x[:, None] if x.dim() == 1 else x
+
+
+def _shared_pairs(query, key, value, w, exclude_self):
     q, k, v, w = _as_f64(query, key, value, w)
-    out, _ = reference.pool_and_lse(q, k, v, w, exclude_self)
-    q = q[:, None] if q.dim() == 1 else q
-    k = k[:, None] if k.dim() == 1 else k
-    v = v[:, None] if v.dim() == 1 else v
-    out = out[..., None] if value.dim() == 1 else out
-    scores = reference._masked_scores(q[..., :, None, :] - k[..., None, :, :], w, exclude_self)
-    return out, scores, v[..., None, :, :]
+    out, lse = reference.pool_and_lse(q, k, v, w, exclude_self)
+    q, k = _points(q), _points(k)
+    if v.dim() == 1:
+        v, out = v[:, None], out[..., None]
+    diff = q[..., :, None, :] - k[..., None, :, :]
+    diff = reference._masked_differences(diff, exclude_self)
+    scores = reference._masked_scores(diff, w, exclude_self)
+    values = v[..., None, :, :].expand(*scores.shape, v.shape[-1])
+    return _Pairs(diff, scores, values, reference._per_key(w, scores), out, lse, query.dtype)
+
+
+def _rows_pairs(query, keys, values, w):
+    q, K, V, w = _as_f64(query, keys, values, w)
+    out, lse = reference.rows_and_lse(q, K, V, w)
+    w = torch.as_tensor(w, dtype=F64).reshape(1, -1)
+    diff = (q[:, None] - K)[..., None]
+    scores = -(w / 2) * diff[..., 0] ** 2
+    return _Pairs(diff, scores, V[..., None], w, out[:, None], lse, query.dtype)
+
+
+def _output_bound(pairs):
+    """Per row: sum_j p_ij ||v_j|| + sum_j p_ij (1 + |s_ij|) ||v_j - y_i||."""
+    p = pairs.weights
+    used = p > 0
+    size = pairs.values.norm(dim=-1)
+    spread = (pairs.values - pairs.out[..., None, :]).norm(dim=-1)
+    magnitude = torch.where(used, p * size, 0.0).sum(-1)
+    rounding = (pairs.rounding * torch.where(used, spread, 0.0)).sum(-1)
+    return (magnitude + rounding).nan_to_num(nan=0.0, posinf=0.0)
+
+
+def _lse_bound(pairs):
+    p = pairs.weights
+    spread = torch.where(p > 0, p * pairs.scores.abs(), 0.0).sum(-1)
+    return (1 + spread).nan_to_num(nan=0.0, posinf=0.0)
+
+
+# --- outputs and log-sum-exps ----------------------------------------------------
 
 
 def check_pool(out, query, key, value, w, exclude_self=False, name="out"):
     """Judge a shared-keys result against the float64 reference of its inputs.
 
-    ``exclude_self`` is a bool, or per-row key indices to remove (-1: none), as in
-    ``reference.pool_and_lse``: that judges a subset of the query rows (pass those
-    rows of ``query`` and ``out`` and their own indices) with leave-one-out.
+    ``exclude_self`` is a bool, or per-row key indices to leave out (-1: none), as
+    in ``reference.pool_and_lse``: that judges a subset of the query rows (pass
+    those rows of ``query`` and ``out`` and their own indices) with leave-one-out.
     """
-    ref, scores, values = _shared_case(query, key, value, w, exclude_self)
-    per_row = _allowance_terms(scores, values, ref)
-    return compare(out, ref.reshape(out.shape), _allowed(ref, per_row, out.dtype), name)
+    pairs = _shared_pairs(query, key, value, w, exclude_self)
+    ref = pairs.out.reshape(out.shape)
+    return compare(out, ref, _allowed(ref, _output_bound(pairs), out.dtype), name)
+
+
+def check_pool_lse(lse, query, key, value, w, exclude_self=False, dtype=None, name="lse"):
+    """The kernels' log-sum-exp (float64) for inputs of ``dtype`` (the query's)."""
+    pairs = _shared_pairs(query, key, value, w, exclude_self)
+    dtype = dtype or query.dtype
+    return compare(lse, pairs.lse, _allowed(pairs.lse * 0, _lse_bound(pairs), dtype), name)
 
 
 def check_rows(out, query, keys, values, w, name="out"):
     """Judge a per-query-rows result against the float64 reference of its inputs."""
-    q, K, V, w64 = _as_f64(query, keys, values, w)
-    ref, _ = reference.rows_and_lse(q, K, V, w64)
-    scores = -(torch.as_tensor(w64, dtype=F64) / 2) * (q[:, None] - K) ** 2
-    per_row = _allowance_terms(scores, V[..., None], ref[:, None])
-    return compare(out, ref, _allowed(ref, per_row, out.dtype), name)
+    pairs = _rows_pairs(query, keys, values, w)
+    ref = pairs.out[:, 0]
+    return compare(out, ref, _allowed(ref, _output_bound(pairs), out.dtype), name)
 
 
-def check_lse(lse, scores, ref, dtype, name="lse"):
-    """The log-sum-exp against the reference's, with an absolute allowance per row."""
-    p = torch.softmax(scores, dim=-1)
-    spread = torch.where(p > 0, p * scores.abs(), 0.0).sum(-1).nan_to_num(nan=0.0, posinf=0.0)
-    per_row = ROUNDING_FACTOR * _compute_roundoff(dtype) * (1 + spread)
-    return compare(lse, ref, float(per_row.norm()), name)
+def check_rows_lse(lse, query, keys, values, w, name="lse"):
+    pairs = _rows_pairs(query, keys, values, w)
+    return compare(lse, pairs.lse, _allowed(pairs.lse * 0, _lse_bound(pairs), query.dtype), name)
+
+
+# --- gradients and tangents ------------------------------------------------------
 
 
 def check_gradients(grads, reference_fn, inputs, upstream, names, floors=None, **kwargs):
     """Judge gradients of ``reference_fn(*inputs, **kwargs)`` against float64 autograd.
 
     ``grads`` holds the tested gradients (None where not computed), in the order of
-    ``inputs`` and ``names``; ``upstream`` is the output's upstream gradient. The
-    case-aware allowance is TORCH_FACTOR times the error of torch's own autograd in
-    float32 (or in the half dtype), scaled to the tested dtype's unit roundoff, or
-    ``ROUNDING_FACTOR * u * ||floor||`` for a rounding bound in ``floors``.
+    ``inputs`` and ``names``; ``upstream`` is the output's upstream gradient;
+    ``floors`` optional rounding bounds (see the module doc), one per input.
     """
     dtype = next(g.dtype for g in grads if g is not None)
     probe = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
     exact = _autograd(reference_fn, inputs, upstream, F64, "cpu", kwargs)
     device = next(x.device for x in inputs if isinstance(x, torch.Tensor))
     estimate = _autograd(reference_fn, inputs, upstream, probe, device, kwargs)
-    scale = UNIT_ROUNDOFF[dtype] / UNIT_ROUNDOFF[probe]
     floors = floors or [None] * len(names)
     verdicts = []
     for name, got, want, rough, floor in zip(names, grads, exact, estimate, floors):
-        if got is None:
-            continue
-        error_torch = float(_f64(rough - want.to(rough.device)).nan_to_num().norm())
-        allowed = max(GRAD_TOLERANCE[dtype] * _norm(want), TORCH_FACTOR * scale * error_torch)
-        if floor is not None:
-            allowed = max(allowed, ROUNDING_FACTOR * _compute_roundoff(dtype) * _norm(floor))
-        verdicts.append(compare(got, want.reshape(got.shape), allowed, f"grad of {name}"))
+        if got is not None:
+            want = want.reshape(got.shape)
+            allowed = _probe_allowed(want, rough, floor, dtype, probe, GRAD_TOLERANCE)
+            verdicts.append(compare(got, want, allowed, f"grad of {name}"))
     return verdicts
+
+
+def _probe_allowed(want, rough, floor, dtype, probe, tolerance):
+    """The larger of TORCH_FACTOR times the probe's error (scaled to dtype) and
+    the rounding bound, above the fixed tolerance."""
+    error = float(_f64(rough.reshape(want.shape) - want.to(rough.device)).nan_to_num().norm())
+    scale = UNIT_ROUNDOFF[dtype] / UNIT_ROUNDOFF[probe]
+    allowed = max(tolerance[dtype] * _norm(want), TORCH_FACTOR * scale * error)
+    if floor is not None:
+        allowed = max(allowed, _allowed(want * 0, floor, dtype, tolerance))
+    return allowed
 
 
 def _autograd(fn, inputs, upstream, dtype, device, kwargs):
@@ -260,77 +326,45 @@ def _autograd(fn, inputs, upstream, dtype, device, kwargs):
     ]
 
 
-class _Pairs(NamedTuple):
-    """A case in float64, one entry per (query, key) pair: (..., n, m, ...)."""
-
-    diff: torch.Tensor  # q_i - k_j, (..., n, m, d)
-    scores: torch.Tensor  # (..., n, m), -inf where a key is removed
-    values: torch.Tensor  # v_j for each pair, (..., n, m, c)
-    upstream: torch.Tensor  # g_i, (..., n, c)
-    w: torch.Tensor  # broadcastable to (..., n, m)
-    keys: torch.Tensor  # keys in each row's softmax, (..., n)
-
-
-def _pair_floors(pairs, shared_w, roundoff):
-    """Per-pair rounding bounds of the gradients: (dq and dk, dv, dw) terms.
-
-    The error of t_ij = p_ij (g_i . v_j - delta_i) is at most tau_ij =
-    p_ij (||g_i|| ||v_j|| + ||g_i|| sum_k p_ik ||v_k||) (1 + |s_ij|), and each
-    gradient sums tau_ij times its own factor: |w_j| ||q_i - k_j|| for dq and dk,
-    ||q_i - k_j||^2 / 2 for dw, less the kernel contract's distance shift where
-    one w serves all keys; dv sums p_ij (1 + |s_ij|) |g_i|.
-    """
-    p = torch.softmax(pairs.scores, dim=-1)
+def _pair_floors(pairs, upstream, shared_w, roundoff):
+    """Per-pair rounding bounds of the gradients (see the module doc): the terms
+    of dq and dk (summed over keys and over queries), of dv and of dw."""
+    p = pairs.weights
     used = p > 0
-    rounding = torch.where(used, p * (1 + pairs.scores.abs()), 0.0)
-    g_size = pairs.upstream.norm(dim=-1)
-    v_size = pairs.values.norm(dim=-1)
-    a = g_size * torch.where(used, p * v_size, 0.0).sum(-1)
-    tau = rounding * (g_size[..., None] * v_size + a[..., None])
-    dist = pairs.diff.norm(dim=-1)
+    g = upstream[..., None] if upstream.dim() < pairs.out.dim() else upstream
+    g_size = g.norm(dim=-1)
+    v_size = torch.where(used, pairs.values.norm(dim=-1), 0.0)
+    a = (p * v_size).sum(-1)
+    tau = pairs.rounding * g_size[..., None] * (v_size + a[..., None])
+    dist = torch.where(used, pairs.diff.norm(dim=-1), 0.0)
     dist2 = dist * dist
     if shared_w:
-        lse = torch.logsumexp(pairs.scores, dim=-1)
-        shift = distance_shift(lse, pairs.w[..., 0], pairs.keys)[..., None]
-        # the shifted distance is itself rounded: u (d^2 + |r|) where it is ~0
-        dist2 = (dist2 - shift).abs() + roundoff * (dist2 + shift.abs())
+        shift = distance_shift(pairs.lse, pairs.w[..., 0], pairs.keys)[..., None]
+        # The shifted distance is a difference of two rounded numbers, a few u
+        # (d^2 + |r|) off, and r = -2 (lse - log m) / w carries the lse's own
+        # error divided by w: that matters where the difference is ~0.
+        lse_error = 2 * roundoff * _lse_bound(pairs)[..., None] / pairs.w.abs()
+        dist2 = (dist2 - shift).abs() + 4 * roundoff * (dist2 + shift.abs()) + lse_error
     pair_q = tau * pairs.w.abs() * dist
-    pair_v = rounding[..., None] * pairs.upstream[..., None, :].abs()
+    pair_v = pairs.rounding[..., None] * g[..., None, :].abs()
     return pair_q, pair_v, 0.5 * tau * dist2
-
-
-def _shared_pairs(query, key, value, w, upstream, exclude_self):
-    q, k, v, w, g = _as_f64(query, key, value, w, upstream)
-    q = q[:, None] if q.dim() == 1 else q
-    k = k[:, None] if k.dim() == 1 else k
-    if v.dim() == 1:
-        v, g = v[:, None], g[..., None]
-    diff = q[..., :, None, :] - k[..., None, :, :]
-    scores = reference._masked_scores(diff, w, exclude_self)
-    values = v[..., None, :, :].expand(*scores.shape, v.shape[-1])
-    keys = torch.isfinite(scores).sum(-1)
-    return _Pairs(diff, scores, values, g, reference._per_key(w, scores), keys)
-
-
-def _roundoff_of(grads):
-    return _compute_roundoff(next(g.dtype for g in grads if g is not None))
 
 
 def _w_size(w):
     return tuple(w.shape) if isinstance(w, torch.Tensor) else ()
 
 
+def _roundoff_of(tensors):
+    return _compute_roundoff(next(t.dtype for t in tensors if t is not None))
+
+
 def check_pool_gradients(grads, query, key, value, w, upstream, exclude_self=False):
     """Judge (dquery, dkey, dvalue, dw) of ``nw_pool`` on these inputs."""
-    pairs = _shared_pairs(query, key, value, w, upstream, exclude_self)
-    shared_w = _w_size(w) in ((), (1,)) or _w_size(w)[-1:] == (1,)
-    pair_q, pair_v, pair_w = _pair_floors(pairs, shared_w, _roundoff_of(grads))
-    floors = [
-        pair_q.sum(-1),
-        pair_q.sum(-2),
-        pair_v.sum(-3),
-        pair_w.sum(-2).sum_to_size(_w_size(w)),
-    ]
+    pairs = _shared_pairs(query, key, value, w, exclude_self)
+    w_size = _w_size(w)
+    shared_w = w_size in ((), (1,)) or w_size[-1:] == (1,)
+    pair_q, pair_v, pair_w = _pair_floors(pairs, _f64(upstream), shared_w, _roundoff_of(grads))
+    floors = [pair_q.sum(-1), pair_q.sum(-2), pair_v.sum(-3), pair_w.sum(-2).sum_to_size(w_size)]
     return check_gradients(
         grads,
         reference.pool_and_lse,
@@ -344,12 +378,9 @@ def check_pool_gradients(grads, query, key, value, w, upstream, exclude_self=Fal
 
 def check_rows_gradients(grads, query, keys, values, w, upstream):
     """Judge (dquery, dkeys, dvalues, dw) of ``nw_pool_rows`` on these inputs."""
-    q, K, V, w64, g = _as_f64(query, keys, values, w, upstream)
-    w_keys = torch.as_tensor(w64, dtype=F64).reshape(1, -1)
-    diff = (q[:, None] - K)[..., None]
-    scores = -(w_keys / 2) * diff[..., 0] ** 2
-    pairs = _Pairs(diff, scores, V[..., None], g[:, None], w_keys, torch.isfinite(scores).sum(-1))
-    pair_q, pair_v, pair_w = _pair_floors(pairs, _w_size(w) in ((), (1,)), _roundoff_of(grads))
+    pairs = _rows_pairs(query, keys, values, w)
+    shared_w = _w_size(w) in ((), (1,))
+    pair_q, pair_v, pair_w = _pair_floors(pairs, _f64(upstream), shared_w, _roundoff_of(grads))
     floors = [pair_q.sum(-1), pair_q, pair_v[..., 0], pair_w.sum(-2).sum_to_size(_w_size(w))]
     return check_gradients(
         grads,
@@ -359,3 +390,74 @@ def check_rows_gradients(grads, query, keys, values, w, upstream):
         ("query", "keys", "values", "w"),
         floors=floors,
     )
+
+
+def _jvp(fn, inputs, tangents, dtype, device, kwargs):
+    primals = tuple(x.detach().to(device, dtype) for x in inputs)
+    dual = tuple(
+        torch.zeros_like(x) if t is None else t.detach().to(device, dtype)
+        for x, t in zip(primals, tangents)
+    )
+    return torch.func.jvp(lambda *a: fn(*a, **kwargs)[0], primals, dual)[1]
+
+
+def _check_tangent(dout, fn, inputs, tangents, pairs, ds, dv, name, **kwargs):
+    """dv: ||dv_j|| for each pair (..., n, m), or 0."""
+    dtype = dout.dtype
+    probe = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    exact = _jvp(fn, inputs, tangents, F64, "cpu", kwargs)
+    rough = _jvp(fn, inputs, tangents, probe, inputs[0].device, kwargs)
+    spread = (pairs.values - pairs.out[..., None, :]).norm(dim=-1)
+    used = pairs.weights > 0
+    bound = (pairs.rounding * torch.where(used, dv + ds.abs() * spread, 0.0)).sum(-1)
+    allowed = _probe_allowed(exact.reshape(dout.shape), rough, bound, dtype, probe, GRAD_TOLERANCE)
+    return compare(dout, exact.reshape(dout.shape), allowed, name)
+
+
+def check_pool_tangent(dout, query, key, value, w, tangents, exclude_self=False, name="tangent"):
+    """Judge the forward-mode derivative of ``nw_pool`` along ``tangents``
+    (dquery, dkey, dvalue, dw; None for zero) against float64 ``torch.func.jvp``."""
+    pairs = _shared_pairs(query, key, value, w, exclude_self)
+    dq, dk, _, dw = (None if t is None else _f64(t) for t in tangents)
+    ds = torch.zeros_like(pairs.scores)
+    if dq is not None or dk is not None:
+        dq = torch.zeros_like(_f64(_points(query))) if dq is None else _points(dq)
+        dk = torch.zeros_like(_f64(_points(key))) if dk is None else _points(dk)
+        ds = ds - pairs.w * (pairs.diff * (dq[..., :, None, :] - dk[..., None, :, :])).sum(-1)
+    if dw is not None:
+        dw_pairs = reference._per_key(dw, pairs.scores)
+        ds = ds - 0.5 * dw_pairs * (pairs.diff * pairs.diff).sum(-1)
+    dv = 0.0
+    if tangents[2] is not None:
+        dv = _points(_f64(tangents[2])).norm(dim=-1)[..., None, :]
+    w = w if isinstance(w, torch.Tensor) else torch.tensor(w, dtype=query.dtype)
+    inputs = [query, key, value, w]
+    return _check_tangent(
+        dout,
+        reference.pool_and_lse,
+        inputs,
+        tangents,
+        pairs,
+        ds,
+        dv,
+        name,
+        exclude_self=exclude_self,
+    )
+
+
+def check_rows_tangent(dout, query, keys, values, w, tangents, name="tangent"):
+    """Judge the forward-mode derivative of ``nw_pool_rows`` along ``tangents``."""
+    pairs = _rows_pairs(query, keys, values, w)
+    dq, dK, _, dw = (None if t is None else _f64(t) for t in tangents)
+    diff = pairs.diff[..., 0]
+    ds = torch.zeros_like(pairs.scores)
+    if dq is not None or dK is not None:
+        dq = torch.zeros(diff.shape[0], dtype=F64) if dq is None else dq
+        dK = torch.zeros_like(diff) if dK is None else dK
+        ds = ds - pairs.w * diff * (dq[:, None] - dK)
+    if dw is not None:
+        ds = ds - 0.5 * dw.reshape(1, -1) * diff**2
+    dv = 0.0 if tangents[2] is None else _f64(tangents[2]).abs()
+    w = w if isinstance(w, torch.Tensor) else torch.tensor(w, dtype=query.dtype)
+    inputs = [query, keys, values, w]
+    return _check_tangent(dout, reference.rows_and_lse, inputs, tangents, pairs, ds, dv, name)

@@ -1,0 +1,293 @@
+"""The kernel contract (``nwfast.kernels``), one table of cases for every backend.
+
+Each case runs on Numba and on Triton (natively on CUDA, else under the
+interpreter with its default tile and with small tiles), is judged by
+``nwfast.testing`` against the float64 reference on the same inputs, and its
+ids read like the case: ``B2-n45-m70-d3-c2-signed-float32``.
+"""
+
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from nwfast import testing
+
+ALL = (True, True, True, True)
+DTYPES = [torch.float32, torch.float64]
+
+
+class Case(NamedTuple):
+    B: int
+    n: int
+    m: int
+    d: int
+    c: int
+    w: str  # "shared" (one w, (B, 1)), "perkey" (B, m) or "signed" (per key, some < 0)
+    loo: bool = False  # exclude_self: the queries are the keys
+
+    def __str__(self):
+        batch = f"B{self.B}-" if self.B > 1 else ""
+        return f"{batch}n{self.n}-m{self.m}-d{self.d}-c{self.c}-{self.w}" + (
+            "-loo" if self.loo else ""
+        )
+
+
+CASES = [
+    Case(1, 1, 1, 1, 1, "shared"),
+    Case(1, 7, 33, 1, 1, "shared"),
+    Case(3, 33, 7, 3, 2, "perkey"),
+    Case(2, 45, 70, 3, 2, "signed"),
+    Case(2, 70, 45, 1, 1, "perkey"),
+    Case(1, 64, 300, 3, 2, "perkey"),
+    Case(1, 2, 2, 2, 3, "shared", True),
+    Case(1, 37, 37, 1, 1, "perkey", True),
+    Case(2, 50, 50, 3, 2, "signed", True),
+    Case(1, 300, 300, 1, 1, "shared", True),
+    Case(1, 40, 2100, 1, 1, "shared"),  # several key tiles on every backend
+    Case(1, 2100, 40, 2, 3, "perkey"),  # several query blocks
+]
+
+
+def make(case, dtype, device):
+    """Fresh inputs of ``dtype`` on ``device``: query, key, value, w, upstream."""
+    q = torch.randn(case.B, case.n, case.d, dtype=torch.float64)
+    k = q.clone() if case.loo else torch.randn(case.B, case.m, case.d, dtype=torch.float64)
+    v = torch.randn(case.B, case.m, case.c, dtype=torch.float64)
+    if case.w == "shared":
+        w = 0.2 + torch.rand(case.B, 1, dtype=torch.float64)
+    elif case.w == "perkey":
+        w = 0.1 + torch.rand(case.B, case.m, dtype=torch.float64)
+    else:  # any finite w is legal, negative included
+        w = 0.5 * torch.randn(case.B, case.m, dtype=torch.float64)
+    g = torch.randn(case.B, case.n, case.c, dtype=torch.float64)
+    return [x.to(device, dtype) for x in (q, k, v, w, g)]
+
+
+def diagonal(case):
+    return 0 if case.loo else None
+
+
+def run(kernel, case, q, k, v, w, g, tolerance=0.0, needs=ALL):
+    out, lse, plan = kernel.module.forward(q, k, v, w, diagonal(case), tolerance)
+    grads = kernel.module.backward(g, q, k, v, w, out, lse, diagonal(case), plan, needs)
+    return out, lse, plan, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_and_gradients(kernel, case, dtype, poisoned):
+    q, k, v, w, g = make(case, dtype, kernel.device)
+    out, lse, _, grads = run(kernel, case, q, k, v, w, g)
+    assert out.dtype == dtype and lse.dtype == torch.float64 and out.shape == g.shape
+    assert all(grad.dtype == dtype for grad in grads)
+    assert grads[3].shape == w.shape
+    testing.assert_ok(
+        testing.check_pool(out, q, k, v, w, case.loo),
+        testing.check_pool_lse(lse, q, k, v, w, case.loo),
+        *testing.check_pool_gradients(grads, q, k, v, w, g, case.loo),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES[1:10:2], ids=str)
+def test_tangent(kernel, case, dtype, poisoned):
+    q, k, v, w, _ = make(case, dtype, kernel.device)
+    tangents = [torch.randn_like(x) for x in (q, k, v, w)]
+    out, lse, plan = kernel.module.forward(q, k, v, w, diagonal(case), 0.0)
+    for drop in range(5):  # all four tangents, then each one left out (None)
+        some = [None if i == drop else t for i, t in enumerate(tangents)]
+        dout = kernel.module.tangent(q, k, v, w, some, out, lse, diagonal(case), plan)
+        testing.assert_ok(testing.check_pool_tangent(dout, q, k, v, w, some, case.loo))
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [(True, False, False, False), (False, True, False, False), (False, False, True, False)]
+    + [(False, False, False, True), (False, True, True, False)],
+    ids=lambda x: "".join("qkvw"[i] for i in range(4) if x[i]),
+)
+def test_needs_subset(kernel, needs):
+    case = Case(2, 40, 40, 3, 2, "perkey", True)
+    inputs = make(case, torch.float64, kernel.device)
+    *_, full = run(kernel, case, *inputs)
+    *_, part = run(kernel, case, *inputs, needs=needs)
+    for name, need, a, b in zip("qkvw", needs, part, full):
+        if need:
+            testing.assert_close(a, b, 1e-13, name=f"d{name}")
+        else:
+            assert a is None
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[8]], ids=str)
+def test_results_repeat_bit_for_bit(kernel, case):
+    inputs = make(case, torch.float32, kernel.device)
+    first = run(kernel, case, *inputs)
+    second = run(kernel, case, *inputs)
+    for a, b in zip((first[0], first[1], *first[3]), (second[0], second[1], *second[3])):
+        assert torch.equal(a, b)
+
+
+# --- extremes: each case is inputs (B = 1, canonical) that break naive arithmetic ---
+
+
+def _line(m, dtype, device):
+    k = torch.linspace(-1.0, 1.0, m, dtype=torch.float64)[None, :, None]
+    return k.to(device, dtype)
+
+
+def extreme(name, dtype, device):
+    """(query, key, value, w, loo) for one named extreme case."""
+    k = _line(40, dtype, device)
+    v = torch.randn(1, 40, 2, dtype=torch.float64).to(device, dtype)
+    q = torch.randn(1, 9, 1, dtype=torch.float64).to(device, dtype)
+    full = lambda value: torch.full((1, 40), value, dtype=dtype, device=device)  # noqa: E731
+    if name == "huge-w":
+        return q, k, v, full(1e8), False
+    if name == "far-queries":
+        far = torch.tensor([-1e4, -1e3, 1e3, 2e4], dtype=dtype, device=device)[None, :, None]
+        return far, k, v, full(1.0), False
+    if name == "tiny-w":
+        return q, k, v, full(1e-30), False
+    if name == "zero-w":
+        return q, k, v, full(0.0), False
+    if name == "negative-w":
+        return q, k, v, full(-3.0), False
+    if name == "large-scores":  # a tight cluster of keys far from the queries
+        cluster = 3.0 + 0.01 * torch.randn(1, 40, 1, dtype=torch.float64)
+        return q, cluster.to(device, dtype), v, full(100.0), False
+    if name == "all-equal":
+        same = torch.full((1, 40, 1), 0.5, dtype=dtype, device=device)
+        return same, same.clone(), v, full(3.0), True
+    if name == "duplicate-keys":
+        return q, k.repeat_interleave(2, 1)[:, :40], v, full(30.0), False
+    if name == "nan-query":
+        q = q.clone()
+        q[0, 4] = float("nan")
+        return q, k, v, full(2.0), False
+    if name == "nan-key":
+        k = k.clone()
+        k[0, 17] = float("nan")
+        return q, k, v, full(2.0), False
+    if name == "inf-value":
+        v = v.clone()
+        v[0, 5, 1] = float("inf")
+        return q, k, v, full(2.0), False
+    if name == "loo-nan-value":  # key i is removed from row i: its NaN stays out
+        v = v.clone()
+        v[0, 6, 0] = float("nan")
+        return k, k.clone(), v, full(2.0), True
+    if name == "loo-nan-key":
+        keys = k.clone()
+        keys[0, 11] = float("nan")
+        return keys, keys.clone(), v, full(2.0), True
+    raise ValueError(name)
+
+
+EXTREMES = [
+    "huge-w",
+    "far-queries",
+    "tiny-w",
+    "zero-w",
+    "negative-w",
+    "large-scores",
+    "all-equal",
+    "duplicate-keys",
+    "nan-query",
+    "nan-key",
+    "inf-value",
+    "loo-nan-value",
+    "loo-nan-key",
+]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp overflow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", EXTREMES)
+def test_extremes(kernel, name, dtype, poisoned):
+    q, k, v, w, loo = extreme(name, dtype, kernel.device)
+    g = torch.randn(*q.shape[:2], v.shape[-1], dtype=dtype, device=kernel.device)
+    case = Case(1, q.shape[1], k.shape[1], 1, 2, "perkey", loo)
+    out, lse, _, grads = run(kernel, case, q, k, v, w, g)
+    testing.assert_ok(
+        testing.check_pool(out, q, k, v, w, loo),
+        testing.check_pool_lse(lse, q, k, v, w, loo),
+        *testing.check_pool_gradients(grads, q, k, v, w, g, loo),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_huge_w_and_far_queries_give_the_nearest_value(kernel, dtype):
+    for name in ("huge-w", "far-queries"):
+        q, k, v, w, _ = extreme(name, dtype, kernel.device)
+        out, _, _ = kernel.module.forward(q, k, v, w, None, 0.0)
+        nearest = (q[0, :, 0, None] - k[0, None, :, 0]).abs().argmin(-1)
+        # every other key underflows: the nearest value, to its own rounding
+        testing.assert_close(out[0], v[0, nearest], 4 * testing.UNIT_ROUNDOFF[dtype], name)
+
+
+# --- per-query rows ------------------------------------------------------------
+
+
+ROWS_CASES = [(1, 1), (7, 33), (33, 7), (100, 333), (40, 2100)]
+
+
+def make_rows(n, m, dtype, device, shared_w):
+    q = torch.randn(n, dtype=torch.float64)
+    keys = torch.randn(n, m, dtype=torch.float64)
+    values = torch.randn(n, m, dtype=torch.float64)
+    w = (
+        0.3 + torch.rand(1, dtype=torch.float64)
+        if shared_w
+        else torch.randn(m, dtype=torch.float64)
+    )
+    g = torch.randn(n, dtype=torch.float64)
+    return [x.to(device, dtype) for x in (q, keys, values, w, g)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shared_w", [True, False], ids=["shared", "signed"])
+@pytest.mark.parametrize("shape", ROWS_CASES, ids=lambda s: f"n{s[0]}-m{s[1]}")
+def test_rows(kernel, shape, shared_w, dtype, poisoned):
+    q, keys, values, w, g = make_rows(*shape, dtype, kernel.device, shared_w)
+    out, lse = kernel.module.forward_rows(q, keys, values, w)
+    grads = kernel.module.backward_rows(g, q, keys, values, w, out, lse, ALL)
+    tangents = [torch.randn_like(x) for x in (q, keys, values, w)]
+    dout = kernel.module.tangent_rows(q, keys, values, w, tangents, out, lse)
+    assert out.shape == (shape[0],) and grads[3].shape == w.shape
+    testing.assert_ok(
+        testing.check_rows(out, q, keys, values, w),
+        testing.check_rows_lse(lse, q, keys, values, w),
+        *testing.check_rows_gradients(grads, q, keys, values, w, g),
+        testing.check_rows_tangent(dout, q, keys, values, w, tangents),
+    )
+
+
+def test_rows_needs_subset_and_repeat(kernel):
+    q, keys, values, w, g = make_rows(70, 45, torch.float32, kernel.device, False)
+    out, lse = kernel.module.forward_rows(q, keys, values, w)
+    full = kernel.module.backward_rows(g, q, keys, values, w, out, lse, ALL)
+    again = kernel.module.backward_rows(g, q, keys, values, w, out, lse, ALL)
+    assert all(torch.equal(a, b) for a, b in zip(full, again))
+    for i in range(4):
+        needs = tuple(j == i for j in range(4))
+        part = kernel.module.backward_rows(g, q, keys, values, w, out, lse, needs)
+        assert all((part[j] is None) != (j == i) for j in range(4))
+        testing.assert_close(part[i], full[i], 1e-6, name=f"subset {i}")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("where", ["query", "keys"])
+def test_rows_nan_stays_in_its_row(kernel, where):
+    q, keys, values, w, g = make_rows(50, 40, torch.float64, kernel.device, False)
+    if where == "query":
+        q[7] = float("nan")
+    else:
+        keys[7, 3] = float("nan")
+    out, lse = kernel.module.forward_rows(q, keys, values, w)
+    grads = kernel.module.backward_rows(g, q, keys, values, w, out, lse, ALL)
+    assert out.isnan().nonzero().flatten().tolist() == [7]
+    testing.assert_ok(
+        testing.check_rows(out, q, keys, values, w),
+        *testing.check_rows_gradients(grads, q, keys, values, w, g),
+    )
