@@ -18,12 +18,12 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from nwfast.functional import nw_pool, nw_pool_with_lse
 from nwfast.local_linear import (
-    THIN,
     local_linear_pool,
     moment_layout,
     moments,
     solve_moments,
     sum_squared_weights,
+    thin_tolerance,
 )
 
 __all__ = ["LocalLinearRegression", "NadarayaWatson", "expected_failed_checks", "rule_of_thumb"]
@@ -612,7 +612,7 @@ class LocalLinearRegression(_KernelRegressor):
         q, k = Xq / h, Xk / h
         d, c = q.shape[1], Y.shape[1]
         mom, lse = moments(q, k, torch.cat([Y, squared_residuals], 1), 1.0, backend=self.backend)
-        fit = solve_moments(mom, d, 2 * c, THIN[q.dtype])
+        fit = solve_moments(mom, d, 2 * c, thin_tolerance(q.dtype))
         mom_2w, lse_2w = moments(q, k, Y[:, :0], 2.0, backend=self.backend)
         layout = moment_layout(d, 2 * c)
         sigma2 = mom[:, layout.values][:, c:]  # the kernel-weighted mean of e_j**2

@@ -24,7 +24,7 @@ prediction falls back to the local-constant value ``Sv``, Nadaraya-Watson's. The
 test is scale-free: C is scaled by the second moments, R = C_fg / sqrt(S2_ff
 S2_gg), whose diagonal is the fraction of each feature's mean squared offset
 that is spread rather than distance, and a row is thin when R's smallest
-eigenvalue is at most ``THIN`` (1024 units of rounding of the kernel's dtype):
+eigenvalue is at most ``thin_tolerance`` (1024 units of rounding of the kernel's dtype):
 below it the sums cannot resolve a slope.
 """
 
@@ -48,8 +48,14 @@ __all__ = [
     "sum_squared_weights",
 ]
 
-# Smallest eigenvalue of the scaled covariance R below which a line is not fitted.
-THIN = {torch.float64: 2.0**-43, torch.float32: 2.0**-14}
+# Smallest eigenvalue of the scaled covariance R below which a line is not fitted,
+# 1024 units of rounding of the dtype the kernels sum in (float32 for half inputs).
+THIN_FLOAT64, THIN_FLOAT32 = 2.0**-43, 2.0**-14
+
+
+def thin_tolerance(dtype):
+    return THIN_FLOAT64 if dtype == torch.float64 else THIN_FLOAT32
+
 
 _KERNELS = {"numba": "nwfast.kernels.numba_moments", "triton": "nwfast.kernels.triton_moments"}
 
@@ -326,7 +332,7 @@ def local_linear_pool(query, key, value, w, *, exclude_self=False, backend="auto
     else:
         mom, _ = moments(query, key, value, w, exclude_self=exclude_self, backend=backend)
         q, v = _points("query", query), _points("value", value)
-        fit = solve_moments(mom, q.shape[1], v.shape[1], THIN[q.dtype]).value
+        fit = solve_moments(mom, q.shape[1], v.shape[1], thin_tolerance(q.dtype)).value
     fit = fit.to(query.dtype)
     return fit[:, 0] if value.dim() == 1 else fit
 
@@ -384,5 +390,5 @@ def local_linear_reference(query, key, value, w, *, exclude_self=False):
     line = torch.linalg.lstsq(root * design, root * target, driver="gelsd").solution[:, 0]
     mom, _ = moments_reference(q, k, v, w, exclude_self)
     S1, S2, Sv, _ = _unpack(mom, q.shape[1], v.shape[1])
-    thin = _is_thin(_covariance(S1, S2)[0], THIN[query.dtype])
+    thin = _is_thin(_covariance(S1, S2)[0], thin_tolerance(query.dtype))
     return torch.where(thin[:, None], Sv, line)
