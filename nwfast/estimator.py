@@ -63,7 +63,9 @@ def _torch_float(name, t):
 
 
 def _check_finite(name, t):
-    if not torch.isfinite(t).all():
+    # NumPy on CPU: one thread, where torch's thread pool can stall on busy cores.
+    finite = np.isfinite(t.numpy()).all() if t.device.type == "cpu" else torch.isfinite(t).all()
+    if not finite:
         raise ValueError(f"Input {name} contains NaN or infinity (shape {tuple(t.shape)}).")
 
 
@@ -130,6 +132,7 @@ def _validate_fit(estimator, X, y, dtype):
         )
     if X.shape[0] < 2:
         raise ValueError(f"fit needs at least 2 samples, got n_samples = {X.shape[0]}")
+    # After the conversion to the compute dtype, which can overflow.
     _check_finite("X", X)
     _check_finite("y", y)
     return X, y
