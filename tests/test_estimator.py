@@ -168,6 +168,8 @@ def test_bad_data(cls):
         cls().fit(X[:1], y[:1])
     with pytest.raises(ValueError, match=r"y has shape \(20, 0\)"):
         cls().fit(X, np.zeros((20, 0)))
+    with pytest.raises(ValueError, match="Input X contains NaN or infinity"):
+        cls(dtype="float32").fit(X * 1e300, y)  # finite in float64, not in float32
     model = cls(0.5).fit(X, y)
     with pytest.raises(ValueError, match="X has 3 features, but .* expecting 2 features"):
         model.predict(rng.normal(size=(4, 3)))
