@@ -118,12 +118,41 @@ def _dot_values(a, ra, vT, ch, ja, nt):
 
 
 @_ijit
+def _span_moments_11(q0, kT, vT, c0, ja, jb, shift, acc):
+    """d = c = 1 in one sweep, no buffers: acc += sums of e_j [1, u, u^2, v, u v]."""
+    s0 = kT.dtype.type(0)
+    s1 = kT.dtype.type(0)
+    s2 = kT.dtype.type(0)
+    sv = kT.dtype.type(0)
+    suv = kT.dtype.type(0)
+    for j in range(ja, jb):
+        jj = _u(j)
+        u = kT[0, jj] - q0
+        e = exp2(c0 * (u * u) - shift)
+        eu = e * u
+        v = vT[0, jj]
+        s0 += e
+        s1 += eu
+        s2 += eu * u
+        sv += e * v
+        suv += eu * v
+    acc[0] += s0
+    acc[1] += s1
+    acc[2] += s2
+    acc[3] += sv
+    acc[4] += suv
+
+
+@_ijit
 def _span_moments(q, i, kT, vT, c2, ja, jb, shift, U, x, eu, acc):
     """acc += sum over the span of e_j [1, u, upper(u u^T), v, u v^T] with
     e_j = 2**(x_j - shift); acc is float64, the span's sums are in the data's
     dtype."""
     d = q.shape[1]
     c = vT.shape[0]
+    if d == 1 and c == 1:
+        _span_moments_11(q[i, 0], kT, vT, c2[0], ja, jb, shift, acc)
+        return
     nt = jb - ja
     _span_scores(q, i, kT, c2, ja, jb, U, x)
     total = x.dtype.type(0)
@@ -220,10 +249,28 @@ def _forward_kernel(q, kT, vT, c2, scores_nonpositive, exclude_self, moments, ls
 
 
 @_ijit
+def _span_grad_11(q0, kT, vT, c0, L2h, L2l, G, tbar, r0, ja, jb, acc):
+    """d = c = 1 in one sweep, no buffers."""
+    g0, g1, g2, g3 = G[0], G[1], G[2], G[3]
+    s = kT.dtype.type(0)
+    for j in range(ja, jb):
+        jj = _u(j)
+        u = kT[0, jj] - q0
+        uu = u * u
+        v = vT[0, jj]
+        p = exp2((c0 * uu - L2h) - L2l)
+        s += p * ((g0 * u + g1 * uu + g2 * v + g3 * (u * v)) - tbar) * (uu - r0)
+    acc[0] += s
+
+
+@_ijit
 def _span_grad(q, i, kT, vT, c2, L2h, L2l, G, tbar, r, ja, jb, U, x, t, acc):
     """acc[f] += sum over the span of p_j (u_jf^2 - r_f) (G . phi_j - tbar)."""
     d = q.shape[1]
     c = vT.shape[0]
+    if d == 1 and c == 1:
+        _span_grad_11(q[i, 0], kT, vT, c2[0], L2h, L2l, G, tbar, r[0], ja, jb, acc)
+        return
     nt = jb - ja
     _span_scores(q, i, kT, c2, ja, jb, U, x)
     for j in range(nt):

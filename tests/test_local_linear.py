@@ -16,6 +16,7 @@ CASES = {
     "n40-m70-d2-c3": (40, 70, 2, 3),
     "n45-m45-d3-c1": (45, 45, 3, 1),
     "n30-m530-d2-c0": (30, 530, 2, 0),
+    "n33-m33-d1-c1": (33, 33, 1, 1),
 }
 
 
@@ -86,8 +87,9 @@ def test_one_dimensional_shapes_and_scalar_w():
 
 @pytest.mark.parametrize("per_feature", [False, True], ids=["scalar-w", "per-feature-w"])
 @pytest.mark.parametrize("exclude_self", [False, True], ids=["all", "loo"])
-def test_gradcheck_in_w(exclude_self, per_feature):
-    q, k, v, w = inputs("n45-m45-d3-c1", torch.float64, per_feature)
+@pytest.mark.parametrize("case", ["n45-m45-d3-c1", "n33-m33-d1-c1"])
+def test_gradcheck_in_w(case, exclude_self, per_feature):
+    q, k, v, w = inputs(case, torch.float64, per_feature)
     if not exclude_self:
         q = q[:20] + 0.05
     w = w.requires_grad_()
