@@ -14,14 +14,15 @@ The contract, on contiguous tensors of one float dtype (float32 or float64)::
 
     forward(query (n, d), key (m, d), value (m, c), w (d,), exclude_self)
         -> moments (n, P) float64, lse (n,) float64 (natural log)
-    backward(grad (n, P) float64, query, key, value, w, moments, lse, exclude_self)
+    backward(grad (n, P) float64, query, key, value, w, lse, second (n, d) float64,
+             tbar (n,) float64, exclude_self)
         -> (n, d) float64: row i holds d/dw_f of grad_i . moments_i
 
 The backward is the derivative of the softmax in w_f:
-d p_ij / d w_f = -(1/2) p_ij (u_ijf^2 - E_i[u_f^2]), where E_i[u_f^2] is a
-second moment the forward already returned; the kernel also subtracts
-t_i = grad_i . moments_i from grad_i . phi_ij (exact, since the centred
-weights sum to 0), so neither factor carries a large constant into the sum.
+d p_ij / d w_f = -(1/2) p_ij (u_ijf^2 - E_i[u_f^2]), where ``second`` holds the
+E_i[u_f^2] the forward returned; the kernel also subtracts ``tbar`` =
+grad_i . moments_i from grad_i . phi_ij (exact, since the centred weights sum to
+0), so neither factor carries a large constant into the sum.
 
 The loops follow ``numba_nw``: scores in log2 units, the polynomial ``exp2``,
 float32 (or float64) lanes within a tile of keys and float64 across tiles, a
@@ -348,11 +349,6 @@ def _log2_scale(w):
     return _np((w.double() * (-0.5 * LOG2E)).to(w.dtype))
 
 
-def _diagonal_index(d):
-    """Columns of the second moments u_f^2 in the layout (f <= g, row by row)."""
-    return [d + f * d - f * (f - 1) // 2 for f in range(d)]
-
-
 def forward(query, key, value, w, exclude_self):
     n, d = query.shape
     c = value.shape[1]
@@ -371,7 +367,7 @@ def forward(query, key, value, w, exclude_self):
     return moments, lse
 
 
-def backward(grad, query, key, value, w, moments, lse, exclude_self):
+def backward(grad, query, key, value, w, lse, second, tbar, exclude_self):
     dtype = query.dtype
     L2 = lse * LOG2E
     L2h = L2.to(dtype)
@@ -382,8 +378,8 @@ def backward(grad, query, key, value, w, moments, lse, exclude_self):
         _np(value.T),
         _log2_scale(w),
         _np(grad.to(dtype)),
-        _np(((grad * moments).sum(1)).to(dtype)),
-        _np(moments[:, _diagonal_index(query.shape[1])].to(dtype)),
+        _np(tbar.to(dtype)),
+        _np(second.to(dtype)),
         _np(L2h),
         _np((L2 - L2h.double()).to(dtype)),
         bool(exclude_self),

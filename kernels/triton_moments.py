@@ -2,8 +2,9 @@
 
 The same contract as ``numba_moments`` (read its docstring for the math and the
 layout): ``forward(query (n, d), key (m, d), value (m, c), w (d,), exclude_self)
--> (moments (n, P) float64, lse (n,) float64)`` and ``backward(grad, ...) ->
-(n, d) float64``, on tensors of one device and dtype.
+-> (moments (n, P) float64, lse (n,) float64)`` and ``backward(grad, query, key,
+value, w, lse, second, tbar, exclude_self) -> (n, d) float64``, on tensors of one
+device and dtype.
 
 A program owns BLOCK_N queries (tile dim 1) and streams the keys in tiles of
 BLOCK_M (dim 0), as ``triton_nw`` does: each thread owns whole query columns, so
@@ -206,10 +207,6 @@ def _c2(w, dtype):
     return (w.double() * (-0.5 * _scale(dtype))).to(acc).contiguous()
 
 
-def _diagonal_index(d):
-    return [d + f * d - f * (f - 1) // 2 for f in range(d)]
-
-
 def forward(query, key, value, w, exclude_self):
     n, d = query.shape
     m, c = value.shape
@@ -225,7 +222,7 @@ def forward(query, key, value, w, exclude_self):
     return moments, lse / _scale(query.dtype)
 
 
-def backward(grad, query, key, value, w, moments, lse, exclude_self):
+def backward(grad, query, key, value, w, lse, second, tbar, exclude_self):
     n, d = query.shape
     m, c = value.shape
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -235,9 +232,8 @@ def backward(grad, query, key, value, w, moments, lse, exclude_self):
     blocks = _blocks()
     _moments_bwd_kernel[(triton.cdiv(n, blocks["BLOCK_N"]),)](
         query, key, value, _c2(w, query.dtype), grad.to(acc).contiguous(),
-        (grad * moments).sum(1).to(acc), moments[:, _diagonal_index(d)].to(acc).contiguous(),
-        high, (scaled - high.double()).to(acc), grad_w, n, m,
-        bool(exclude_self), d, c, moments.shape[1], **_meta(query.dtype),
+        tbar.to(acc), second.to(acc), high, (scaled - high.double()).to(acc), grad_w, n, m,
+        bool(exclude_self), d, c, grad.shape[1], **_meta(query.dtype),
         BLOCK_D=triton.next_power_of_2(d), **blocks,
     )  # fmt: skip
     return grad_w

@@ -46,6 +46,7 @@ __all__ = [
     "moments_reference",
     "solve_moments",
     "sum_squared_weights",
+    "thin_tolerance",
 ]
 
 # Smallest eigenvalue of the scaled covariance R below which a line is not fitted,
@@ -179,8 +180,11 @@ def _moments_backward_op(
     backend: str,
 ) -> Tensor:
     q, k, v, w = (x.contiguous() for x in (q, k, v, w))
+    # What the kernel subtracts: each query's E[u_f^2] and grad . moments.
+    second = _unpack(moments, q.shape[1], v.shape[1])[1].diagonal(dim1=1, dim2=2)
+    tbar = (grad * moments).sum(1)
     per_query = _kernels(backend).backward(
-        grad.contiguous(), q, k, v, w, moments.contiguous(), lse.contiguous(), exclude_self
+        grad.contiguous(), q, k, v, w, lse.contiguous(), second.contiguous(), tbar, exclude_self
     )
     return per_query.sum(0).to(w.dtype)
 
