@@ -235,12 +235,11 @@ def moments(query, key, value, w, *, exclude_self=False, backend="auto"):
 
 
 class LocalLinearFit(NamedTuple):
-    """Per query: the fitted value (n, c), gamma (n, d) such that the fit's weight on
-    key j is p_ij (1 - gamma_i . S1_i + gamma_i . u_ij), and where it fell back."""
+    """Per query: the fitted value (n, c) and gamma (n, d), such that the fit's weight
+    on key j is p_ij (1 + gamma_i . (u_ij - S1_i)); gamma is 0 where the fit fell back."""
 
     value: Tensor
     gamma: Tensor
-    thin: Tensor
 
 
 def _unpack(moments, d, c):
@@ -290,7 +289,7 @@ def solve_moments(moments, d, c, tol):
     slope, gamma = solved[:, :, :c], -solved[:, :, c]
     value = Sv - (S1[:, :, None] * slope).sum(1)
     return LocalLinearFit(
-        torch.where(thin[:, None], Sv, value), torch.where(thin[:, None], 0.0, gamma), thin
+        torch.where(thin[:, None], Sv, value), torch.where(thin[:, None], 0.0, gamma)
     )
 
 
