@@ -1,16 +1,36 @@
 """nwfast: fused Nadaraya-Watson (Gaussian attention) pooling for PyTorch."""
 
 from nwfast import reference
-from nwfast.estimator import NadarayaWatson
 from nwfast.functional import nw_pool, nw_pool_rows, nw_weights
+from nwfast.local_linear import local_linear_pool
 from nwfast.models import NWKernelRegression
 
 __all__ = [
+    "LocalLinearRegression",
     "NWKernelRegression",
     "NadarayaWatson",
+    "local_linear_pool",
     "nw_pool",
     "nw_pool_rows",
     "nw_weights",
     "reference",
 ]
 __version__ = "0.1.0"
+
+_ESTIMATORS = ("LocalLinearRegression", "NadarayaWatson")
+
+
+def __getattr__(name):
+    # The estimators need scikit-learn (the "sklearn" extra); they are imported on
+    # first use, so that the operators never pay for it.
+    if name not in _ESTIMATORS:
+        raise AttributeError(f"module 'nwfast' has no attribute {name!r}")
+    try:
+        from nwfast import estimator
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] != "sklearn":
+            raise
+        raise ImportError(
+            f"nwfast.{name} is a scikit-learn estimator: pip install 'nwfast[sklearn]'"
+        ) from None
+    return getattr(estimator, name)

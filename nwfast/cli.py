@@ -1,8 +1,9 @@
 """The ``nwfast`` command line: ``nwfast demo`` (also ``python -m nwfast demo``)."""
 
 import argparse
+import sys
 
-from nwfast.demo import run_demo
+from nwfast.demo import MissingExtra, run_demo
 
 
 def _int_at_least(minimum):
@@ -28,9 +29,11 @@ def build_parser():
         description=(
             "Reproduce the textbook's Nadaraya-Watson experiment on the fused operator: "
             "an untrained kernel, a scalar w trained on the leave-one-out loss, the same "
-            "without leave-one-out, a per-key w and a per-key w with a sqrt(w) penalty. "
-            "Writes fits.png, attention.png, loss.png, loss_vs_w.png, summary.txt and "
-            "summary.json."
+            "without leave-one-out, a per-key w and a per-key w with a sqrt(w) penalty; "
+            "then the Nadaraya-Watson and local-linear estimators with leave-one-out "
+            "bandwidths and +-1.96 std bands. Writes fits.png, estimators.png, "
+            "attention.png, loss.png, loss_vs_w.png, summary.txt and summary.json. "
+            "Needs the demo extra: pip install 'nwfast[demo]'."
         ),
     )
     demo.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
@@ -60,13 +63,17 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        run_demo(
-            seed=args.seed,
-            n_train=args.n_train,
-            epochs=args.epochs,
-            lr=args.lr,
-            penalty=args.penalty,
-            out=args.out,
-            backend=args.backend,
-        )
+        try:
+            run_demo(
+                seed=args.seed,
+                n_train=args.n_train,
+                epochs=args.epochs,
+                lr=args.lr,
+                penalty=args.penalty,
+                out=args.out,
+                backend=args.backend,
+            )
+        except MissingExtra as error:
+            print(error, file=sys.stderr)
+            return 1
     return 0

@@ -10,10 +10,16 @@ five ways to pick the Gaussian kernel's ``w`` (``1 / h**2``):
 - ``per_key_penalty``: per-key, with ``penalty * mean_j sqrt(w_j)`` added to the loss
   (``sqrt(w) = 1 / h`` penalises narrow kernels).
 
-``run_demo`` trains them, writes ``fits.png``, ``attention.png``, ``loss.png``,
-``loss_vs_w.png``, ``summary.txt`` and ``summary.json`` and returns the summary.
+Beside them, the two estimators with leave-one-out bandwidths and their +-1.96 std
+bands, ``NadarayaWatson`` and ``LocalLinearRegression``: at both ends of the data
+the local constant is pulled towards the inside, the local line is not.
+
+``run_demo`` trains them, writes ``fits.png``, ``estimators.png``, ``attention.png``,
+``loss.png``, ``loss_vs_w.png``, ``summary.txt`` and ``summary.json`` and returns the
+summary. It needs matplotlib and scikit-learn, the ``demo`` extra.
 """
 
+import importlib
 import json
 import time
 from pathlib import Path
@@ -24,7 +30,23 @@ import torch
 from nwfast.functional import nw_pool, nw_weights
 from nwfast.models import NWKernelRegression
 
-__all__ = ["VARIANTS", "make_data", "read_summary", "run_demo", "train"]
+__all__ = [
+    "ESTIMATORS",
+    "VARIANTS",
+    "MissingExtra",
+    "make_data",
+    "read_summary",
+    "run_demo",
+    "train",
+]
+
+# The demo's own dependencies: (module, what needs it).
+EXTRA = "demo"
+REQUIRES = (("matplotlib", "its figures"), ("sklearn", "its estimators"))
+
+
+class MissingExtra(RuntimeError):
+    """A dependency of the demo is not installed; the message says what to install."""
 
 
 class Variant(NamedTuple):
@@ -42,6 +64,18 @@ VARIANTS = {
     "scalar_no_loo": Variant("scalar w, no leave-one-out", "tab:red", True, False, False, False),
     "per_key": Variant("per-key w, leave-one-out", "tab:green", True, True, True, False),
     "per_key_penalty": Variant("per-key w + sqrt(w) penalty", "tab:purple", True, True, True, True),
+}
+
+
+class Estimator(NamedTuple):
+    title: str
+    color: str
+    class_name: str  # in nwfast.estimator
+
+
+ESTIMATORS = {
+    "nadaraya_watson": Estimator("Nadaraya-Watson (local constant)", "tab:blue", "NadarayaWatson"),
+    "local_linear": Estimator("local-linear", "tab:green", "LocalLinearRegression"),
 }
 
 
@@ -99,12 +133,15 @@ def run_demo(
 ):
     """Train every variant, write the figures and the summary under ``out``.
 
-    Returns a dict ``{variant: {"w": [...], "loo_mse", "train_mse", "test_mse"}}``
-    plus ``"seconds"``. ``loo_mse`` predicts each training point from the others,
+    Returns a dict ``{variant: {"w": [...], "loo_mse", "train_mse", "test_mse"}}``, the
+    same for each of ``ESTIMATORS`` (``w = h**-2``), plus ``"seconds"``. Raises
+    ``MissingExtra`` before writing anything if matplotlib or scikit-learn is missing.
+    ``loo_mse`` predicts each training point from the others,
     ``train_mse`` from all points including itself, ``test_mse`` is on the test grid
     against the noise-free truth.
     """
     start = time.perf_counter()
+    require_extras()  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     x, y, x_test, y_truth = make_data(n_train, seed)
@@ -132,7 +169,17 @@ def run_demo(
             }
         models[name] = model
 
+    fitted = fit_estimators(x, y, backend)
+    for name, model in fitted.items():
+        results[name] = {
+            "w": [model.bandwidth_**-2],
+            "loo_mse": model.loo_mse_,
+            "train_mse": _mse(model.predict(x), y),
+            "test_mse": _mse(model.predict(x_test), y_truth),
+        }
+
     plot_fits(out / "fits.png", models, results, x, y, x_test, y_truth)
+    plot_estimators(out / "estimators.png", fitted, x, y)
     plot_attention(out / "attention.png", models, results, x, x_test)
     plot_losses(out / "loss.png", histories)
     plot_loss_vs_w(out / "loss_vs_w.png", results, x, y, x_test, y_truth, backend)
@@ -154,7 +201,7 @@ def summary_text(results, **settings):
         f"{'variant':<16} {'w_median':>10} {'w_min':>10} {'w_max':>10} "
         f"{'loo_mse':>9} {'train_mse':>9} {'test_mse':>9}"
     )
-    for name in VARIANTS:
+    for name in (*VARIANTS, *ESTIMATORS):
         r = results[name]
         w = torch.tensor(r["w"])
         lines.append(
@@ -175,18 +222,35 @@ def read_summary(path):
     return {row[0]: dict(zip(header[1:], map(float, row[1:]))) for row in body}
 
 
+def require_extras():
+    """Raise MissingExtra, naming the extra to install, if a dependency is missing."""
+    for module, purpose in REQUIRES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise MissingExtra(
+                f"nwfast demo needs {module} for {purpose}: pip install 'nwfast[{EXTRA}]'"
+            ) from None
+
+
+def fit_estimators(x, y, backend="auto"):
+    """Both estimators fitted with leave-one-out bandwidths, by name."""
+    # Imported here: scikit-learn is part of the demo extra, not of the library.
+    from nwfast import estimator
+
+    return {
+        name: getattr(estimator, spec.class_name)("loo", backend=backend).fit(x, y)
+        for name, spec in ESTIMATORS.items()
+    }
+
+
 # --- figures -------------------------------------------------------------------------
 
 
 def _pyplot():
     # Imported here so that the library and the CLI's other commands never pay for
-    # matplotlib; Agg draws to files without a display.
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise RuntimeError(
-            "the demo draws its figures with matplotlib: pip install matplotlib"
-        ) from error
+    # matplotlib (require_extras has checked it is there); Agg draws without a display.
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -332,6 +396,54 @@ def plot_loss_vs_w(path, results, x, y, x_test, y_truth, backend="auto"):
     ax.set_title("Training error with and without leave-one-out")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_estimators(path, fitted, x, y, band=1.96):
+    """Each estimator's fit with its +-1.96 std band (left), and the bias of each, the
+    fit to noise-free data minus the truth, at one bandwidth against the same band
+    (right): at both ends the local constant is pulled towards the inside of the
+    data, the local line much less."""
+    plt = _pyplot()
+    grid = torch.linspace(0, 5, 301)
+    truth = true_function(grid).numpy()
+    # One bandwidth for both, so that the difference is the model's, not h's.
+    h = fitted["nadaraya_watson"].bandwidth_
+    fig, (fit_ax, bias_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fit_ax.plot(grid, truth, color="black", lw=1.2, ls="--", label="truth f(x)")
+    fit_ax.plot(x, y, "o", ms=3.5, color="tab:orange", alpha=0.7, label="training data")
+    bias_ax.axhline(0.0, color="black", lw=1.0)
+    for name, model in fitted.items():
+        spec = ESTIMATORS[name]
+        mean, std = (t.numpy() for t in model.predict(grid, return_std=True))
+        fit_ax.plot(
+            grid, mean, color=spec.color, lw=2, label=f"{spec.title}, h = {model.bandwidth_:.3g}"
+        )
+        fit_ax.fill_between(grid, mean - band * std, mean + band * std, color=spec.color,
+                            alpha=0.18, lw=0)  # fmt: skip
+        # The fits are linear in y: the fit to f(x_j) is the expected fit.
+        at_h = type(model)(h, backend=model.backend)
+        _, std_h = at_h.fit(x, y).predict(grid, return_std=True)
+        bias = at_h.fit(x, true_function(x)).predict(grid).numpy() - truth
+        bias_ax.plot(grid, bias, color=spec.color, lw=2, label=f"{spec.title}: bias")
+        bias_ax.fill_between(grid, -band * std_h, band * std_h, color=spec.color, alpha=0.12,
+                             lw=0, label=f"+-{band} std")  # fmt: skip
+        for end, side in ((0, 1), (-1, -1)):
+            bias_ax.annotate(
+                f"{bias[end]:+.2f}", (grid[end], bias[end]), color=spec.color, fontsize=9,
+                ha="left" if side > 0 else "right", textcoords="offset points",
+                xytext=(5 * side, 0), va="center",
+            )  # fmt: skip
+    fit_ax.set_title(f"Leave-one-out bandwidths, bands of +-{band} std")
+    bias_ax.set_title(f"Bias (fit to noise-free data minus f) at h = {h:.3g} for both")
+    for ax in (fit_ax, bias_ax):
+        ax.set_xlabel("x")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right" if ax is fit_ax else "lower center")
+    fit_ax.set_ylabel("y")
+    bias_ax.set_ylabel("E fit - f(x)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,54 +1,37 @@
-"""``NadarayaWatson``: a scikit-learn-style kernel regressor on the fused operator.
+"""Kernel regression estimators for scikit-learn: ``NadarayaWatson`` and
+``LocalLinearRegression``.
 
-It speaks in bandwidths, as statsmodels and scikit-learn do: ``h`` is the Gaussian's
-standard deviation, so the operator's ``w`` is ``1 / h**2``; a per-feature bandwidth
-``h_f`` is applied by scaling feature f by ``1 / h_f`` and pooling with ``w = 1``.
+Both speak in bandwidths, as statsmodels and scikit-learn do: ``h`` is the
+Gaussian's standard deviation. Every pass scales the data by ``1 / h`` (one h,
+or one per feature) and pools with ``w = 1``, which keeps the operator's numbers
+near 1 at any scale of X (``w = h**-2`` would overflow float32 past |X| ~ 1e19).
 """
 
-import inspect
 import math
-import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.metrics import r2_score
+from sklearn.utils.validation import check_is_fitted, validate_data
 
-from nwfast.functional import nw_pool
+from nwfast.functional import nw_pool, nw_pool_with_lse
+from nwfast.local_linear import (
+    local_linear_pool,
+    moment_layout,
+    moments,
+    solve_moments,
+    sum_squared_weights,
+    thin_tolerance,
+)
 
-__all__ = ["NadarayaWatson", "loo_mse", "rule_of_thumb", "time_loo_fit"]
+__all__ = ["LocalLinearRegression", "NadarayaWatson", "expected_failed_checks", "rule_of_thumb"]
 
 RULES = ("scott", "silverman")
 
 
 # --- input conversion ----------------------------------------------------------------
-
-
-def _shape(a):
-    return tuple(a.shape)
-
-
-def _to_tensor(name, a, dtype=None, device=None):
-    """``a`` as a float tensor; also says whether it came in as a torch tensor."""
-    if isinstance(a, torch.Tensor):
-        is_torch = True
-        if a.is_complex():
-            raise TypeError(f"{name} must be real, got dtype {a.dtype}")
-        t = a.detach()
-    else:
-        is_torch = False
-        arr = np.asarray(a)
-        if arr.dtype.kind == "c":
-            raise TypeError(f"{name} must be real, got dtype {arr.dtype}")
-        if arr.dtype.kind not in "biuf":
-            raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
-        if arr.dtype.kind != "f" or arr.dtype == np.float16:
-            arr = arr.astype(np.float64)
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-    if not t.is_floating_point():
-        t = t.to(torch.get_default_dtype())
-    # The CPU kernels compute in float32 or float64; half precision is a GPU dtype.
-    if t.dtype in (torch.float16, torch.bfloat16) and t.device.type == "cpu":
-        t = t.float()
-    return t.to(dtype=dtype, device=device), is_torch
 
 
 def _compute_dtype(dtype):
@@ -67,23 +50,108 @@ def _compute_dtype(dtype):
     return getattr(torch, name)
 
 
-def _features(name, X, d=None):
-    """X as (n, d): a 1-D X is n points with one feature."""
-    if X.dim() == 1:
-        X = X[:, None]
-    if X.dim() != 2:
-        raise ValueError(f"{name} must be (n,) or (n, d), got shape {_shape(X)}")
-    if d is not None and X.shape[1] != d:
-        raise ValueError(
-            f"{name} has {X.shape[1]} features (shape {_shape(X)}) but the estimator "
-            f"was fitted with {d}"
-        )
-    return X
+def _torch_float(name, t):
+    """A torch tensor as a float tensor the kernels compute in (detached)."""
+    if t.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {t.dtype}")
+    if t.dtype == torch.bool or not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
+    # The CPU kernels compute in float32 or float64; half precision is a GPU dtype.
+    if t.dtype in (torch.float16, torch.bfloat16) and t.device.type == "cpu":
+        t = t.float()
+    return t.detach()
 
 
 def _check_finite(name, t):
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or inf (shape {_shape(t)})")
+    # NumPy on CPU: one thread, where torch's thread pool can stall on busy cores.
+    finite = np.isfinite(t.numpy()).all() if t.device.type == "cpu" else torch.isfinite(t).all()
+    if not finite:
+        raise ValueError(f"Input {name} contains NaN or infinity (shape {tuple(t.shape)}).")
+
+
+def _as_tensor(array):
+    # A writable C-contiguous copy where needed: torch warns on read-only memory.
+    return torch.from_numpy(np.require(array, requirements=["C", "W"]))
+
+
+def _features(estimator, X, reset):
+    """(n,) is n samples of one feature; sets or checks ``n_features_in_``."""
+    shape = tuple(X.shape)
+    if X.dim() == 1:
+        X = X[:, None]
+    if X.dim() != 2:
+        raise ValueError(f"X must be (n_samples,) or (n_samples, n_features), got shape {shape}")
+    if reset:
+        estimator.n_features_in_ = X.shape[1]
+    elif X.shape[1] != estimator.n_features_in_:
+        expected = estimator.n_features_in_
+        message = (
+            f"X has {X.shape[1]} features, but {type(estimator).__name__} is expecting "
+            f"{expected} features as input."
+        )
+        if len(shape) == 1:
+            message += (
+                f" A 1-D X of shape {shape} is read as {shape[0]} samples of one feature; "
+                "Reshape your data with X.reshape(1, -1) if it is a single sample."
+            )
+        raise ValueError(message)
+    return X
+
+
+def _validate_fit(estimator, X, y, dtype):
+    """X as a (n, d) tensor and y as (n,) or (n, c), in the compute dtype.
+
+    Array-likes go through scikit-learn's own validation (lists, pandas with
+    nullable dtypes, object arrays, sparse input refused, NaN refused, feature
+    names); torch tensors are checked here and stay on their device.
+    """
+    if getattr(y, "ndim", None) == 2 and y.shape[1] == 0:  # before scikit-learn's message
+        raise ValueError(f"y has shape {tuple(y.shape)}: no output to fit")
+    if isinstance(X, torch.Tensor):
+        X = _torch_float("X", X)
+        vars(estimator).pop("feature_names_in_", None)  # as scikit-learn's reset does
+        if y is None:
+            raise ValueError(
+                f"This {type(estimator).__name__} estimator requires y to be passed, "
+                "but the target y is None."
+            )
+    else:
+        X, y = validate_data(
+            estimator, X, y, ensure_2d=False, dtype=(np.float64, np.float32), multi_output=True,
+            y_numeric=True, ensure_min_samples=2,
+        )  # fmt: skip
+        X = _as_tensor(X)
+    X = _features(estimator, X, reset=True)
+    X = X if dtype is None else X.to(dtype)
+    y = _torch_float("y", y) if isinstance(y, torch.Tensor) else _as_tensor(np.asarray(y))
+    y = y.to(dtype=X.dtype, device=X.device)
+    if y.dim() not in (1, 2) or y.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"y must be (n_samples,) or (n_samples, n_outputs) with the {X.shape[0]} rows of "
+            f"X (shape {tuple(X.shape)}), got shape {tuple(y.shape)}"
+        )
+    if X.shape[0] < 2:
+        raise ValueError(f"fit needs at least 2 samples, got n_samples = {X.shape[0]}")
+    # After the conversion to the compute dtype, which can overflow.
+    _check_finite("X", X)
+    _check_finite("y", y)
+    return X, y
+
+
+def _validate_predict(estimator, X):
+    """X as a (n, d) tensor checked against the fit, and whether it came as torch."""
+    is_torch = isinstance(X, torch.Tensor)
+    if is_torch:
+        X = _torch_float("X", X)
+    else:
+        X = _as_tensor(
+            validate_data(
+                estimator, X, ensure_2d=False, dtype=(np.float64, np.float32), reset=False
+            )
+        )
+    X = _features(estimator, X, reset=False)
+    _check_finite("X", X)
+    return X, is_torch
 
 
 def _back(t, is_torch, device):
@@ -103,10 +171,11 @@ def rule_of_thumb(X, rule="silverman"):
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    X = _features("X", X)
+    if X.dim() == 1:
+        X = X[:, None]
     n, d = X.shape
     if n < 2:
-        raise ValueError(f"a rule of thumb needs at least 2 points, got X of shape {_shape(X)}")
+        raise ValueError(f"a rule of thumb needs at least 2 points, got X of shape {(n, d)}")
     X = X.double()
     std = X.std(dim=0)
     iqr = (_quantile(X, 0.75) - _quantile(X, 0.25)) / 1.349
@@ -126,94 +195,106 @@ def _quantile(X, q):
     return ordered[below] + (position - below) * (ordered[above] - ordered[below])
 
 
-def _pool(Xq, Xk, Y, h, exclude_self, backend):
-    """NW prediction at Xq (n, d) from keys Xk (m, d), values Y (m, c), bandwidth h.
-
-    ``h`` is a 0-d tensor (one Gaussian std for all features: ``w = 1 / h**2``) or
-    ``(d,)`` (scale feature f by ``1 / h_f``, then ``w = 1``). Differentiable in h.
-    """
-    if h.dim() == 0:
-        return nw_pool(Xq, Xk, Y, h**-2, exclude_self=exclude_self, backend=backend)
-    scale = 1.0 / h
-    return nw_pool(Xq * scale, Xk * scale, Y, 1.0, exclude_self=exclude_self, backend=backend)
+def _is_number(x, types):
+    return isinstance(x, types) and not isinstance(x, bool)
 
 
-def loo_mse(X, y, bandwidth, *, backend="auto"):
-    """Leave-one-out mean squared error of NW regression at a fixed bandwidth.
-
-    ``X`` ``(n,)`` or ``(n, d)``, ``y`` ``(n,)`` or ``(n, c)`` (NumPy or torch),
-    ``bandwidth`` a float (one std for all features) or ``(d,)`` per feature. Point i
-    is predicted from the other n - 1 points; the mean is over points and outputs.
-    This is statsmodels' ``cv_ls`` criterion, computed with one fused pass.
-    """
-    X, _ = _to_tensor("X", X)
-    X = _features("X", X)
-    y, _ = _to_tensor("y", y, dtype=X.dtype, device=X.device)
-    Y = y[:, None] if y.dim() == 1 else y
-    if isinstance(bandwidth, torch.Tensor):
-        bandwidth = bandwidth.detach().cpu().numpy()
-    h = torch.as_tensor(np.asarray(bandwidth, dtype=np.float64)).to(X.dtype).to(X.device)
-    with torch.no_grad():
-        pred = _pool(X, X, Y, h, True, backend)
-    return float(((pred - Y) ** 2).mean())
+def _fmt(h):
+    h = h.detach().cpu().double()
+    return f"{float(h):.5g}" if h.dim() == 0 else np.array2string(h.numpy(), precision=4)
 
 
-# --- the estimator -------------------------------------------------------------------
+class _LeaveOneOut(NamedTuple):
+    residuals: torch.Tensor  # y_i minus its prediction from the other n - 1 points, (n, c)
+    mse: float
 
 
-class NadarayaWatson:
-    """Nadaraya-Watson (local constant) kernel regression with a Gaussian kernel.
+# --- the shared estimator ------------------------------------------------------------
 
-    ``predict(x) = sum_i K_h(x - X_i) y_i / sum_i K_h(x - X_i)``, computed by
-    :func:`nwfast.nw_pool` without ever holding the n x m kernel matrix.
-
-    Args:
+_COMMON_DOC = """
+    Parameters:
         bandwidth: how to choose ``h``, the Gaussian's standard deviation:
 
-            - a positive number: one ``h`` for all features (``w = 1 / h**2``);
-            - a positive array of d numbers: one ``h_f`` per feature;
+            - a positive number: one ``h`` for all features;
+            - a positive array of d numbers: one ``h_f`` per feature (feature f is
+              scaled by ``1 / h_f``);
             - ``"scott"`` / ``"silverman"``: per-feature rules of thumb (see
               :func:`rule_of_thumb`), fast but blind to y;
-            - ``"loo"``: the ``h`` minimising the leave-one-out MSE (statsmodels'
-              ``cv_ls``), found by gradient steps on ``log h`` through the fused
-              operator with ``exclude_self=True``.
+            - ``"loo"`` (the default, statsmodels' ``cv_ls``): the ``h`` that
+              minimises the leave-one-out mean squared error, found by the search
+              described below.
 
         per_feature: with ``"loo"``, learn one ``h_f`` per feature (a product kernel,
             as statsmodels' ``KernelReg``) instead of one ``h`` for all. A single ``h``
-            on raw features assumes they share a scale: standardise them first.
+            on raw features assumes they share a scale: standardise them first
+            (``make_pipeline(StandardScaler(), ...)``).
         max_iter: most L-BFGS iterations of the ``"loo"`` search.
-        tol: the ``"loo"`` search stops once an iteration improves the LOO MSE by less
-            than ``tol`` relative to it.
+        tol: the ``"loo"`` search stops once an iteration improves the leave-one-out
+            MSE by less than ``tol`` relative to it.
         dtype: compute dtype, ``"float32"`` or ``"float64"``; ``None`` keeps the float
-            dtype of the training data (NumPy's default is float64; float32 data runs
+            dtype of the training data (integers become float64; float32 data runs
             about twice as fast on CPU).
-        backend: passed to :func:`nwfast.nw_pool`.
+        backend: the kernels' backend, ``"auto"`` (Numba on CPU, Triton on CUDA),
+            ``"numba"``, ``"triton"`` or ``"torch"`` (the plain reference).
         verbose: print the ``"loo"`` search's progress.
 
     Attributes (after ``fit``):
         bandwidth_: the chosen ``h``: a float where one ``h`` serves all features, a
-            NumPy array ``(d,)`` where each feature has its own (an array was given,
-            a rule on d > 1 features, or ``"loo"`` with ``per_feature=True``).
-        loo_mse_: the leave-one-out MSE at ``bandwidth_``.
-        n_features_in_: d.
-        n_iter_: L-BFGS iterations run (0 for a fixed or rule-of-thumb bandwidth).
+            NumPy array ``(d,)`` where each feature has its own.
+        loo_mse_: the leave-one-out MSE at ``bandwidth_``. The ``"loo"`` search knows
+            it; for a fixed or rule-of-thumb bandwidth it is computed on first use
+            (one n x n pass, shared with ``predict(..., return_std=True)``), so that
+            ``fit`` itself costs O(n).
+        n_features_in_, feature_names_in_: as in scikit-learn.
+        n_iter_: L-BFGS iterations of the ``"loo"`` search (0 for a fixed or
+            rule-of-thumb bandwidth).
 
-    How ``"loo"`` searches: the LOO MSE as a function of ``log h`` is smooth but can
-    have more than one dip, and Silverman's rule, a density rule, often oversmooths
-    for regression. So the search starts at Silverman's ``h`` and walks by factors of 2
-    (forward passes only, no gradients) while the LOO MSE falls. A parabola through
-    the best point and its two neighbours gives a start and the curvature, and L-BFGS
-    with a strong-Wolfe line search runs on ``log h`` rescaled by that curvature, so
-    that its first step is a Newton step. On one parameter L-BFGS is a safeguarded
-    secant method: at n = 20000 the whole search is 4 forward passes and 2 to 4
-    forward+backward passes, where Adam with a fixed step would need tens.
+    Standard errors: ``predict(X, return_std=True)`` returns ``(mean, std)``, as
+    ``GaussianProcessRegressor`` does. The prediction is linear in y,
+    ``yhat(x) = sum_j l_j(x) y_j``, so with independent noise of local variance
+    ``sigma^2(x)``, ``Var yhat(x) ~= sigma^2(x) * sum_j l_j(x)**2``. ``sigma^2(x)``
+    is estimated by the squared leave-one-out residuals ``e_j = y_j - yhat_-j(x_j)``
+    (this estimator's own) smoothed with the kernel weights ``p_j(x)`` (non-negative,
+    so the estimate is too), and ``sum_j l_j**2`` comes from one more fused pass at
+    ``2 w``: ``sum_j p_j**2 = exp(lse(2 w) - 2 lse(w))``. The band ``mean +- 1.96 std``
+    is for the smoother's mean ``E yhat(x)``: it ignores the smoothing bias (largest
+    where the function curves sharply; Nadaraya-Watson also at the ends of the
+    data), treats ``h`` as fixed although ``"loo"`` chose it from the same data,
+    and assumes the noise varies slowly with x. The leave-one-out residuals carry
+    some bias and variance of their own, which widens the band slightly.
 
-    NumPy in, NumPy out; torch in (CPU or CUDA), torch out on the input's device.
-    """
+    How ``"loo"`` searches: the leave-one-out MSE as a function of ``log h`` is
+    smooth but can have more than one dip, and Silverman's rule, a density rule,
+    often oversmooths for regression. So the search starts at Silverman's ``h`` and
+    walks by factors of 2 (forward passes only) while the error falls. A parabola
+    through the best point and its two neighbours gives a start and the curvature,
+    and L-BFGS with a strong-Wolfe line search runs on ``log h`` rescaled by that
+    curvature, so that its first step is a Newton step: a few forward+backward
+    passes of the fused operator with ``exclude_self=True``. It raises a
+    ``ValueError`` where the criterion cannot be evaluated (it is not finite at the
+    starting bandwidth).
+
+    Input: X ``(n_samples, n_features)``, or ``(n_samples,)`` for one feature; y
+    ``(n_samples,)`` or ``(n_samples, n_outputs)``. Array-likes (lists, NumPy,
+    pandas) go through scikit-learn's validation and give NumPy results; torch
+    tensors (CPU or CUDA) give tensors on the same device.
+
+    Deviations from scikit-learn's conventions, declared to its checks by
+    :func:`expected_failed_checks`: a 1-D X is accepted as one feature (the
+    textbook's use, ``fit(x, y)`` on a vector), where scikit-learn requires 2-D X
+    (``check_fit1d``). A y of shape ``(n, 1)`` stays 2-D in the predictions, as for
+    any multi-output regressor (scikit-learn's ``LinearRegression`` does the same).
+"""
+
+
+class _KernelRegressor(RegressorMixin, BaseEstimator):
+    """Fitting, prediction and the bandwidth search shared by the estimators; the
+    subclasses say how one pass predicts (``_fit_at``) and its variance
+    (``_fit_and_variance``)."""
 
     def __init__(
         self,
-        bandwidth="silverman",
+        bandwidth="loo",
         *,
         per_feature=False,
         max_iter=50,
@@ -230,54 +311,21 @@ class NadarayaWatson:
         self.backend = backend
         self.verbose = verbose
 
-    # scikit-learn's parameter protocol, without depending on scikit-learn.
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = True
+        return tags
 
-    @classmethod
-    def _param_names(cls):
-        parameters = inspect.signature(cls.__init__).parameters.values()
-        return [p.name for p in parameters if p.name != "self"]
-
-    def get_params(self, deep=True):
-        """The constructor's parameters as a dict (``deep`` has nothing to recurse into)."""
-        return {name: getattr(self, name) for name in self._param_names()}
-
-    def set_params(self, **params):
-        """Set constructor parameters by name; returns ``self``."""
-        valid = self._param_names()
-        for name, value in params.items():
-            if name not in valid:
-                raise ValueError(
-                    f"invalid parameter {name!r} for {type(self).__name__}; valid "
-                    f"parameters are {valid}"
-                )
-            setattr(self, name, value)
-        return self
-
-    def __repr__(self):
-        defaults = {
-            p.name: p.default for p in inspect.signature(type(self).__init__).parameters.values()
-        }
-        changed = []
-        for name, value in self.get_params().items():
-            default = defaults[name]
-            same = value is default or (
-                type(value) is type(default)
-                and isinstance(value, (str, int, float, bool))
-                and value == default
-            )
-            if not same:
-                changed.append(f"{name}={value!r}")
-        return f"{type(self).__name__}({', '.join(changed)})"
-
-    # fitting
+    # parameters
 
     def _check_params(self, d):
-        """The fixed bandwidth as a tensor (0-d or (d,)), or a rule/"loo" name."""
+        """The fixed bandwidth as a tensor (0-d or (d,)), or a rule or "loo"."""
         if not isinstance(self.per_feature, bool):
             raise TypeError(f"per_feature must be a bool, got {self.per_feature!r}")
-        if not _is_number(self.max_iter, int) or self.max_iter < 0:
+        if not _is_number(self.max_iter, (int, np.integer)) or self.max_iter < 0:
             raise ValueError(f"max_iter must be an int >= 0, got {self.max_iter!r}")
-        if not _is_number(self.tol, (int, float)) or not self.tol >= 0:
+        if not _is_number(self.tol, (int, float, np.number)) or not self.tol >= 0:
             raise ValueError(f"tol must be a number >= 0, got {self.tol!r}")
         _compute_dtype(self.dtype)
 
@@ -318,65 +366,78 @@ class NadarayaWatson:
             raise ValueError(f"bandwidth must be positive and finite, got {self.bandwidth!r}")
         return torch.from_numpy(h)
 
-    def fit(self, X, y):
-        """Fit to ``X`` ``(n,)`` or ``(n, d)`` and ``y`` ``(n,)`` or ``(n, c)``; returns self."""
-        dtype = _compute_dtype(self.dtype)
-        X, _ = _to_tensor("X", X, dtype=dtype)
-        X = _features("X", X)
-        n, d = X.shape
-        bandwidth = self._check_params(d)
-        y, _ = _to_tensor("y", y, dtype=X.dtype, device=X.device)
-        if y.dim() not in (1, 2) or y.shape[0] != n:
-            raise ValueError(
-                f"y must be (n,) or (n, c) with n = {n} rows of X (shape {_shape(X)}), "
-                f"got shape {_shape(y)}"
-            )
-        if n < 2:
-            raise ValueError(f"fit needs at least 2 points, got X of shape {_shape(X)}")
-        _check_finite("X", X)
-        _check_finite("y", y)
+    # fitting
 
+    def fit(self, X, y):
+        """Fit to X ``(n_samples, n_features)`` or ``(n_samples,)`` and y
+        ``(n_samples,)`` or ``(n_samples, n_outputs)``; returns self.
+
+        With a fixed or rule-of-thumb bandwidth this only checks and keeps the data,
+        O(n); ``"loo"`` runs the bandwidth search.
+        """
+        X, y = _validate_fit(self, X, y, _compute_dtype(self.dtype))
+        bandwidth = self._check_params(X.shape[1])
         self.X_fit_ = X.contiguous()
         self.y_fit_ = (y[:, None] if y.dim() == 1 else y).contiguous()
         self._y_ndim = y.dim()
-        self.n_features_in_ = d
+        self._loo = None
         self.n_iter_ = 0
-
         if isinstance(bandwidth, str) and bandwidth == "loo":
-            h, self.loo_mse_ = self._search_loo(X, self.y_fit_)
+            h = self._search_loo(self.X_fit_, self.y_fit_)
+        elif isinstance(bandwidth, str):
+            h = rule_of_thumb(X, bandwidth).to(X.dtype).to(X.device)
+            h = h[0] if X.shape[1] == 1 else h
         else:
-            if isinstance(bandwidth, str):
-                h = rule_of_thumb(X, bandwidth).to(X.dtype)
-                h = h[0] if d == 1 else h
-            else:
-                h = bandwidth.to(X.dtype).to(X.device)
-            with torch.no_grad():
-                pred = _pool(X, X, self.y_fit_, h, True, self.backend)
-            self.loo_mse_ = float(((pred - self.y_fit_) ** 2).mean())
+            h = bandwidth.to(X.dtype).to(X.device)
         self._h = h.detach()
         # A single std is a float; per-feature stds stay an array.
         self.bandwidth_ = float(h) if h.dim() == 0 else h.cpu().double().numpy()
         return self
 
+    def _leave_one_out(self):
+        """Residuals and MSE of predicting each training point from the others."""
+        if self._loo is None:
+            with torch.no_grad():
+                pred = self._fit_at(self.X_fit_, self.X_fit_, self.y_fit_, self._h, True)
+            self._loo = self._loo_from(pred)
+        return self._loo
+
+    def _loo_from(self, pred):
+        residuals = self.y_fit_ - pred
+        return _LeaveOneOut(residuals, float((residuals.double() ** 2).mean()))
+
+    @property
+    def loo_mse_(self):
+        check_is_fitted(self)
+        return self._leave_one_out().mse
+
     def _search_loo(self, X, Y):
-        """The bandwidth minimising the LOO MSE, and that MSE (see the class docstring)."""
-        start = rule_of_thumb(X, "silverman").to(X.dtype)
+        """The bandwidth minimising the leave-one-out MSE (see the class docstring);
+        keeps the residuals at the best point for ``loo_mse_`` and the std."""
+        start = rule_of_thumb(X, "silverman").to(X.dtype).to(X.device)
         if not self.per_feature:
             start = start.log().mean().exp()  # geometric mean: one h for all features
-        # The loss is divided by the variance of y so that its gradient in log h has
-        # the same size whatever the units of y: L-BFGS's first step depends on it.
-        var_y = float(Y.var(dim=0, unbiased=False).mean())
+        # The loss is relative to the variance of y, so that its gradient in log h has
+        # the same size whatever the units of y (L-BFGS's first step depends on it),
+        # and y is scaled to at most 1 first, so that no square overflows.
+        y_scale = Y.abs().amax(dim=0).double().clamp_min(torch.finfo(torch.float64).tiny)
+        var_y = float((Y.double() / y_scale).var(dim=0, unbiased=False).mean())
         var_y = var_y if var_y > 0 else 1.0
+        best = {"loss": math.inf}
 
         def loss_at(log_h):
-            pred = _pool(X, X, Y, log_h.exp(), True, self.backend)
-            return ((pred - Y) ** 2).mean() / var_y
+            pred = self._fit_at(X, X, Y, log_h.exp(), True)
+            loss = (((pred - Y).double() / y_scale) ** 2).mean() / var_y
+            value = float(loss.detach())
+            if value < best["loss"]:
+                best.update(loss=value, log_h=log_h.detach().clone(), pred=pred.detach())
+            return loss, value
 
         def say(msg):
             if self.verbose:
-                print(f"[NadarayaWatson loo] {msg}")
+                print(f"[{type(self).__name__} loo] {msg}")
 
-        # Walk by factors of 2 from the rule of thumb while the LOO MSE falls,
+        # Walk by factors of 2 from the rule of thumb while the error falls,
         # downwards first (the rule tends to oversmooth), upwards if that fails.
         log2 = math.log(2.0)
         log_start = start.log()
@@ -384,11 +445,15 @@ class NadarayaWatson:
 
         def scan(k):
             with torch.no_grad():
-                scanned[k] = float(loss_at(log_start + k * log2))
+                _, scanned[k] = loss_at(log_start + k * log2)
             say(f"scan h={_fmt(start * 2.0**k)} loss={scanned[k]:.6g}")
             return scanned[k]
 
-        scan(0)
+        if not math.isfinite(scan(0)):
+            raise ValueError(
+                f"the leave-one-out criterion is not finite at the starting bandwidth "
+                f"h = {_fmt(start)} (loss {scanned[0]}); check the scale of X and y"
+            )
         for direction in (-1, 1):
             k = 0
             while abs(k) < 8 and scan(k + direction) < scanned[k]:
@@ -409,7 +474,6 @@ class NadarayaWatson:
                 offset += 0.5 * (below - above) / curvature
                 scale = math.sqrt(curvature) / log2
         center = log_start + offset * log2
-        best = {"loss": scanned[k], "log_h": log_start + k * log2}
 
         u = torch.zeros_like(center, requires_grad=True)
         optimizer = torch.optim.LBFGS(
@@ -426,103 +490,145 @@ class NadarayaWatson:
         def closure():
             optimizer.zero_grad()
             log_h = center + u / scale
-            loss = loss_at(log_h)
+            loss, value = loss_at(log_h)
             loss.backward()
-            value = float(loss.detach())
             say(f"L-BFGS h={_fmt(log_h.exp())} loss={value:.6g}")
-            if value < best["loss"]:
-                best["loss"], best["log_h"] = value, log_h.detach().clone()
             return loss
 
         if self.max_iter > 0:
             optimizer.step(closure)
         self.n_iter_ = optimizer.state[u].get("n_iter", 0)
-        return best["log_h"].exp(), best["loss"] * var_y
+        self._loo = self._loo_from(best["pred"])
+        return best["log_h"].exp()
 
     # prediction
 
-    def _check_fitted(self):
-        if not hasattr(self, "X_fit_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet: call fit(X, y)")
+    def predict(self, X, return_std=False):
+        """Predictions at X: ``(n,)`` or ``(n, n_outputs)`` as y was in ``fit``.
 
-    def predict(self, X):
-        """Predictions at ``X`` ``(n,)`` or ``(n, d)``: ``(n,)`` or ``(n, c)`` as y was."""
-        self._check_fitted()
-        X, is_torch = _to_tensor("X", X)
+        With ``return_std=True``, ``(mean, std)``: the standard error of each
+        prediction, of the same shape (see the class docstring for the formula and
+        what it leaves out). The first such call computes the leave-one-out
+        residuals (one n x n pass) if the fit did not.
+        """
+        check_is_fitted(self)
+        X, is_torch = _validate_predict(self, X)
         device = X.device
-        X = _features("X", X, self.n_features_in_).to(self.X_fit_.dtype).to(self.X_fit_.device)
+        X = X.to(dtype=self.X_fit_.dtype, device=self.X_fit_.device)
         with torch.no_grad():
-            pred = _pool(X, self.X_fit_, self.y_fit_, self._h, False, self.backend)
+            if return_std:
+                squared = self._leave_one_out().residuals ** 2
+                mean, var = self._fit_and_variance(X, self.X_fit_, self.y_fit_, squared, self._h)
+                results = (mean, var.clamp_min(0.0).sqrt())
+            else:
+                results = (self._fit_at(X, self.X_fit_, self.y_fit_, self._h, False),)
         if self._y_ndim == 1:
-            pred = pred[:, 0]
-        return _back(pred, is_torch, device)
+            results = tuple(r[:, 0] for r in results)
+        results = tuple(_back(r, is_torch, device) for r in results)
+        return results if return_std else results[0]
 
-    def score(self, X, y):
-        """R^2 of ``predict(X)`` against ``y``, averaged over outputs (as scikit-learn)."""
+    def score(self, X, y, sample_weight=None):
+        """R^2 of ``predict(X)`` against y (scikit-learn's ``r2_score``, averaged over
+        outputs); NaN in y raises, as there."""
         pred = self.predict(X)
-        pred, _ = _to_tensor("prediction", pred)
-        y, _ = _to_tensor("y", y, dtype=pred.dtype, device=pred.device)
-        if y.shape != pred.shape:
-            raise ValueError(f"y has shape {_shape(y)}, expected {_shape(pred)} for this X")
-        pred = pred.double().reshape(y.shape[0], -1)
-        y = y.double().reshape(y.shape[0], -1)
-        residual = ((y - pred) ** 2).sum(0)
-        total = ((y - y.mean(0)) ** 2).sum(0)
-        # A constant output is explained perfectly or not at all, as in scikit-learn.
-        r2 = torch.where(
-            total > 0, 1 - residual / total.clamp_min(1e-300), (residual == 0).double()
-        )
-        return float(r2.mean())
+        numpy = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t for t in (y, pred)]
+        return r2_score(*numpy, sample_weight=sample_weight)
+
+    # the model's own passes, implemented by each estimator
+
+    def _fit_at(self, Xq, Xk, Y, h, exclude_self):
+        """Predictions at Xq (n, d) from Xk (m, d), Y (m, c) at bandwidth h (0-d or
+        (d,)), differentiable with respect to h."""
+        raise NotImplementedError
+
+    def _fit_and_variance(self, Xq, Xk, Y, squared_residuals, h):
+        """(predictions, their variance) at Xq, both (n, c)."""
+        raise NotImplementedError
 
 
-def _is_number(x, types):
-    return isinstance(x, types) and not isinstance(x, bool)
+class NadarayaWatson(_KernelRegressor):
+    __doc__ = (
+        """Nadaraya-Watson (local constant) kernel regression with a Gaussian kernel.
 
-
-def _fmt(h):
-    h = h.detach().cpu().double()
-    return f"{float(h):.5g}" if h.dim() == 0 else np.array2string(h.numpy(), precision=4)
-
-
-# --- benchmark hook ------------------------------------------------------------------
-
-
-def time_loo_fit(X, y, *, statsmodels=True, dtype="float32", backend="auto"):
-    """Time ``NadarayaWatson(bandwidth="loo").fit`` against statsmodels' ``cv_ls``.
-
-    One call per side on the same data (NumPy ``X`` ``(n,)`` or ``(n, d)``, ``y``
-    ``(n,)``); both LOO MSEs are computed with :func:`loo_mse` so they are comparable.
-    statsmodels' ``KernelReg`` cross-validation is O(n^2) Python-level work per
-    evaluation: keep ``n`` to a few hundred when ``statsmodels=True``.
-
-    Returns a dict: ``n``, ``d``, ``nwfast_s``, ``nwfast_bandwidth``,
-    ``nwfast_loo_mse``, ``nwfast_n_iter`` and, with statsmodels, ``statsmodels_s``,
-    ``statsmodels_bandwidth``, ``statsmodels_loo_mse``.
+    ``predict(x) = sum_j K_h(x - X_j) y_j / sum_j K_h(x - X_j)``, computed by
+    :func:`nwfast.nw_pool` without ever holding the n x m kernel matrix: a weighted
+    mean of the training targets, biased towards the inside of the data at its ends
+    (see :class:`LocalLinearRegression`). The weights of the standard error are
+    ``l_j(x) = p_j(x)``.
     """
-    X = np.asarray(X, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    X2 = X[:, None] if X.ndim == 1 else X
-    per_feature = X2.shape[1] > 1
-    model = NadarayaWatson("loo", per_feature=per_feature, dtype=dtype, backend=backend)
-    t0 = time.perf_counter()
-    model.fit(X, y)
-    result = {
-        "n": X2.shape[0],
-        "d": X2.shape[1],
-        "nwfast_s": time.perf_counter() - t0,
-        "nwfast_bandwidth": np.atleast_1d(model.bandwidth_).tolist(),
-        "nwfast_loo_mse": loo_mse(X2, y, model.bandwidth_, backend=backend),
-        "nwfast_n_iter": model.n_iter_,
-    }
-    if statsmodels:
-        from statsmodels.nonparametric.kernel_regression import KernelReg
+        + _COMMON_DOC
+    )
 
-        t0 = time.perf_counter()
-        reg = KernelReg(y, X2, var_type="c" * X2.shape[1], reg_type="lc", bw="cv_ls")
-        result["statsmodels_s"] = time.perf_counter() - t0
-        bw = np.asarray(reg.bw, dtype=np.float64)
-        result["statsmodels_bandwidth"] = bw.tolist()
-        result["statsmodels_loo_mse"] = loo_mse(
-            X2, y, bw if per_feature else bw[0], backend=backend
+    def _fit_at(self, Xq, Xk, Y, h, exclude_self):
+        h0 = h.detach()
+        if h.dim() == 0:
+            # The points scaled by the fixed h0; w = (h0 / h)**2 = 1 carries the gradient.
+            return nw_pool(
+                Xq / h0, Xk / h0, Y, (h0 / h) ** 2, exclude_self=exclude_self, backend=self.backend
+            )
+        # nw_pool's w is per key, not per feature: the gradient reaches each h_f
+        # through the scaled points.
+        return nw_pool(Xq / h, Xk / h, Y, 1.0, exclude_self=exclude_self, backend=self.backend)
+
+    def _fit_and_variance(self, Xq, Xk, Y, squared_residuals, h):
+        q, k, c = Xq / h, Xk / h, Y.shape[1]
+        both, lse = nw_pool_with_lse(q, k, torch.cat([Y, squared_residuals], 1), 1.0,
+                                     backend=self.backend)  # fmt: skip
+        _, lse_2w = nw_pool_with_lse(q, k, Y[:, :1], 2.0, backend=self.backend)
+        sum_p2 = torch.exp(lse_2w - 2.0 * lse).to(Y.dtype)
+        return both[:, :c], both[:, c:] * sum_p2[:, None]
+
+
+class LocalLinearRegression(_KernelRegressor):
+    __doc__ = (
+        """Local-linear kernel regression with a Gaussian kernel (statsmodels'
+    ``KernelReg(reg_type="ll")``).
+
+    At each x, the weighted least-squares line (plane in d features) through the
+    training data, weights ``p_j(x) = softmax_j(-||x - X_j||^2 / (2 h^2))`` (per
+    feature: ``(x_f - X_jf) / h_f``), evaluated at x. Where Nadaraya-Watson averages,
+    the line follows a trend to the ends of the data: its bias there is of the order
+    of the interior's (``h**2``) instead of ``h``, and it does not depend on the
+    density of X. :func:`nwfast.local_linear_pool` computes it from one streaming
+    pass of weighted moments per query and a (d+1) x (d+1) solve.
+
+    Where a query's neighbourhood is too thin for a line (the keys that carry its
+    weight span fewer than d directions: fewer than d + 1 points in general
+    position, duplicates, or a query so far from the data that one point takes all
+    the weight) the prediction there falls back to the local-constant
+    (Nadaraya-Watson) value; see :mod:`nwfast.local_linear` for the test. The
+    weights of the standard error are the line's equivalent kernel
+    ``l_j(x) = p_j(x) (1 + gamma(x) . (X_j - x - S1(x)))``, which can be negative.
+    """
+        + _COMMON_DOC
+    )
+
+    def _fit_at(self, Xq, Xk, Y, h, exclude_self):
+        # The fit is invariant to scaling each feature: the points are scaled by the
+        # fixed h0 and w_f = (h0_f / h_f)**2 = 1 carries the gradient to h.
+        h0 = h.detach()
+        return local_linear_pool(
+            Xq / h0, Xk / h0, Y, (h0 / h) ** 2, exclude_self=exclude_self, backend=self.backend
         )
-    return result
+
+    def _fit_and_variance(self, Xq, Xk, Y, squared_residuals, h):
+        q, k = Xq / h, Xk / h
+        d, c = q.shape[1], Y.shape[1]
+        mom, lse = moments(q, k, torch.cat([Y, squared_residuals], 1), 1.0, backend=self.backend)
+        fit = solve_moments(mom, d, 2 * c, thin_tolerance(q.dtype))
+        mom_2w, lse_2w = moments(q, k, Y[:, :0], 2.0, backend=self.backend)
+        layout = moment_layout(d, 2 * c)
+        sigma2 = mom[:, layout.values][:, c:]  # the kernel-weighted mean of e_j**2
+        sum_l2 = sum_squared_weights(fit, mom[:, layout.first], mom_2w, lse, lse_2w, d)
+        return fit.value[:, :c].to(Y.dtype), (sigma2 * sum_l2[:, None]).to(Y.dtype)
+
+
+def expected_failed_checks(estimator):
+    """The scikit-learn checks these estimators fail on purpose, with the reason:
+    pass to ``check_estimator(..., expected_failed_checks=...)`` (as a dict) or to
+    ``parametrize_with_checks(..., expected_failed_checks=expected_failed_checks)``."""
+    if not isinstance(estimator, _KernelRegressor):
+        return {}
+    return {
+        "check_fit1d": "a 1-D X is read as n samples of one feature, the textbook's use",
+    }

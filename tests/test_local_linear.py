@@ -1,0 +1,232 @@
+"""local_linear_pool and its moments kernel against plain float64 PyTorch and statsmodels."""
+
+import numpy as np
+import pytest
+import torch
+
+import nwfast
+from nwfast import local_linear as ll
+from nwfast.testing import assert_close
+
+DTYPES = [torch.float32, torch.float64]
+# id -> (n, m, d, c); m > TILE so that rows span several tiles.
+CASES = {
+    "n37-m1100-d1-c1": (37, 1100, 1, 1),
+    "n600-m600-d1-c2": (600, 600, 1, 2),
+    "n40-m70-d2-c3": (40, 70, 2, 3),
+    "n45-m45-d3-c1": (45, 45, 3, 1),
+    "n30-m530-d2-c0": (30, 530, 2, 0),
+    "n33-m33-d1-c1": (33, 33, 1, 1),
+}
+
+
+def inputs(case, dtype, per_feature=True):
+    n, m, d, c = CASES[case]
+    k = 2 * torch.rand(m, d, dtype=torch.float64)
+    q = k[:n].clone() if n == m else 2.4 * torch.rand(n, d, dtype=torch.float64) - 0.2
+    v = torch.randn(m, c, dtype=torch.float64)
+    w = 4 + 8 * torch.rand(d if per_feature else 1, dtype=torch.float64)
+    return [x.to(dtype) for x in (q, k, v, w)]
+
+
+def exclude_options(case):
+    n, m, _, _ = CASES[case]
+    return [False, True] if n == m else [False]
+
+
+def f64(*tensors):
+    return [x.double() for x in tensors]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_moments_match_reference(case, dtype):
+    for exclude_self in exclude_options(case):
+        q, k, v, w = inputs(case, dtype)
+        mom, lse = ll.moments(q, k, v, w, exclude_self=exclude_self)
+        ref_mom, ref_lse = ll.moments_reference(*f64(q, k, v, w), exclude_self)
+        assert mom.dtype == lse.dtype == torch.float64
+        assert mom.shape == (q.shape[0], ll.moment_layout(q.shape[1], v.shape[1]).size)
+        assert_close(mom, ref_mom, tolerance=1e-12 if dtype == torch.float64 else 1e-6)
+        assert_close(lse, ref_lse, tolerance=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][3] > 0])
+def test_fit_matches_least_squares_reference(case, dtype):
+    for exclude_self in exclude_options(case):
+        q, k, v, w = inputs(case, dtype)
+        out = nwfast.local_linear_pool(q, k, v, w, exclude_self=exclude_self)
+        ref = ll.local_linear_reference(q, k, v, w, exclude_self=exclude_self)
+        assert out.dtype == dtype
+        # The solve amplifies the moments' rounding by the conditioning of the
+        # local design, mild here (queries inside the data, ~30 keys per h).
+        assert_close(out, ref, tolerance=1e-11 if dtype == torch.float64 else 1e-4)
+
+
+def test_reproduces_a_linear_function_anywhere():
+    """A line through exact data is its own local-linear fit, even far outside the data."""
+    k = torch.rand(300, 2, dtype=torch.float64)
+    q = 3 * torch.rand(50, 2, dtype=torch.float64) - 1
+    coef = torch.tensor([[1.5, -2.0], [0.5, 3.0]], dtype=torch.float64)
+    value = 0.7 + k @ coef
+    out = nwfast.local_linear_pool(q, k, value, torch.tensor([30.0, 10.0], dtype=torch.float64))
+    assert_close(out, 0.7 + q @ coef, tolerance=1e-12)
+
+
+def test_one_dimensional_shapes_and_scalar_w():
+    k, v = torch.rand(80, dtype=torch.float64), torch.randn(80, dtype=torch.float64)
+    q = torch.rand(9, dtype=torch.float64)
+    out = nwfast.local_linear_pool(q, k, v, 20.0)
+    assert out.shape == (9,)
+    ref = ll.local_linear_reference(q[:, None], k[:, None], v[:, None], torch.tensor([20.0]))
+    assert_close(out, ref[:, 0], tolerance=1e-12)
+    for w in (torch.tensor(20.0), torch.tensor([20.0])):
+        assert torch.equal(nwfast.local_linear_pool(q, k, v, w.double()), out)
+
+
+@pytest.mark.parametrize("per_feature", [False, True], ids=["scalar-w", "per-feature-w"])
+@pytest.mark.parametrize("exclude_self", [False, True], ids=["all", "loo"])
+@pytest.mark.parametrize("case", ["n45-m45-d3-c1", "n33-m33-d1-c1"])
+def test_gradcheck_in_w(case, exclude_self, per_feature):
+    q, k, v, w = inputs(case, torch.float64, per_feature)
+    if not exclude_self:
+        q = q[:20] + 0.05
+    w = w.requires_grad_()
+    torch.autograd.gradcheck(lambda w: ll.moments(q, k, v, w, exclude_self=exclude_self)[0], (w,))
+    torch.autograd.gradcheck(
+        lambda w: nwfast.local_linear_pool(q, k, v, w, exclude_self=exclude_self), (w,)
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradient_in_w_matches_reference_autograd(dtype):
+    q, k, v, w = inputs("n600-m600-d1-c2", dtype)
+    upstream = torch.randn(q.shape[0], 2, dtype=torch.float64)
+    w_fused = w.clone().requires_grad_()
+    out = nwfast.local_linear_pool(q, k, v, w_fused, exclude_self=True)
+    (out.double() * upstream).sum().backward()
+    w_ref = w.double().requires_grad_()
+    ref = nwfast.local_linear_pool(*f64(q, k, v), w_ref, exclude_self=True, backend="torch")
+    (ref * upstream).sum().backward()
+    assert_close(w_fused.grad, w_ref.grad, tolerance=1e-10 if dtype == torch.float64 else 1e-3)
+
+
+def test_thin_neighbourhoods_fall_back_to_local_constant():
+    dtype = torch.float64
+    v = torch.randn(5, 1, dtype=dtype)
+    # One key, or every key at one point: no line, the (weighted) mean.
+    for k in (torch.zeros(1, 1, dtype=dtype), torch.full((5, 1), 0.3, dtype=dtype)):
+        q = torch.tensor([[0.0], [1.0]], dtype=dtype)
+        out = nwfast.local_linear_pool(q, k, v[: len(k)], 1.0)
+        assert_close(out, nwfast.nw_pool(q, k, v[: len(k)], 1.0), tolerance=1e-15)
+    # Keys on a line in the plane: no plane through them.
+    t = torch.rand(40, 1, dtype=dtype)
+    k = torch.cat([t, 2 * t], dim=1)
+    v = torch.randn(40, 1, dtype=dtype)
+    q = torch.rand(6, 2, dtype=dtype)
+    assert_close(nwfast.local_linear_pool(q, k, v, 5.0), nwfast.nw_pool(q, k, v, 5.0), 1e-14)
+    # Far from the data with a narrow kernel all the weight sits on the nearest key.
+    k = torch.linspace(0, 1, 50, dtype=dtype)[:, None]
+    v = torch.randn(50, 1, dtype=dtype)
+    out = nwfast.local_linear_pool(torch.tensor([[40.0]], dtype=dtype), k, v, 1e4)
+    assert torch.equal(out, v[-1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_underflowing_and_negative_scores(dtype):
+    """A query far from every key (the sums underflow at shift 0) and a negative w
+    (scores above 0) both take the row's maximum as the shift."""
+    k = torch.rand(700, 2, dtype=torch.float64)
+    q = torch.cat([torch.rand(5, 2, dtype=torch.float64), 30 + torch.rand(3, 2)])
+    v = torch.randn(700, 2, dtype=torch.float64)
+    for w in (torch.tensor([0.5, 0.2]), torch.tensor([-0.3, 0.4])):
+        args = [x.to(dtype) for x in (q, k, v, w.double())]
+        mom, lse = ll.moments(*args)
+        ref_mom, ref_lse = ll.moments_reference(*f64(*args))
+        assert torch.isfinite(mom).all()
+        assert_close(mom, ref_mom, tolerance=1e-12 if dtype == torch.float64 else 1e-5)
+        assert_close(lse, ref_lse, tolerance=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_nan_propagates_and_the_removed_key_does_not():
+    q, k, v, w = inputs("n600-m600-d1-c2", torch.float64)
+    v[3, 0] = float("nan")
+    out = nwfast.local_linear_pool(q, k, v, w, exclude_self=True)
+    assert torch.isfinite(out[3]).all()  # key 3 is removed from query 3's fit
+    assert torch.isnan(out[torch.arange(600) != 3, 0]).all()
+    assert torch.isfinite(out[:, 1]).all()
+    q2 = q.clone()
+    q2[5, 0] = float("nan")
+    out = nwfast.local_linear_pool(q2, k, v[:, 1:], w)
+    assert torch.isnan(out[5]).all() and torch.isfinite(out[torch.arange(600) != 5]).all()
+
+
+def test_results_repeat_bit_for_bit():
+    q, k, v, w = inputs("n600-m600-d1-c2", torch.float32)
+    first = ll.moments(q, k, v, w, exclude_self=True)
+    again = ll.moments(q, k, v, w, exclude_self=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_opcheck_and_compile_without_graph_break():
+    q, k, v, w = inputs("n40-m70-d2-c3", torch.float64)
+    torch.library.opcheck(ll._moments_op, (q, k, v, w.requires_grad_(), False, "numba"))
+    x = torch.sort(5 * torch.rand(64)).values
+    y = 2 * torch.sin(x) + x**0.8 + 0.5 * torch.randn(64)
+
+    def loo_loss(w):
+        return ((nwfast.local_linear_pool(x, x, y, w, exclude_self=True) - y) ** 2).mean()
+
+    compiled = torch.compile(loo_loss, fullgraph=True, backend="eager")
+    w = torch.tensor(4.0, requires_grad=True)
+    loss = compiled(w)
+    (grad,) = torch.autograd.grad(loss, w)
+    w_eager = torch.tensor(4.0, requires_grad=True)
+    eager = loo_loss(w_eager)
+    eager.backward()
+    assert_close(loss.detach(), eager.detach())
+    assert_close(grad, w_eager.grad)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # statsmodels' own pandas warning
+@pytest.mark.parametrize("d", [1, 2])
+def test_matches_statsmodels_local_linear(d):
+    from statsmodels.nonparametric.kernel_regression import KernelReg
+
+    rng = np.random.default_rng(d)
+    X = rng.uniform(0, 5, (300, d))
+    y = 2 * np.sin(X[:, 0]) + X.sum(1) ** 0.8 + rng.normal(0, 0.5, 300)
+    Xq = rng.uniform(-0.3, 5.3, (40, d))
+    h = np.array([0.4, 0.9][:d])
+    theirs, _ = KernelReg(y, X, var_type="c" * d, reg_type="ll", bw=h).fit(Xq)
+    # h per feature: the points scaled by 1 / h, w = 1.
+    scale = torch.from_numpy(1 / h)
+    ours = nwfast.local_linear_pool(
+        torch.from_numpy(Xq) * scale, torch.from_numpy(X) * scale, torch.from_numpy(y), 1.0
+    )
+    np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((torch.rand(4, 2), torch.rand(5, 3), torch.rand(5), 1.0), {}, ValueError, r"feature dims"),
+        ((torch.rand(4), torch.rand(5), torch.rand(6), 1.0), {}, ValueError, r"value \(6,\)"),
+        ((torch.rand(4), torch.rand(0), torch.rand(0), 1.0), {}, ValueError, r"m=0"),
+        ((torch.rand(4, 2), torch.rand(5, 2), torch.rand(5), torch.rand(3)), {}, ValueError,
+         r"w \(3,\).*\(2,\)"),
+        ((torch.rand(4), torch.rand(5), torch.rand(5), 1.0), {"exclude_self": True}, ValueError,
+         "n == m"),
+        ((torch.rand(4), torch.rand(5).double(), torch.rand(5), 1.0), {}, TypeError, "dtype"),
+        ((torch.arange(4), torch.rand(5), torch.rand(5), 1.0), {}, TypeError, "floating-point"),
+        ((torch.rand(4, 1, 1), torch.rand(5), torch.rand(5), 1.0), {}, ValueError,
+         r"query must be \(n,\) or \(n, d\)"),
+        ((torch.rand(4), torch.rand(5), torch.rand(5, requires_grad=True), 1.0), {}, ValueError,
+         "value requires grad"),
+        ((torch.rand(4), torch.rand(5), torch.rand(5), "1"), {}, TypeError, "w must be"),
+    ],
+)  # fmt: skip
+def test_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nwfast.local_linear_pool(*args, **kwargs)
