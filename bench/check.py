@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-CHECK_PAIRS = 1 << 20  # every row up to 1024², beyond it as many rows as make this
+CHECK_PAIRS = 1 << 19  # every row up to 724², beyond it as many rows as make this
 MIN_ROWS = 8
 
 

@@ -145,14 +145,14 @@ def _memory_limits(numel: int, size: str, device: str) -> dict:
     src = torch.rand(numel, device=device)
     dst = torch.empty_like(src)
     nbytes = 4.0 * numel
-    copy = _best_rate(lambda: dst.copy_(src), 2 * nbytes, 1.0, sync)
+    copy = _best_rate(lambda: dst.copy_(src), 2 * nbytes, 0.5, sync)
     read_fn, how = (lambda: src.sum()), "Tensor.sum"
     if device == "cpu":
         try:
             read_fn, how = _numba_read(src, torch.get_num_threads()), "a Numba sum per thread"
         except ImportError:
             pass
-    read = _best_rate(read_fn, nbytes, 1.0, sync)
+    read = _best_rate(read_fn, nbytes, 0.5, sync)
     best = "copy" if copy >= read else "read"
     return {
         "copy_bytes_per_s": copy,

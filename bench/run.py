@@ -32,6 +32,7 @@ from bench.cases import CASE_FIELDS, NOISE, PRESETS, SEED, Case, family, plan
 from bench.peers import PEERS
 from bench.worker import ROW_MARK, is_oom, oom_note
 
+POLICY = ("target_s", "min_repeats", "max_repeats", "time_cap_s")  # what workers need
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 _START_WORKER = (
@@ -209,8 +210,7 @@ def run(
         con.print(f"[yellow]{name}: left out: {reason}[/yellow]")
     peers = [p for p in peers if p not in probed["unavailable"]]
 
-    policy = asdict(PRESETS[preset])
-    del policy["sizes"]
+    policy = {k: getattr(PRESETS[preset], k) for k in POLICY}
     if time_cap is not None:
         policy["time_cap_s"] = time_cap
     settings = {
@@ -223,7 +223,8 @@ def run(
         "deadline": deadline,
         "data": {"seed": SEED, "noise": NOISE},
     }
-    cases = _supported(plan(PRESETS[preset], peers, device=device, **selection), con)
+    cases = plan(PRESETS[preset], peers, device=device, **selection)
+    cases = _supported(cases, PRESETS[preset].leave_out, con)
     head = schema.header(
         kind,
         preset,
@@ -257,11 +258,12 @@ def run(
     return path, head, rows
 
 
-def _supported(cases: list[Case], con) -> list[Case]:
-    """Cases a peer cannot run leave the plan; one line per peer says why."""
+def _supported(cases: list[Case], leave_out: dict, con) -> list[Case]:
+    """Cases a peer cannot run, or the preset leaves out, leave the plan; one line
+    per peer says why."""
     kept, why = [], {}
     for c in cases:
-        reason = PEERS[c.peer].unsupported(c)
+        reason = PEERS[c.peer].unsupported(c) or leave_out.get((c.op, c.mode), {}).get(c.peer)
         if reason:
             why.setdefault(c.peer, set()).add(reason)
         else:
