@@ -121,9 +121,7 @@ def make_inputs(case: Case) -> dict:
     """The case's inputs on its device, in its dtype.
 
     Pooling: query, key (keys (n, m) for rows), value (values (n, m) for rows),
-    w, and grad_out in the gradient modes; in shared_loo the query *is* the key
-    tensor, as in the textbook's leave-one-out training loop. Fit: X (n, d) and
-    y (n,), NumPy.
+    w, and grad_out in the gradient modes. Fit: X (n, d) and y (n,), NumPy.
     Points are drawn in float32 and rounded to the case's dtype, so every peer
     and dtype of a device sees the same numbers.
     """
@@ -148,7 +146,10 @@ def make_inputs(case: Case) -> dict:
         key = points((m, d), **draw)
         value = target(key[:, 0])[:, None]  # (m, c = 1): the (B..., m, c) form
     key, value = key.to(dtype), value.to(dtype)
-    query = key if case.exclude_self else points((n,) if d == 1 else (n, d), **draw).to(dtype)
+    # shared_loo: the queries are the keys, a tensor of their own so that the
+    # gradients of both are judged one by one.
+    query = key.clone() if case.exclude_self else points((n,) if d == 1 else (n, d), **draw)
+    query = query.to(dtype)
     h = H_RULES[case.h_rule](key)
     if case.op == "rows":
         # The textbook's own construction: every query's row holds the same keys.
@@ -167,9 +168,10 @@ def make_inputs(case: Case) -> dict:
 
 
 def grad_leaves(case: Case, x: dict) -> dict:
-    """The inputs that take gradients; in shared_loo the query is the key."""
-    names = ("key", "value", "w") if case.exclude_self else ("query", "key", "value", "w")
-    return {name: x[name] for name in names}
+    """The inputs that take gradients in the gradient modes: all four."""
+    if case.mode not in ("backward", "fwd+bwd"):
+        return {}
+    return {name: x[name] for name in ("query", "key", "value", "w")}
 
 
 @dataclass(frozen=True)

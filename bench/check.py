@@ -66,7 +66,7 @@ def _outputs(case, x: dict, out, rows) -> list:
 def _gradients(case, x: dict, grads: dict, upstream, rows) -> list:
     import torch
 
-    from nwfast import reference, testing
+    from nwfast import testing
 
     q, k, v, w = x["query"], x["key"], x["value"], x["w"]
     idx = rows.to(v.device)
@@ -74,27 +74,19 @@ def _gradients(case, x: dict, grads: dict, upstream, rows) -> list:
         got = [grads["query"][idx], grads["key"][idx], grads["value"][idx], grads["w"]]
         verdicts = testing.check_rows_gradients(got, q[idx], k[idx], v[idx], w, upstream)
         per_row = ("query", "key", "value")
-    elif case.exclude_self:
-        # The query is the key: its gradient holds both roles, judged as one
-        # against the reference of the judged rows.
-        def subset(key, value, w):
-            return reference.pool_and_lse(key[rows], key, value, w, exclude_self=rows)
-
-        got = [grads["key"], grads["value"], grads["w"]]
-        names = ("key", "value", "w")
-        verdicts = testing.check_gradients(got, subset, [k, v, w], upstream, names)
-        per_row = ()
     else:
         got = [grads["query"][idx], grads["key"], grads["value"], grads["w"]]
-        verdicts = testing.check_pool_gradients(got, q[idx], k, v, w, upstream)
+        leave_out = rows if case.exclude_self else False
+        verdicts = testing.check_pool_gradients(
+            got, q[idx], k, v, w, upstream, exclude_self=leave_out
+        )
         per_row = ("query",)
     # Per-row gradients of the rows not judged had a zero upstream: exact zeros.
     outside = torch.ones(case.n, dtype=torch.bool)
     outside[rows] = False
-    if outside.any():
-        for name in per_row:
-            g = grads[name][outside.to(v.device)]
-            verdicts.append(testing.compare(g, torch.zeros_like(g), 0.0, f"grad of {name} (rest)"))
+    for name in per_row if outside.any() else ():
+        g = grads[name][outside.to(v.device)]
+        verdicts.append(testing.compare(g, torch.zeros_like(g), 0.0, f"grad of {name} (rest)"))
     return verdicts
 
 

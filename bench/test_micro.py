@@ -41,7 +41,7 @@ def _threads():
 def _bench(benchmark, op: str, mode: str, n: int):
     case = Case("nwfast", op, mode, "float32", "cpu", n, n)
     x = make_inputs(case)
-    leaves = grad_leaves(case, x) if mode != "forward" else {}
+    leaves = grad_leaves(case, x)
     for t in leaves.values():
         t.requires_grad_(True)
     before, call, first = timed_calls(case, x, PEERS["nwfast"].build(case, x), leaves, {})

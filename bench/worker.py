@@ -231,7 +231,7 @@ def _time_case(case: Case, settings: dict, row: dict, warm_up: bool) -> None:
     with AddressSpaceCap(cap):
         x = make_inputs(case)
         row["input_bytes"] = input_bytes(case) if case.op != "fit" else None
-        leaves = grad_leaves(case, x) if case.mode in ("backward", "fwd+bwd") else {}
+        leaves = grad_leaves(case, x)
         for t in leaves.values():
             t.requires_grad_(True)
         fn = peer.build(case, x)
