@@ -36,7 +36,7 @@ HEADER_FIELDS = {
     "kind": "'sweep', 'fit' or 'gpu'",
     "preset": "quick, full, gpu, fit-quick or fit (bench.cases.PRESETS)",
     "git_revision": "HEAD of the checkout, or null outside git",
-    "git_dirty": "true when the working tree differs from HEAD",
+    "git_dirty": "true when tracked files differ from HEAD (new results do not count)",
     "device": "'cpu' or 'cuda'",
     "machine": "CPU model name, or the GPU's name on cuda",
     "cpu_model": "CPU model name from /proc/cpuinfo",
@@ -182,7 +182,7 @@ def versions() -> dict:
 
 def header(kind: str, preset: str, device: str, threads: int, **extra) -> dict:
     """The header fields this process can fill; the caller adds limits etc."""
-    status = _git("status", "--porcelain")
+    status = _git("status", "--porcelain", "--untracked-files=no")
     flags = (_cpuinfo("flags") or "").split()
     h = dict.fromkeys(HEADER_FIELDS)
     h.update(
