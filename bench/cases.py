@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field, fields
 POOL_OPS = ("shared", "shared_loo", "rows")
 POOL_MODES = ("forward", "backward", "fwd+bwd")
 FIT_MODES = ("local-constant",)
-OPS = (*POOL_OPS, "fit")
 MODES = (*POOL_MODES, *FIT_MODES)
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 W_KINDS = ("scalar", "per_key")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from bench import schema
 from bench.cases import DTYPES, POOL_MODES, POOL_OPS, W_KINDS
 from bench.peers import PEERS, for_ops
 
@@ -132,23 +132,29 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.command in ("plot", "report", "gpu"):
-        from bench import gpu, plot, report
+    if args.command == "plot":
+        from bench.plot import plot_files
 
-        if args.command == "plot":
-            return plot.main(args.results, args.out)
-        if args.command == "report":
-            report.show(args.results)
-            return 0
-        return gpu.main(args.outdir, args.skip_tests)
+        for path in plot_files(args.results, args.out or schema.RESULTS):
+            print(path)
+        return 0
+    if args.command == "report":
+        from bench.report import show
+
+        show(args.results)
+        return 0
+    if args.command == "gpu":
+        from bench.gpu import suite
+
+        return suite(args.outdir, args.skip_tests)
 
     from bench.report import console
-    from bench.run import RESULTS, run
+    from bench.run import run
 
     ops = POOL_OPS if args.command == "sweep" else ("fit",)
     common = {
         "peers": sorted(args.peers or for_ops(ops), key=list(PEERS).index),
-        "out_dir": args.out or RESULTS,
+        "out_dir": args.out or schema.RESULTS,
         "threads": args.threads,
         "time_cap": args.time_cap,
         "verbose": args.verbose,
@@ -182,7 +188,3 @@ def main(argv=None) -> int:
         **common,
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -144,7 +144,8 @@ def run_tests(out: Path, con) -> int:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TEST_BUDGET_S)
         text, code = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
-        text = exc.stdout.decode(errors="replace") if exc.stdout else ""
+        text = exc.stdout or ""
+        text = text.decode(errors="replace") if isinstance(text, bytes) else text
         text += f"\nstopped after {TEST_BUDGET_S} s\n"
         code = 124
     (out / "gpu_tests.log").write_text(text)
@@ -152,7 +153,7 @@ def run_tests(out: Path, con) -> int:
     return code
 
 
-def main(out: Path, skip_tests: bool = False) -> int:
+def suite(out: Path, skip_tests: bool = False) -> int:
     con = console()
     start = time.monotonic()
     con.print(__doc__.split("\n\n", 1)[1].split("Steps:")[0].strip(), markup=False)

@@ -1,6 +1,6 @@
 """Who the benchmark times, nwfast included: each peer and what it builds per operation.
 
-A peer's ``builds`` maps an operation (``bench.cases.OPS``) to a function
+A peer's ``builds`` maps an operation (shared, shared_loo, rows, fit) to a function
 ``build(case, inputs, **options)`` that does the one-off work (imports,
 conversions, wrapping in ``torch.compile``) and returns a zero-argument callable:
 one call of it is what gets timed. A pooling call returns the output (a tensor,

@@ -321,9 +321,3 @@ def plot_files(paths, out_dir: Path) -> list[Path]:
     if fits:
         made.append(plot_bandwidth(plt, fits, heads["fit"], out_dir / "bench_bandwidth.png"))
     return [p for p in made if p]
-
-
-def main(results, out_dir: Path | None) -> int:
-    for path in plot_files(results, out_dir or Path(__file__).resolve().parent / "results"):
-        print(path)
-    return 0

@@ -1,9 +1,9 @@
 """One run: measure the machine, plan the cases, run them in workers, write one file.
 
-Each peer's cases run in one worker process (bench.worker), in plan order, sizes
-ascending: the thread pools of torch, Numba and KeOps never share a process
-with another peer's, each JIT compiles once per worker, and a crash costs one
-case (the worker restarts after it). Peak memory is still per case: Linux
+Each peer's cases of one dtype run in one worker process (bench.worker), in plan
+order, sizes ascending: the thread pools of torch, Numba and KeOps never share a
+process with another peer's, each JIT compiles once per worker, and a crash
+costs one case (the worker restarts after it). Peak memory is still per case: Linux
 resets the peak RSS on request and CUDA's allocator resets its own; where the
 peak cannot be reset, each case gets its own process.
 
@@ -34,7 +34,6 @@ from bench.worker import ROW_MARK, is_oom, oom_note
 
 POLICY = ("target_s", "min_repeats", "max_repeats", "time_cap_s")  # what workers need
 BENCH = Path(__file__).resolve().parent
-RESULTS = BENCH / "results"
 _START_WORKER = (
     "import importlib.util, sys\n"
     f"spec = importlib.util.spec_from_file_location('bench', {str(BENCH / '__init__.py')!r},"
@@ -241,10 +240,12 @@ def run(
     _print_limits(con, probed["limits"])
 
     start = time.monotonic()
+    # One worker per peer and dtype, the run's first dtype for every peer first
+    # (the order of the plan); one per case where the peak RSS cannot be reset.
     per_case = device == "cpu" and not probed["peak_reset"]
     groups: dict[object, list[Case]] = {}
     for c in cases:
-        groups.setdefault(c if per_case else c.peer, []).append(c)
+        groups.setdefault(c if per_case else (c.peer, c.dtype), []).append(c)
     with progress(con, [c for g in groups.values() for c in g]) as on_row:
         rows = run_cases(list(groups.values()), settings, threads, on_row)
     # Back in plan order: all peers of one case together, nwfast first.

@@ -29,6 +29,7 @@ from pathlib import Path
 from bench.cases import same_inputs
 
 SCHEMA = "nwfast-bench/2"
+RESULTS = Path(__file__).resolve().parent / "results"  # where runs write by default
 
 HEADER_FIELDS = {
     "created": "ISO 8601 local time the run started",

@@ -104,3 +104,32 @@ def test_presets_plan_and_sizes():
     assert [c.n for c in fits] == list(PRESETS["fit"].sizes[("fit", "local-constant")])
     assert parse_sizes("4096,16k,2^20,1e3") == (1000, 4096, 16384, 1 << 20)
     json.dumps([c.fields() for c in quick])  # what a worker's job carries
+
+
+def test_gpu_goals_from_rows():
+    from bench.gpu import GOAL_N, judge
+
+    def row(peer, op, mode, n, median_s, **extra):
+        return schema.empty_row(
+            peer=peer,
+            op=op,
+            mode=mode,
+            dtype="float32",
+            n=n,
+            m=n,
+            d=1,
+            status="ok",
+            median_s=median_s,
+            **extra,
+        )
+
+    rows = [
+        row("nwfast", "shared", "forward", GOAL_N, 0.02, bound_fraction=0.7),
+        row("nwfast", "shared", "backward", GOAL_N, 0.04),
+        row("torch-compile", "shared", "forward", GOAL_N, 0.2),
+        row("nwfast", "rows", "forward", 65536, 0.01, bound_work=9e9),
+    ]
+    goals = judge(rows, {"copy_bytes_per_s": 1e12})
+    assert [g["passed"] for g in goals] == [True, True, True, True]
+    goals = judge(rows[:1], {})
+    assert [g["passed"] for g in goals] == [True, None, None, None]
