@@ -29,6 +29,17 @@ from pathlib import Path
 from bench.cases import same_inputs
 
 SCHEMA = "nwfast-bench/2"
+# Every distribution whose version can change a number.
+DISTRIBUTIONS = (
+    "torch",
+    "triton",
+    "numba",
+    "numpy",
+    "nwfast",
+    "pykeops",
+    "statsmodels",
+    "kernelsmooth",
+)
 RESULTS = Path(__file__).resolve().parent / "results"  # where runs write by default
 
 HEADER_FIELDS = {
@@ -160,20 +171,11 @@ def cpu_cores() -> int:
 
 
 def versions() -> dict:
-    """Versions of everything that can change a number; absent packages are null."""
+    """Python's version and each distribution's; absent ones are null."""
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for dist in (
-        "torch",
-        "triton",
-        "numba",
-        "numpy",
-        "nwfast",
-        "pykeops",
-        "statsmodels",
-        "kernelsmooth",
-    ):
+    for dist in DISTRIBUTIONS:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
