@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench import schema
+from bench.cases import same_inputs
 from bench.report import human_bytes
 
 # One colour and marker per peer in every figure; nwfast stands out in black.
@@ -295,16 +296,20 @@ def plot_files(paths, out_dir: Path) -> list[Path]:
     """Every figure the files' rows make; returns the paths written."""
     plt = _plt()
     out_dir.mkdir(parents=True, exist_ok=True)
-    pooling, fits, heads = defaultdict(list), [], {}
+    latest, heads = {}, {}  # a case run in several files: the last file's row
     for p in paths:
         doc = schema.load(p)
         for r in doc["rows"]:
-            if r["op"] == "fit":
-                fits.append(r)
-                heads["fit"] = doc["header"]
-            elif r["d"] == 1 and r["w_kind"] == "scalar":
-                pooling[(r["device"], r["dtype"])].append(r)
-                heads[(r["device"], r["dtype"])] = doc["header"]
+            group = "fit" if r["op"] == "fit" else (r["device"], r["dtype"])
+            if r["op"] == "fit" or (r["d"] == 1 and r["w_kind"] == "scalar"):
+                latest[(r["peer"], same_inputs(r))] = r
+                heads[group] = doc["header"]
+    pooling, fits = defaultdict(list), []
+    for r in latest.values():
+        if r["op"] == "fit":
+            fits.append(r)
+        else:
+            pooling[(r["device"], r["dtype"])].append(r)
     made = []
     for (device, dtype), rows in pooling.items():
         for fn in (plot_time, plot_speedup, plot_memory, plot_fwd_bwd):
