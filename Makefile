@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: bench test demo lint
 bench: $(VENV)/.installed
-	$(PY) -m bench --quick
+	$(PY) -m bench sweep --quick
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -1,13 +1,13 @@
-"""Benchmarks of nwfast against its peers.
+"""Benchmarks of nwfast against its peers: ``python -m bench SUBCOMMAND``.
 
-- ``python -m bench`` (bench.sweep): the sweep, JSON under bench/results/.
-- ``python -m bench.plot RESULTS...``: plots from those files.
-- ``python -m bench.report RESULTS...``: a saved run's table.
-- ``python -m bench.bandwidth``: leave-one-out bandwidth selection.
-- ``bench/gpu_suite.sh OUTDIR``: GPU tests and the GPU sweep in one command.
-- ``pytest bench/test_micro.py``: pytest-benchmark micro-benchmarks.
+- ``sweep``: the pooling operators beside every peer, checked against float64;
+- ``fit``: leave-one-out bandwidth selection beside statsmodels and kernelsmooth;
+- ``plot``, ``report``: figures and tables from the JSON files the runs write;
+- ``gpu``: on a CUDA GPU, the test suite, the GPU sweep and its goals
+  (``bench/gpu_suite.sh OUTDIR``).
 
-One concern per module: cases (the registry and inputs), peers (who is
-timed), machine (the limits), worker (one case in a fresh process), check
-(against the float64 reference), schema (the JSON), report (tables).
+One job a module: cases (what is computed, the presets) and peers (who computes
+it) are the registry; run (plan, workers, one file) starts worker (one peer's
+cases in a process); check (judging results), machine (the limits), schema (the
+JSON), report (tables), plot (figures), gpu (the GPU suite), cli (the command line).
 """

@@ -1,7 +1,7 @@
-"""``python -m bench``: see bench.sweep."""
+"""``python -m bench``: see bench.cli."""
 
 import sys
 
-from bench.sweep import main
+from bench.cli import main
 
 sys.exit(main())

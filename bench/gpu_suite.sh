@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The GPU suite in one command: the GPU tests, then the GPU sweep of nwfast
-# beside torch eager, torch.compile and pykeops, then the goals and the plots,
-# all written to OUTDIR, within 9 minutes.
+# The GPU suite in one command: the whole test suite natively (gpu-marked
+# tests included), then the GPU sweep of nwfast beside torch eager,
+# torch.compile and pykeops, then the goals and the plots, all written to
+# OUTDIR, within 9 minutes.
 #
 # The GPU goal (shared keys, d = 1): float32 forward at n = m = 262144 at least
 # 60% of the exp-unit bound and at least 5x torch.compile; backward at most
 # 2.5x the forward's time; rows layout at least 80% of the card's measured
-# copy bandwidth. bench/gpu_suite.py says how each is measured.
+# copy bandwidth. bench/gpu.py says how each is measured.
 #
-# Exits 2 on a machine without a CUDA GPU, 1 if the GPU tests fail.
+# Exits 2 on a machine without a CUDA GPU, 1 if a test fails.
 set -euo pipefail
 if [ $# -ne 1 ]; then
     echo "usage: bench/gpu_suite.sh OUTDIR" >&2
     exit 64
 fi
+out=$(realpath -m "$1")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # A bare GPU image has the dependencies but not nwfast itself: install it in
@@ -21,4 +23,4 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import nwfast.kernels" 2>/dev/null; then
     "$PY" -m pip install --quiet --no-deps --no-build-isolation -e .
 fi
-exec "$PY" -m bench.gpu_suite "$1"
+exec "$PY" -m bench gpu "$out"

@@ -1,19 +1,24 @@
-"""The peers: everyone the sweep times, nwfast included, each behind one ``build``.
+"""Who the benchmark times, nwfast included: each peer and what it builds per operation.
 
-``build(case, inputs)`` does the one-off work (imports, conversions, wrapping
-in ``torch.compile``) and returns a zero-argument callable: one call is what
-gets timed. It returns a torch tensor, or a NumPy array for the NumPy peers.
+A peer's ``builds`` maps an operation (shared, shared_loo, rows, fit) to a function
+``build(case, inputs, **options)`` that does the one-off work (imports,
+conversions, wrapping in ``torch.compile``) and returns a zero-argument callable:
+one call of it is what gets timed. A pooling call returns the output (a tensor,
+or a NumPy array for the NumPy peers); a fit returns the chosen bandwidth per
+feature. A variant is the same builds with other ``options`` (keyword arguments
+of the call), under its own name: ``nwfast-f32`` fits in float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.cases import DTYPES, LAYOUTS, MODES, W_KINDS, Case
+from bench.cases import DTYPES, MODES, POOL_OPS, W_KINDS, Case
 
 
 @dataclass(frozen=True)
@@ -21,49 +26,66 @@ class Peer:
     name: str
     label: str  # what it is, in words: written into each results header
     module: str  # importing it tells whether the peer is installed
-    build: Callable
-    jit: bool = False  # compiles on its first call; that call is reported apart
-    dense: bool = False  # builds n x m matrices: runs out of memory first
+    builds: dict[str, Callable]  # op -> build(case, inputs, **options)
+    options: dict = field(default_factory=dict)
+    # "once": compiles on its first call in a process (Numba, KeOps), that call
+    # is the warm-up; "each case": compiles again for every shape (torch.compile).
+    jit: str | None = None
+    # n x m matrices it holds at once (differences, scores, weights): where they
+    # pass the memory cap it fails at its first allocations, so it runs anyway.
+    dense: int = 0
     devices: tuple = ("cpu", "cuda")
-    layouts: tuple = tuple(LAYOUTS)
     modes: tuple = MODES
     dtypes: tuple = DTYPES
-    w_kinds: tuple = W_KINDS
-    # ns per pair, forward, used to predict a call's time only when this
-    # peer has no smaller size timed yet in the run (bench.cases.predict_s).
+    w_kinds: tuple = (*W_KINDS, None)
+    max_pairs: int | None = None  # larger pooling cases are left out (why_not["size"])
+    # ns per pair of one call, to predict a call before any smaller size of it
+    # has run in this sweep: a forward on "cpu" / "cuda", a whole "fit".
     prior_ns: dict = field(default_factory=dict)
-    why_not: dict = field(default_factory=dict)  # field -> reason when unsupported
+    why_not: dict = field(default_factory=dict)  # attribute -> reason when unsupported
 
     def unsupported(self, case: Case) -> str | None:
         """Why this peer cannot run the case, or None."""
+        if case.op not in self.builds:
+            return f"{self.name} has no {case.op} operation"
         checks = {
             "devices": case.device,
-            "layouts": case.layout,
             "modes": case.mode,
             "dtypes": case.dtype,
             "w_kinds": case.w_kind,
         }
         for attr, value in checks.items():
             if value not in getattr(self, attr):
-                default = f"{self.name} has no {attr[:-1]} {value}"
-                return self.why_not.get(attr, default)
+                return self.why_not.get(attr, f"{self.name} has no {attr[:-1]} {value}")
+        if self.max_pairs and case.op != "fit" and case.pairs > self.max_pairs:
+            return self.why_not["size"]
         return None
 
+    def build(self, case: Case, inputs: dict) -> Callable:
+        return self.builds[case.op](case, inputs, **self.options)
 
-def _nwfast(case: Case, x: dict):
+    def predict_s(self, case: Case) -> float | None:
+        prior = self.prior_ns.get("fit" if case.op == "fit" else case.device)
+        return None if prior is None else prior * 1e-9 * case.pairs
+
+
+# --- pooling -------------------------------------------------------------------
+
+
+def _nwfast(case: Case, x: dict, **options):
     import nwfast
 
     q, k, v, w = x["query"], x["key"], x["value"], x["w"]
-    if case.layout == "rows":
-        return lambda: nwfast.nw_pool_rows(q, k, v, w)
-    return lambda: nwfast.nw_pool(q, k, v, w, exclude_self=case.exclude_self)
+    if case.op == "rows":
+        return lambda: nwfast.nw_pool_rows(q, k, v, w, **options)
+    return lambda: nwfast.nw_pool(q, k, v, w, exclude_self=case.exclude_self, **options)
 
 
 def _reference(form: str, case: Case, x: dict):
     from nwfast import reference
 
     q, k, v, w = x["query"], x["key"], x["value"], x["w"]
-    if case.layout == "rows":
+    if case.op == "rows":
         fn = getattr(reference, f"nw_pool_rows_{form}")
         return lambda: fn(q, k, v, w)
     fn = getattr(reference, f"nw_pool_{form}")
@@ -107,10 +129,10 @@ def _compile(case: Case, x: dict):
     # worker neither count against Dynamo's recompile limit nor warm it.
     torch._dynamo.reset()
     q, k, v, w = x["query"], x["key"], x["value"], x["w"]
-    if case.layout == "rows":
-        fn = torch.compile(rows_sum_form, dynamic=False, fullgraph=True)
-        return lambda: fn(q, k, v, w)
-    form = functools.partial(shared_sum_form, exclude_self=case.exclude_self)
+    if case.op == "rows":
+        form = rows_sum_form
+    else:
+        form = functools.partial(shared_sum_form, exclude_self=case.exclude_self)
     fn = torch.compile(form, dynamic=False, fullgraph=True)
     return lambda: fn(q, k, v, w)
 
@@ -139,12 +161,11 @@ def _pykeops(case: Case, x: dict):
 
 
 def _numpy_inputs(x: dict):
-    """float64 NumPy copies, made once outside the timed calls."""
+    """float64 NumPy copies, made once outside the timed calls, and h = w^-1/2."""
     q, k, v, w = (
         x[name].detach().double().cpu().numpy() for name in ("query", "key", "value", "w")
     )
-    h = 1.0 / math.sqrt(float(w.ravel()[0]))  # w = 1 / h^2
-    return q, k, v.ravel(), h
+    return q, k, v.ravel(), 1.0 / math.sqrt(float(w.ravel()[0]))
 
 
 def _statsmodels(case: Case, x: dict):
@@ -155,8 +176,7 @@ def _statsmodels(case: Case, x: dict):
 
     # KernelReg's Gaussian is exp(-(x - x_j)^2 / (2 h^2)): w = 1 / h^2 exactly.
     def call():
-        model = KernelReg(v, k, var_type="c" * d, reg_type="lc", bw=[h] * d)
-        return model.fit(q)[0]
+        return KernelReg(v, k, var_type="c" * d, reg_type="lc", bw=[h] * d).fit(q)[0]
 
     return call
 
@@ -165,113 +185,154 @@ def _kernelsmooth(case: Case, x: dict):
     from kernelsmooth import NadarayaWatsonRegression
 
     q, k, v, h = _numpy_inputs(x)
-    d = case.d
-    kk, qq = k.reshape(-1, d), q.reshape(-1, d)
+    kk, qq = k.reshape(-1, case.d), q.reshape(-1, case.d)
     # kernelsmooth divides each feature by its sample std before applying its
     # bandwidth (diag_cov=True), so h / std is the same kernel as w = 1 / h^2.
     bw = h / kk.std(axis=0, ddof=1)
 
     def call():
-        model = NadarayaWatsonRegression(bandwidth=bw, diag_cov=True)
-        return model.fit(kk, v).predict(qq)
+        return NadarayaWatsonRegression(bandwidth=bw, diag_cov=True).fit(kk, v).predict(qq)
 
     return call
 
 
+# --- bandwidth selection --------------------------------------------------------
+
+
+def _nwfast_fit(case: Case, x: dict, **options):
+    import numpy as np
+
+    import nwfast
+
+    def fit():
+        model = nwfast.NadarayaWatson("loo", per_feature=case.d > 1, **options).fit(x["X"], x["y"])
+        return np.atleast_1d(model.bandwidth_).astype(float)
+
+    return fit
+
+
+def _statsmodels_fit(case: Case, x: dict):
+    import numpy as np
+    from statsmodels.nonparametric.kernel_regression import KernelReg
+
+    def fit():
+        reg = KernelReg(x["y"], x["X"], var_type="c" * case.d, reg_type="lc", bw="cv_ls")
+        return np.asarray(reg.bw, dtype=float)
+
+    return fit
+
+
+def _kernelsmooth_fit(case: Case, x: dict):
+    import numpy as np
+    from kernelsmooth import NadarayaWatsonRegression
+
+    # Its search is bounded: 10 L-BFGS iterations within a factor 5 of
+    # Silverman's h. diag_cov=True divides each feature by its std: h_f = bw_f std_f.
+    def fit():
+        model = NadarayaWatsonRegression(bandwidth="lscv", diag_cov=True).fit(x["X"], x["y"])
+        return np.asarray(model.bandwidth * model.L, dtype=float)
+
+    return fit
+
+
+def _pooling(build) -> dict:
+    return dict.fromkeys(POOL_OPS, build)
+
+
 _NUMPY = {
-    "layouts": ("shared",),
-    "modes": ("forward",),
     "devices": ("cpu",),
+    "modes": ("forward", "local-constant"),
     "dtypes": ("float32", "float64"),
-    "w_kinds": ("scalar",),
+    "w_kinds": ("scalar", None),
 }
 _NUMPY_WHY = {
     "modes": "forward only (no autograd)",
-    "layouts": "one shared key set only",
     "devices": "CPU only",
     "w_kinds": "one bandwidth for all keys only",
 }
 
+NWFAST = Peer(
+    "nwfast",
+    "nwfast (fused: Numba on CPU, Triton on CUDA)",
+    "nwfast",
+    {**_pooling(_nwfast), "fit": _nwfast_fit},
+    jit="once",
+    prior_ns={"cpu": 0.5, "cuda": 0.0003, "fit": 2},
+)
+
 PEERS = {
     p.name: p
     for p in (
-        Peer(
-            "nwfast",
-            "nwfast (fused: Numba on CPU, Triton on CUDA)",
-            "nwfast",
-            _nwfast,
-            jit=True,
-            prior_ns={"cpu": 0.5, "cuda": 0.0003},
-        ),
-        Peer(
-            "torch-repeat",
-            "torch eager, repeat_interleave form",
-            "nwfast.reference",
-            functools.partial(_reference, "repeat_interleave"),
-            dense=True,
-            prior_ns={"cpu": 22, "cuda": 0.02},
-        ),
-        Peer(
-            "torch-broadcast",
-            "torch eager, broadcast form",
-            "nwfast.reference",
-            functools.partial(_reference, "broadcast"),
-            dense=True,
-            prior_ns={"cpu": 14, "cuda": 0.01},
+        NWFAST,
+        dataclasses.replace(
+            NWFAST,
+            name="nwfast-f32",
+            label="nwfast NadarayaWatson('loo', dtype='float32') on the float64 data",
+            builds={"fit": _nwfast_fit},
+            options={"dtype": "float32"},
         ),
         Peer(
             "torch-compile",
             "torch.compile, broadcast form with (p * v).sum(1)",
             "torch",
-            _compile,
-            jit=True,
+            _pooling(_compile),
+            jit="each case",
             prior_ns={"cpu": 0.9, "cuda": 0.003},
         ),
         Peer(
             "pykeops",
             "pykeops LazyTensor.sumsoftmaxweight",
             "pykeops.torch",
-            _pykeops,
-            jit=True,
-            layouts=("shared",),
+            {"shared": _pykeops},
+            jit="once",
             dtypes=("float32", "float64", "float16"),
             prior_ns={"cpu": 4.5, "cuda": 0.003},
-            why_not={
-                "layouts": "KeOps reduces over one shared key set, and cannot leave out j == i",
-                "dtypes": "KeOps has no bfloat16",
-            },
+            why_not={"dtypes": "KeOps has no bfloat16"},
         ),
         Peer(
-            "statsmodels",
-            "statsmodels KernelReg(reg_type='lc', bw=[h]) (float64)",
-            "statsmodels.nonparametric.kernel_regression",
-            _statsmodels,
-            prior_ns={"cpu": 30},
+            "torch-broadcast",
+            "torch eager, broadcast form",
+            "nwfast.reference",
+            _pooling(functools.partial(_reference, "broadcast")),
+            dense=3,
+            prior_ns={"cpu": 14, "cuda": 0.01},
+        ),
+        Peer(
+            "torch-repeat",
+            "torch eager, repeat_interleave form",
+            "nwfast.reference",
+            _pooling(functools.partial(_reference, "repeat_interleave")),
+            dense=3,
+            prior_ns={"cpu": 22, "cuda": 0.02},
+        ),
+        Peer(
+            "kernelsmooth",
+            "kernelsmooth NadarayaWatsonRegression, float64, 1 thread: bandwidth h or 'lscv'",
+            "kernelsmooth",
+            {"shared": _kernelsmooth, "fit": _kernelsmooth_fit},
+            prior_ns={"cpu": 10, "fit": 100},
             why_not=_NUMPY_WHY,
             **_NUMPY,
         ),
         Peer(
-            "kernelsmooth",
-            "kernelsmooth NadarayaWatsonRegression (float64, 1 thread)",
-            "kernelsmooth",
-            _kernelsmooth,
-            prior_ns={"cpu": 10},
-            why_not=_NUMPY_WHY,
+            "statsmodels",
+            "statsmodels KernelReg(reg_type='lc'), float64: bw=[h] or bw='cv_ls'",
+            "statsmodels.nonparametric.kernel_regression",
+            {"shared": _statsmodels, "fit": _statsmodels_fit},
+            # Its predict loops over the queries in Python, each a NumPy pass
+            # over the keys: one call at 16384² takes 25-30 s.
+            max_pairs=4096 * 4096,
+            prior_ns={"cpu": 30, "fit": 1500},
+            why_not={**_NUMPY_WHY, "size": "small sizes only (n m <= 4096²): 16384² takes ~30 s"},
             **_NUMPY,
         ),
     )
 }
 
 
-def parse_peers(text: str | None) -> list[str]:
-    if not text:
-        return list(PEERS)
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in names if t not in PEERS]
-    if unknown:
-        raise ValueError(f"unknown peers {unknown}: expected some of {list(PEERS)}")
-    # nwfast first: every other peer's ratio is taken against it.
-    return sorted(names, key=list(PEERS).index)
+def for_ops(ops) -> list[str]:
+    """The peers that build any of these operations, in registry order."""
+    return [name for name, peer in PEERS.items() if any(op in peer.builds for op in ops)]
 
 
 def availability(names) -> dict[str, str]:

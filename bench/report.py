@@ -1,16 +1,28 @@
-"""Text views of result rows: one line per finished case, tables per run.
+"""Text views of result rows: a line per finished case, a table per run.
 
-``python -m bench.report RESULTS.json`` prints a saved run's table again.
+``python -m bench report RESULTS.json...`` prints saved runs' tables again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
 
-from bench.cases import human_bytes
+from bench import schema
 
 
-def _ms(s: float | None) -> str:
+def human_bytes(b: float | None) -> str:
+    if b is None or (isinstance(b, float) and math.isnan(b)):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(b) < 1024 or unit == "TiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return str(b)
+
+
+def seconds(s: float | None) -> str:
     if s is None:
         return "-"
     if s >= 1:
@@ -34,133 +46,134 @@ def _size(row: dict) -> str:
 def _check(row: dict) -> str:
     if row["check_ok"] is None:
         return "-"
-    err = row["check_rel_err"]
     mark = "ok" if row["check_ok"] else "[bold red]WRONG[/bold red]"
-    return f"{mark} {err:.0e}"
+    return f"{mark} {row['check_error']:.0e}/{row['check_allowed']:.0e}"
 
 
-def format_row(row: dict) -> str:
+def _status(row: dict) -> str:
+    color = {"oom": "magenta", "skipped": "dim"}.get(row["status"], "red")
+    return f"[{color}]{row['status']}[/{color}]"
+
+
+def line(row: dict) -> str:
     """The line printed as a case finishes."""
-    head = f"{row['layout']} {row['mode']} {row['dtype']} {_size(row)} {row['peer']}"
+    head = f"{row['op']} {row['mode']} {row['dtype']} {_size(row)} {row['peer']}"
     if row["status"] != "ok":
-        color = {"oom": "magenta", "skipped": "dim"}.get(row["status"], "red")
-        return f"  [{color}]{row['status']:>7}[/{color}] {head}: {row['note'] or ''}"
-    extra = f"first call {_ms(row['first_call_s'])}"
+        return f"  {_status(row):>7} {head}: {row['note'] or ''}"
+    if row["op"] == "fit":
+        h = ", ".join(f"{v:.4g}" for v in row["bandwidth"])
+        extra = f"h = {h}, LOO MSE {row['loo_mse']:.5g}" if row["loo_mse"] else f"h = {h}"
+    else:
+        extra = f"{row['ns_per_pair']:.3g} ns/pair, first call {seconds(row['first_call_s'])}"
     if row["check_ok"] is False:
-        extra += f", [bold red]disagrees with the reference ({row['check_rel_err']:.1e})[/bold red]"
-    return (
-        f"  [green]{'ok':>7}[/green] {head}: {_ms(row['median_s'])} "
-        f"({row['ns_per_pair']:.3g} ns/pair), {extra}"
+        extra += f", [bold red]WRONG: {row['check_worst']}[/bold red]"
+    return f"  [green]{'ok':>7}[/green] {head}: {seconds(row['median_s'])} ({extra})"
+
+
+@contextlib.contextmanager
+def progress(con, order: list):
+    """A progress bar over the cases in run order; yields on_row(row)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=con,
     )
+    with bar:
+        task = bar.add_task(order[0].label() if order else "done", total=len(order))
+
+        def on_row(row):
+            bar.console.print(line(row))
+            i = int(bar.tasks[0].completed) + 1
+            bar.update(task, advance=1, description=order[i].label() if i < len(order) else "done")
+
+        yield on_row
 
 
-COLUMNS = (
-    ("n = m", "right"),
-    ("peer", "left"),
-    ("median", "right"),
-    ("p20-p80", "right"),
-    ("ns/pair", "right"),
-    ("pairs/s", "right"),
-    ("nwfast ×", "right"),
-    ("peak extra", "right"),
-    ("of bound", "right"),
-    ("check", "left"),
-    ("note", "left"),
+# (header, justify, cell) per column; a cell is shown for ok rows only.
+POOL_COLUMNS = (
+    ("median", "right", lambda r: seconds(r["median_s"])),
+    ("p20-p80", "right", lambda r: f"{seconds(r['p20_s'])}-{seconds(r['p80_s'])}"),
+    ("ns/pair", "right", lambda r: f"{r['ns_per_pair']:.3g}"),
+    ("pairs/s", "right", lambda r: f"{r['pairs_per_s']:.2e}"),
+    ("nwfast ×", "right", lambda r: _times(r["nwfast_speedup"])),
+    ("peak extra", "right", lambda r: human_bytes(r["peak_extra_bytes"])),
+    (
+        "of bound",
+        "right",
+        lambda r: (
+            "-" if r["bound_fraction"] is None else f"{r['bound_fraction']:.0%} {r['bound_kind']}"
+        ),
+    ),
+    ("check", "left", _check),
+)
+FIT_COLUMNS = (
+    ("fit", "right", lambda r: seconds(r["median_s"])),
+    ("p20-p80", "right", lambda r: f"{seconds(r['p20_s'])}-{seconds(r['p80_s'])}"),
+    ("h", "right", lambda r: ", ".join(f"{h:.4g}" for h in r["bandwidth"])),
+    ("LOO MSE", "right", lambda r: "-" if r["loo_mse"] is None else f"{r['loo_mse']:.5g}"),
+    ("nwfast ×", "right", lambda r: _times(r["nwfast_speedup"])),
+    (
+        "MSE / nwfast's",
+        "right",
+        lambda r: "" if r["loo_mse_vs_nwfast"] is None else f"{r['loo_mse_vs_nwfast']:.5f}",
+    ),
+    ("peak extra", "right", lambda r: human_bytes(r["peak_extra_bytes"])),
 )
 
 
-def _cells(r: dict) -> list[str]:
-    if r["status"] != "ok":
-        color = {"oom": "magenta", "skipped": "dim"}.get(r["status"], "red")
-        status = f"[{color}]{r['status']}[/{color}]"
-        return [_size(r), r["peer"], status, *[""] * 7, r["note"] or ""]
-    speed, frac = r["nwfast_speedup"], r["bound_fraction"]
-    return [
-        _size(r),
-        r["peer"],
-        _ms(r["median_s"]),
-        f"{_ms(r['p20_s'])}-{_ms(r['p80_s'])}",
-        f"{r['ns_per_pair']:.3g}",
-        f"{r['pairs_per_s']:.2e}",
-        _times(speed),
-        human_bytes(r["peak_extra_bytes"]),
-        "-" if frac is None else f"{100 * frac:.0f}% {r['bound_kind']}",
-        _check(r),
-        r["note"] or "",
-    ]
-
-
-def summary_table(rows: list[dict]):
-    """One table per (layout, mode, dtype, d, w), one section per size."""
+def table(rows: list[dict]):
+    """One table per (op, mode, dtype, d, w, data, h rule), a section per size."""
     from rich.console import Group
     from rich.table import Table
 
-    tables: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        tables.setdefault((r["layout"], r["mode"], r["dtype"], r["d"], r["w_kind"]), []).append(r)
+        key = (r["op"], r["mode"], r["dtype"], r["d"], r["w_kind"], r["data"], r["h_rule"])
+        groups.setdefault(key, []).append(r)
     out = []
-    for (layout, mode, dtype, d, w_kind), group in tables.items():
-        title = f"{layout} · {mode} · {dtype}" + (f" · d={d}" if d != 1 else "")
-        title += " · w per key" if w_kind == "per_key" else ""
+    for (op, mode, dtype, d, w_kind, data, h_rule), group in groups.items():
+        title = " · ".join(
+            [op, mode, dtype]
+            + ([f"d={d}"] if d != 1 else [])
+            + (["w per key"] if w_kind == "per_key" else [])
+            + ([data] if data != "uniform" else [])
+            + ([h_rule] if h_rule not in ("h=0.5", None) else [])
+        )
+        columns = FIT_COLUMNS if op == "fit" else POOL_COLUMNS
         t = Table(title=title, header_style="bold", title_justify="left")
-        for name, justify in COLUMNS:
-            t.add_column(name, justify=justify, no_wrap=name != "note", overflow="fold")
+        t.add_column("n" if op == "fit" else "n = m", justify="right")
+        t.add_column("peer")
+        for name, justify, _ in columns:
+            t.add_column(name, justify=justify, no_wrap=True)
+        t.add_column("note", overflow="fold")
         last = None
         for r in group:
-            if last is not None and (r["n"], r["m"]) != last:
+            if last is not None and r["n"] != last:
                 t.add_section()
-            last = (r["n"], r["m"])
-            t.add_row(*_cells(r))
+            last = r["n"]
+            size = str(r["n"]) if op == "fit" else _size(r)
+            if r["status"] == "ok":
+                cells = [cell(r) for _, _, cell in columns]
+            else:
+                cells = [_status(r), *[""] * (len(columns) - 1)]
+            t.add_row(size, r["peer"], *cells, r["note"] or "")
         out.append(t)
     return Group(*out)
 
 
-def bandwidth_table(rows: list[dict]):
-    """The bandwidth-selection run: one row per (n, peer)."""
-    from rich.table import Table
-
-    t = Table(title="leave-one-out bandwidth selection", title_justify="left", header_style="bold")
-    for name in ("n", "peer", "fit", "h", "LOO MSE", "nwfast ×", "MSE / nwfast's", "note"):
-        t.add_column(name, justify="left" if name in ("peer", "note") else "right")
-    last = None
-    for r in rows:
-        if last is not None and r["n"] != last:
-            t.add_section()
-        last = r["n"]
-        if r["status"] != "ok":
-            t.add_row(
-                str(r["n"]), r["peer"], f"[dim]{r['status']}[/dim]", *[""] * 4, r["note"] or ""
-            )
-            continue
-        speed, ratio = r["nwfast_speedup"], r["loo_mse_vs_nwfast"]
-        t.add_row(
-            str(r["n"]),
-            r["peer"],
-            _ms(r["fit_s"]),
-            ", ".join(f"{h:.4g}" for h in r["bandwidth"]),
-            "-" if r["loo_mse"] is None else f"{r['loo_mse']:.5g}",
-            _times(speed),
-            "" if ratio is None else f"{ratio:.4f}",
-            r["note"] or "",
-        )
-    return t
-
-
-def main(argv=None) -> int:
+def console():
+    """rich's console; full width when the output is a file, not a terminal."""
     from rich.console import Console
 
-    from bench import schema
-
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    for path in argv if argv is not None else sys.argv[1:]:
-        doc = schema.load(path)
-        console.print(f"[bold]{path}[/bold]")
-        if doc["header"].get("kind") == "bandwidth":
-            console.print(bandwidth_table(doc["rows"]))
-        else:
-            console.print(summary_table(doc["rows"]))
-    return 0
+    return Console(width=None if sys.stdout.isatty() else 200)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def show(paths) -> None:
+    con = console()
+    for path in paths:
+        con.print(f"[bold]{path}[/bold]")
+        con.print(table(schema.load(path)["rows"]))

@@ -1,13 +1,13 @@
-"""Runs cases in this process: ``python -m bench.worker < job.json``.
+"""The worker: a child process that runs cases and prints one result row per case.
 
-The sweep starts a fresh worker for each peer's family of cases (bench.sweep
-says why). The job arrives as JSON on stdin; each result leaves as one stdout
-line that starts with ROW_MARK (libraries print to stdout too).
+``bench.run`` starts one worker per peer (its thread pools and JIT caches are then
+its own) and sends the job as JSON on stdin; each row leaves as one stdout line
+that starts with ROW_MARK, since libraries print to stdout too.
 
 CPU memory cap: before the inputs are made, the address space may grow by at
-most the cap (plus slack for thread stacks, allocator arenas and JIT code).
-An allocation past it fails at once and the case is reported "oom", as it
-would be on a machine with that much free memory.
+most the cap (plus slack for thread stacks, allocator arenas and JIT code). An
+allocation past it fails at once and the case is reported "oom", as it would be
+on a machine with that much free memory.
 """
 
 from __future__ import annotations
@@ -21,15 +21,18 @@ import time
 import traceback
 
 from bench import check
-from bench.cases import Case, family, human_bytes, input_bytes, make_inputs, predict_s, work
+from bench.cases import Case, family, grad_leaves, input_bytes, make_inputs, work
 from bench.peers import PEERS
 from bench.schema import empty_row
 
 ROW_MARK = "@@bench-row@@ "
 SLACK_BYTES = 1 << 30
 
+# What allocators say when they fail, in exceptions and in a dead process's stderr.
 _OOM_TEXT = (
     "out of memory",
+    "outofmemoryerror",
+    "memoryerror",
     "can't allocate memory",
     "cannot allocate memory",
     "unable to allocate",
@@ -38,16 +41,8 @@ _OOM_TEXT = (
 )
 
 
-def emit(obj: dict) -> None:
-    sys.stdout.write(ROW_MARK + json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    return any(t in text for t in _OOM_TEXT)
+def is_oom(text: str) -> bool:
+    return any(t in text.lower() for t in _OOM_TEXT)
 
 
 def _status_kib(field: str) -> int | None:
@@ -66,7 +61,8 @@ class CpuMemory:
 
     /proc/self/clear_refs resets the peak (VmHWM) to the current RSS, so the
     peak is the stretch's own; where that is unavailable, ru_maxrss (the peak
-    since the process started) is the fallback.
+    since the process started) is the fallback, and bench.run gives each case
+    its own process.
     """
 
     method = "vmhwm"
@@ -150,8 +146,8 @@ def _timer(device: str):
     return time_cpu
 
 
-def _quantile(xs: list[float], q: float) -> float:
-    """Linear interpolation between order statistics (numpy's default)."""
+def quantile(xs: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (NumPy's default)."""
     s = sorted(xs)
     pos = q * (len(s) - 1)
     lo = math.floor(pos)
@@ -159,59 +155,57 @@ def _quantile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def grad_leaves(case: Case, x: dict) -> dict:
-    """Inputs that take gradients; in shared_loo the query is the key."""
-    names = ("key", "value", "w") if case.exclude_self else ("query", "key", "value", "w")
-    return {name: x[name] for name in names}
+def timed_calls(case: Case, x: dict, fn, leaves: dict, result: dict):
+    """(before, call, first) for the mode: what resets, what is timed, the warm-up.
 
-
-def timed_calls(case: Case, x: dict, fn):
-    """(before, call, first) for the mode: what is timed and what resets it."""
-    leaves = grad_leaves(case, x)
+    A forward or a fit keeps its last output in ``result["out"]``: the output
+    judged, or the bandwidth a fit chose.
+    """
     g = x.get("grad_out")
 
     def clear_grads():
         for t in leaves.values():
             t.grad = None
 
-    if case.mode == "forward":
-        return (lambda: None), fn, fn
     if case.mode == "fwd+bwd":
 
         def both():
             fn().backward(g)
 
         return clear_grads, both, both
-    # backward alone: one graph, its backward timed again and again.
-    graph = {}
+    if case.mode == "backward":  # one graph, its backward timed again and again
+        graph = {}
 
-    def first():
-        graph["out"] = fn()
-        graph["out"].backward(g, retain_graph=True)
+        def first():
+            graph["out"] = fn()
+            graph["out"].backward(g, retain_graph=True)
 
-    def again():
-        graph["out"].backward(g, retain_graph=True)
+        def again():
+            graph["out"].backward(g, retain_graph=True)
 
-    return clear_grads, again, first
+        return clear_grads, again, first
+
+    def keep():
+        result["out"] = fn()
+
+    return (lambda: None), keep, keep
 
 
-def _repeat(peer, settings, timer, memory, before, call, first, row) -> list[float]:
-    """The timed calls after a warm-up call, as the repeat policy allows."""
-    cap, target = settings["time_cap_s"], settings["target_s"]
+def _repeat(warm_up: bool, policy: dict, timer, memory, before, call, first, row) -> list:
+    """The timed calls, after a warm-up call where the peer compiles."""
+    cap, target = policy["time_cap_s"], policy["target_s"]
     memory.start()
     before()
     row["first_call_s"] = timer(first)
-    if peer.jit:
+    samples = []
+    if warm_up:
         # What the first call compiled is neither the call's memory nor its
         # time: the cap is judged on the second call.
         memory.start()
-        samples = []
     elif first is call and row["first_call_s"] >= target:
         # Nothing to compile, and a call this long warms its own caches: the
         # warm-up call is the first sample.
         samples = [row["first_call_s"]]
-    else:
-        samples = []
     if not samples:
         before()
         samples.append(timer(call))
@@ -219,79 +213,64 @@ def _repeat(peer, settings, timer, memory, before, call, first, row) -> list[flo
         row["note"] = f"one call timed: a call takes over the {cap:g} s cap"
         return samples
     want = math.ceil(target / max(samples[0], 1e-9))
-    reps = min(max(want, settings["min_repeats"]), settings["max_repeats"])
+    reps = min(max(want, policy["min_repeats"]), policy["max_repeats"])
     while len(samples) < reps:
         before()
         samples.append(timer(call))
     return samples
 
 
-def _time_case(case: Case, settings: dict, row: dict) -> dict:
-    """Make inputs, warm up, time, measure memory, check. Fills row in place."""
+def _time_case(case: Case, settings: dict, row: dict, warm_up: bool) -> None:
+    """Make inputs, warm up, time, measure memory, judge. Fills row in place."""
     peer = PEERS[case.peer]
     cap = settings["mem_cap_bytes"] if case.device == "cpu" else None
     memory = CudaMemory() if case.device == "cuda" else CpuMemory()
     timer = _timer(case.device)
+    result = {}
 
     with AddressSpaceCap(cap):
         x = make_inputs(case)
-        row["input_bytes"] = input_bytes(case)
-        if case.mode != "forward":
-            for t in grad_leaves(case, x).values():
-                t.requires_grad_(True)
+        row["input_bytes"] = input_bytes(case) if case.op != "fit" else None
+        leaves = grad_leaves(case, x)
+        for t in leaves.values():
+            t.requires_grad_(True)
         fn = peer.build(case, x)
-        before, call, first = timed_calls(case, x, fn)
-        samples = _repeat(peer, settings, timer, memory, before, call, first, row)
+        before, call, first = timed_calls(case, x, fn, leaves, result)
+        samples = _repeat(warm_up, settings["policy"], timer, memory, before, call, first, row)
         row["peak_extra_bytes"] = memory.peak_bytes()
         row["memory_method"] = memory.method
 
-    median = _quantile(samples, 0.5)
+    median = quantile(samples, 0.5)
     row.update(
         status="ok",
         times_s=samples,
         repeats=len(samples),
         median_s=median,
-        p20_s=_quantile(samples, 0.2),
-        p80_s=_quantile(samples, 0.8),
-        compile_s=max(0.0, row["first_call_s"] - median),
-        pairs_per_s=case.pairs / median,
-        ns_per_pair=median / case.pairs * 1e9,
+        p20_s=quantile(samples, 0.2),
+        p80_s=quantile(samples, 0.8),
+        compile_s=max(0.0, row["first_call_s"] - median) if peer.jit else None,
     )
-    limit = settings["limits"].get("mem_bytes_per_s" if case.layout == "rows" else "exp_per_s")
-    kind, amount = work(case)
-    row.update(bound_kind=kind, bound_work=amount)
-    if limit:
-        row["bound_s"] = amount / limit
-        row["bound_fraction"] = row["bound_s"] / median
-
-    if settings.get("check", True):
-        _check(case, x, fn, before, row)
-    return row
-
-
-def _check(case: Case, x: dict, fn, before, row: dict) -> None:
-    import torch
-
-    rows = check.rows_to_check(case)
-    row["check_rows"] = len(rows)
-    row["check_tol"] = check.TOL[case.dtype]
+    bound = work(case)
+    if bound:
+        kind, amount = bound
+        limit = settings["limits"].get("mem_bytes_per_s" if kind == "bytes" else "exp_per_s")
+        row.update(
+            pairs_per_s=case.pairs / median,
+            ns_per_pair=median / case.pairs * 1e9,
+            bound_kind=kind,
+            bound_work=amount,
+        )
+        if limit:
+            row["bound_s"] = amount / limit
+            row["bound_fraction"] = row["bound_s"] / median
     try:
-        before()
-        if case.mode == "forward":
-            with torch.no_grad():
-                err = check.check_output(case, fn(), x, rows)
-        else:
-            g = check.subset_grad_out(case, x, rows)
-            out = fn()
-            err = check.check_output(case, out, x, rows)
-            out.backward(g)
-            grads = {k: t.grad for k, t in grad_leaves(case, x).items()}
-            err = max(err, check.check_grads(case, grads, x, rows, g))
-    except Exception as exc:  # a failed check is reported, not fatal
-        row["note"] = _join(row["note"], f"check failed: {_short(exc)}")
-        return
-    row["check_rel_err"] = err
-    row["check_ok"] = bool(err <= row["check_tol"])
+        if case.op == "fit":
+            row["bandwidth"] = result["out"].tolist()
+            row["loo_mse"] = check.loo_mse(x["X"], x["y"], result["out"])
+        elif settings["check"]:
+            row.update(check.summary(*check.judge(case, x, fn, leaves, result.get("out"))))
+    except Exception as exc:  # the timing stands without the judgement
+        row["note"] = _join(row["note"], f"not judged: {_short(exc)}")
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:
@@ -300,15 +279,15 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _oom_note(exc: BaseException, settings: dict) -> str:
+def oom_note(text: str, cap: int | None) -> str:
     """'out of memory: tried to allocate 4.0 GiB (cap 4.0 GiB)' where the text says."""
-    found = re.search(r"allocate ([0-9.]+) ?(bytes|[KMGT]iB)", str(exc))
+    from bench.report import human_bytes
+
+    found = re.search(r"allocate ([0-9.]+) ?(bytes|[KMGT]iB)", text)
     what = "out of memory"
     if found:
         scale = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-        size = float(found.group(1)) * scale[found.group(2)]
-        what += f": tried to allocate {human_bytes(size)}"
-    cap = settings.get("mem_cap_bytes")
+        what += f": tried to allocate {human_bytes(float(found.group(1)) * scale[found.group(2)])}"
     return what + (f" (cap {human_bytes(cap)})" if cap else "")
 
 
@@ -316,37 +295,46 @@ def _join(a: str | None, b: str) -> str:
     return f"{a}; {b}" if a else b
 
 
-def run_case(case: Case, settings: dict, done: dict) -> dict:
-    """One row, whatever happens: ok, skipped, oom or error."""
+def predict_s(case: Case, done: dict) -> float | None:
+    """One call's time: the largest smaller size already timed, scaled by pairs;
+    else the peer's prior."""
+    prev = done.get(family(case.fields()))
+    if prev:
+        return prev["median_s"] * case.pairs / prev["pairs"]
+    return PEERS[case.peer].predict_s(case)
+
+
+def run_case(case: Case, settings: dict, done: dict, compiled: bool) -> dict:
+    """One row, whatever happens: ok, skipped, oom or error. ``compiled``: a
+    smaller size of the case ran in this process."""
     import torch
 
     row = empty_row(**case.fields())
     peer = PEERS[case.peer]
-    reason = peer.unsupported(case)
-    if reason:
-        return {**row, "status": "skipped", "note": reason}
     if settings.get("deadline") and time.time() > settings["deadline"]:
         return {**row, "status": "skipped", "note": "the run's time budget is spent"}
     predicted = predict_s(case, done)
-    prior = peer.prior_ns.get(case.device)
-    if predicted is None and prior:
-        predicted = prior * 1e-9 * case.pairs
-    memory = settings.get("mem_cap_bytes") or settings.get("device_memory_bytes")
-    if peer.dense and memory and case.pairs * case.itemsize >= memory:
-        # One n x m matrix cannot fit: run it, for it fails at its first
-        # allocation, and "out of memory" is the answer the sweep exists for.
+    memory = settings["mem_cap_bytes"] or settings["device_memory_bytes"]
+    needs = input_bytes(case) + peer.dense * case.pairs * case.itemsize
+    if peer.dense and memory and needs >= memory:
+        # "Out of memory" is the answer the sweep exists for, and it comes at
+        # the first allocations: no time to predict.
         predicted = None
-    if predicted and predicted > settings["time_cap_s"]:
-        cap = settings["time_cap_s"]
-        note = f"time cap: one call predicted at {predicted:.3g} s > {cap:g} s"
-        return {**row, "status": "skipped", "note": note}
+    cap = settings["policy"]["time_cap_s"]
+    if predicted and predicted > cap:
+        return {
+            **row,
+            "status": "skipped",
+            "note": f"time cap: one call predicted at {predicted:.3g} s > {cap:g} s",
+        }
+    warm_up = peer.jit == "each case" or (peer.jit == "once" and not compiled)
     try:
-        _time_case(case, settings, row)
-    except BaseException as exc:  # every failure becomes a row
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        row["status"] = "oom" if is_oom(exc) else "error"
-        row["note"] = _join(row["note"], _oom_note(exc, settings) if is_oom(exc) else _short(exc))
+        _time_case(case, settings, row, warm_up)
+    except Exception as exc:  # every failure becomes a row
+        text = f"{type(exc).__name__} {exc}"
+        row["status"] = "oom" if is_oom(text) else "error"
+        note = oom_note(text, settings["mem_cap_bytes"]) if is_oom(text) else _short(exc)
+        row["note"] = _join(row["note"], note)
         if row["status"] == "error" and settings.get("verbose"):
             traceback.print_exc()
     finally:
@@ -366,16 +354,20 @@ def probe(job: dict) -> dict:
     memory = CpuMemory()
     memory.start()
     out["peak_reset"] = memory.method == "vmhwm"
-    if job["device"] == "cuda":
-        if not out["cuda_available"]:
-            return out
-        limits = machine.gpu_limits()
-        out["gpu"] = limits.pop("gpu")
-    else:
-        limits = machine.cpu_limits()
-    out["limits"] = limits
     out["unavailable"] = availability(job["peers"])
+    if job["device"] == "cuda" and out["cuda_available"]:
+        out["gpu"] = machine.gpu_info()
+    if not job["limits"] or (job["device"] == "cuda" and not out["cuda_available"]):
+        out["limits"] = None
+    else:
+        cuda = job["device"] == "cuda"
+        out["limits"] = machine.gpu_limits(out["gpu"]) if cuda else machine.cpu_limits()
     return out
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(ROW_MARK + json.dumps(obj) + "\n")
+    sys.stdout.flush()
 
 
 def main() -> None:
@@ -392,14 +384,13 @@ def main() -> None:
     if job["job"] == "probe":
         emit(probe(job))
         return
-    done = {tuple(k): v for k, v in job.get("done", [])}
+    done = {tuple(k): v for k, v in job["done"]}
+    compiled = set()
     for fields in job["cases"]:
         case = Case(**fields)
-        row = run_case(case, job["settings"], done)
+        key = family(case.fields())
+        row = run_case(case, job["settings"], done, key in compiled)
         emit(row)
         if row["status"] == "ok":
-            done[family(case)] = row
-
-
-if __name__ == "__main__":
-    main()
+            done[key] = row
+            compiled.add(key)

@@ -1,4 +1,4 @@
-"""``bench/gpu_suite.sh OUTDIR`` (``python -m bench.gpu_suite OUTDIR``): the GPU in one command.
+"""``bench/gpu_suite.sh OUTDIR`` (``python -m bench gpu OUTDIR``): the GPU in one command.
 
 The GPU goal, shared keys and d = 1 unless said:
 
@@ -10,34 +10,35 @@ The GPU goal, shared keys and d = 1 unless said:
    at least 80% of the card's measured copy bandwidth (read + write bytes of
    a 1 GiB Tensor.copy_ per second).
 
-Steps: (1) the GPU tests, ``python -m pytest tests -m gpu``; (2) the GPU sweep:
+Steps: (1) the whole test suite natively, the gpu-marked tests included,
+``python -m pytest -m "gpu or not gpu"``; (2) the GPU sweep:
 forward and backward, float32 and bfloat16, shared keys n = m = 4096 ... 2^20,
 rows layout 4096 ... 65536 (as far as memory goes), beside torch eager (both
 forms), torch.compile and pykeops where it imports; (3) the goals, judged on
 the sweep's rows; (4) the plots. OUTDIR gets the JSON (its header holds the
 goals), the test log and the PNGs.
 
-Budget: 9 minutes in all, the tests capped at 150 s. Eager and compiled peers stop where a
-call is predicted past 5 s or memory runs out; the sweep as a whole stops
-starting new cases when its share of the budget is spent.
+Budget: 9 minutes in all, the tests capped at 240 s. A peer stops where a call
+is predicted past the gpu preset's time cap or memory runs out; the sweep as a
+whole stops starting new cases when its share of the budget is spent.
 """
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench import schema
-from bench.sweep import REPO, console, parse, sweep
+from bench.report import console
 
 # The whole suite fits in a 10-minute slot on a GPU machine.
 BUDGET_S = 9 * 60
-TEST_BUDGET_S = 150
+TEST_BUDGET_S = 240
 GOAL_N = 262144
-PEERS = "nwfast,torch-repeat,torch-broadcast,torch-compile,pykeops"
+PEERS = ["nwfast", "torch-compile", "pykeops", "torch-broadcast", "torch-repeat"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _find(rows, **want):
@@ -60,7 +61,7 @@ def _goal(text, value, target, better, detail=""):
 
 def judge(rows: list[dict], limits: dict) -> list[dict]:
     """The four goals, each with its measured value and pass/fail (None: not measured)."""
-    shared = {"layout": "shared", "dtype": "float32", "n": GOAL_N, "m": GOAL_N, "d": 1}
+    shared = {"op": "shared", "dtype": "float32", "n": GOAL_N, "m": GOAL_N, "d": 1}
     fwd = _find(rows, peer="nwfast", mode="forward", **shared)
     bwd = _find(rows, peer="nwfast", mode="backward", **shared)
     comp = _find(rows, peer="torch-compile", mode="forward", **shared)
@@ -99,7 +100,7 @@ def judge(rows: list[dict], limits: dict) -> list[dict]:
         r
         for r in rows
         if r["peer"] == "nwfast"
-        and r["layout"] == "rows"
+        and r["op"] == "rows"
         and r["mode"] == "forward"
         and r["dtype"] == "float32"
         and r["status"] == "ok"
@@ -136,44 +137,23 @@ def print_goals(con, goals: list[dict]) -> None:
 
 
 def run_tests(out: Path, con) -> int:
-    """The Triton tests natively on the GPU, the gpu-marked ones included."""
-    con.rule("1. GPU tests: python -m pytest tests/test_triton.py -m 'gpu or not gpu'")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "tests/test_triton.py",
-        "-m",
-        "gpu or not gpu",
-        "-q",
-        "-rs",
-    ]
-    log = out / "gpu_tests.log"
+    """The whole test suite on the GPU, the gpu-marked tests included."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu or not gpu", "-q", "-rs"]
+    con.rule(f"1. tests: {' '.join(cmd[1:])}")
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=TEST_BUDGET_S)
         text, code = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
-        text = (
-            (exc.stdout or b"").decode(errors="replace")
-            if isinstance(exc.stdout, bytes)
-            else (exc.stdout or "")
-        )
+        text = exc.stdout or ""
+        text = text.decode(errors="replace") if isinstance(text, bytes) else text
         text += f"\nstopped after {TEST_BUDGET_S} s\n"
         code = 124
-    log.write_text(text)
+    (out / "gpu_tests.log").write_text(text)
     con.print(text[-4000:], markup=False, highlight=False)
-    if code == 5:
-        con.print("[yellow]no test is marked gpu[/yellow]")
     return code
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.gpu_suite", description=__doc__.splitlines()[0]
-    )
-    p.add_argument("outdir", type=Path, help="where the JSON, the test log and the plots go")
-    p.add_argument("--skip-tests", action="store_true", help="only the sweep")
-    args = p.parse_args(argv)
+def suite(out: Path, skip_tests: bool = False) -> int:
     con = console()
     start = time.monotonic()
     con.print(__doc__.split("\n\n", 1)[1].split("Steps:")[0].strip(), markup=False)
@@ -187,32 +167,26 @@ def main(argv=None) -> int:
             f"(torch {torch.__version__}, built with {built}). Nothing was run."
         )
         return 2
-    out = args.outdir
     out.mkdir(parents=True, exist_ok=True)
     con.print(f"GPU: {torch.cuda.get_device_name(0)}; results -> {out}")
-
-    test_code = 0 if args.skip_tests else run_tests(out, con)
+    test_code = 0 if skip_tests else run_tests(out, con)
 
     con.rule("2. GPU sweep")
-    sweep_args, preset = parse(
-        [
-            "--device",
-            "cuda",
-            "--layouts",
-            "shared,rows",
-            "--modes",
-            "forward,backward",
-            "--dtypes",
-            "float32,bfloat16",
-            "--peers",
-            PEERS,
-            "--out",
-            str(out),
-        ]
-    )
+    from bench.run import run
+
     # Leave a minute for the goals and the plots.
-    deadline = start + BUDGET_S - 60
-    path, head, rows = sweep(sweep_args, preset, con, out, tag="gpu-suite", deadline=deadline)
+    path, head, rows = run(
+        con,
+        kind="gpu",
+        preset="gpu",
+        device="cuda",
+        peers=PEERS,
+        out_dir=out,
+        ops=("shared", "rows"),
+        modes=("forward", "backward"),
+        dtypes=("float32", "bfloat16"),
+        deadline=time.time() + BUDGET_S - 60 - (time.monotonic() - start),
+    )
 
     con.rule("3. Goals")
     head["goals"] = judge(rows, head["limits"])
@@ -225,12 +199,8 @@ def main(argv=None) -> int:
     for made in plot_files([path], out):
         con.print(str(made))
     con.print(f"done in {time.monotonic() - start:.0f} s")
-    if test_code not in (0, 5):
+    if test_code != 0:
         log = out / "gpu_tests.log"
-        con.print(f"[bold red]the GPU tests failed (exit {test_code}): see {log}[/bold red]")
+        con.print(f"[bold red]the tests failed (exit {test_code}): see {log}[/bold red]")
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,190 @@
+"""``python -m bench SUBCOMMAND``: the benchmark's one command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench import schema
+from bench.cases import DTYPES, POOL_MODES, POOL_OPS, W_KINDS
+from bench.peers import PEERS, for_ops
+
+EPILOG = """\
+Every run writes one JSON file (bench/schema.py) under bench/results/ unless
+--out says otherwise. Micro-benchmarks between revisions stay with
+pytest-benchmark: pytest bench/test_micro.py --benchmark-autosave."""
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """'4096,16k,2^20,1e6' -> (4096, 16384, 1048576, 1000000)."""
+    sizes = []
+    for tok in text.replace(" ", "").split(","):
+        if "^" in tok:
+            base, exp = tok.split("^")
+            sizes.append(int(base) ** int(exp))
+        elif tok[-1:] in ("k", "K"):
+            sizes.append(int(tok[:-1]) * 1024)
+        elif tok:
+            sizes.append(int(float(tok)))
+    if not sizes or min(sizes) < 2:
+        raise argparse.ArgumentTypeError(f"sizes {text!r}: need a comma list of integers >= 2")
+    return tuple(sorted(set(sizes)))
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512M', '2e9' -> bytes."""
+    t = text.strip().lower().replace(" ", "").rstrip("b").rstrip("i")
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    if t and t[-1] in scale:
+        return int(float(t[:-1]) * scale[t[-1]])
+    return int(float(t))
+
+
+def _choices(allowed):
+    def parse(text):
+        items = tuple(t.strip() for t in text.split(",") if t.strip())
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad}: choose from {', '.join(allowed)}")
+        return items
+
+    return parse
+
+
+def _common(p, peers) -> None:
+    p.add_argument("--peers", type=_choices(peers), help=f"of {','.join(peers)} (default: all)")
+    p.add_argument("--time-cap", type=float, help="skip calls predicted to take longer (s)")
+    p.add_argument("--threads", type=int, help="threads for torch, Numba, KeOps (default: cores)")
+    p.add_argument("--out", type=Path, help="results folder (default bench/results)")
+    p.add_argument("--verbose", action="store_true", help="tracebacks of failing cases")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Time nwfast beside its peers on the same inputs, in one run.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    s = sub.add_parser(
+        "sweep",
+        help="pooling operators: nwfast and its peers over sizes, layouts, modes",
+        description="Time the pooling operators of nwfast and its peers; check each "
+        "against the float64 reference.",
+    )
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    s.add_argument(
+        "--quick",
+        action="store_true",
+        help="the short sweep (< 5 min on 2 cores): every peer at 4096² and 16384², "
+        "one size per layout past the dense reference's memory",
+    )
+    s.add_argument("--sizes", type=parse_sizes, help="n = m, e.g. 1024,4096,16k,2^20")
+    s.add_argument("--modes", type=_choices(POOL_MODES), help=f"of {','.join(POOL_MODES)}")
+    s.add_argument("--layouts", type=_choices(POOL_OPS), help=f"of {','.join(POOL_OPS)}")
+    s.add_argument("--dtypes", type=_choices(DTYPES), default=("float32",), help="default float32")
+    s.add_argument(
+        "--dims",
+        type=lambda t: tuple(int(v) for v in t.split(",")),
+        default=(1,),
+        help="features d of query and key, e.g. 1,3 (default 1)",
+    )
+    s.add_argument("--w", choices=W_KINDS, default="scalar", help="one w, or one per key")
+    s.add_argument(
+        "--mem-cap",
+        type=parse_bytes,
+        default="4GiB",
+        help="CPU memory a case may allocate, inputs included (default 4GiB)",
+    )
+    s.add_argument("--no-check", action="store_true", help="skip the float64 checks")
+    _common(s, for_ops(POOL_OPS))
+
+    f = sub.add_parser(
+        "fit",
+        help="bandwidth selection: NadarayaWatson('loo').fit against statsmodels, kernelsmooth",
+        description="Time leave-one-out bandwidth selection, each fit in its own process; "
+        "compare the chosen bandwidths by one LOO MSE.",
+    )
+    f.add_argument("--quick", action="store_true", help="n = 1000, 3000, 10000, 20 s cap")
+    f.add_argument("--sizes", type=parse_sizes, help="n, default 1000,3000,10000,30000,100000")
+    f.add_argument("--d", type=int, default=1, help="features (default 1)")
+    _common(f, for_ops(("fit",)))
+
+    plot = sub.add_parser("plot", help="PNG figures from results files")
+    plot.add_argument("results", nargs="+", type=Path)
+    plot.add_argument("--out", type=Path, help="folder for the PNGs (default bench/results)")
+
+    report = sub.add_parser("report", help="print saved runs' tables again")
+    report.add_argument("results", nargs="+", type=Path)
+
+    gpu = sub.add_parser(
+        "gpu",
+        help="the GPU suite: the whole test suite, the GPU sweep, its goals, plots",
+        description="On a CUDA GPU, within 9 minutes: the test suite with the gpu-marked "
+        "tests, the GPU sweep, the goals judged on it, the plots; all into OUTDIR.",
+    )
+    gpu.add_argument("outdir", type=Path)
+    gpu.add_argument("--skip-tests", action="store_true", help="only the sweep and goals")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "plot":
+        from bench.plot import plot_files
+
+        for path in plot_files(args.results, args.out or schema.RESULTS):
+            print(path)
+        return 0
+    if args.command == "report":
+        from bench.report import show
+
+        show(args.results)
+        return 0
+    if args.command == "gpu":
+        from bench.gpu import suite
+
+        return suite(args.outdir, args.skip_tests)
+
+    from bench.report import console
+    from bench.run import run
+
+    ops = POOL_OPS if args.command == "sweep" else ("fit",)
+    common = {
+        "peers": sorted(args.peers or for_ops(ops), key=list(PEERS).index),
+        "out_dir": args.out or schema.RESULTS,
+        "threads": args.threads,
+        "time_cap": args.time_cap,
+        "verbose": args.verbose,
+        "sizes": args.sizes,
+    }
+    if args.command == "fit":
+        preset = "fit-quick" if args.quick else "fit"
+        run(
+            console(),
+            kind="fit",
+            preset=preset,
+            device="cpu",
+            dtypes=("float64",),
+            dims=(args.d,),
+            **common,
+        )
+        return 0
+    preset = "quick" if args.quick else "gpu" if args.device == "cuda" else "full"
+    run(
+        console(),
+        kind="sweep",
+        preset=preset,
+        device=args.device,
+        mem_cap=args.mem_cap,
+        check=not args.no_check,
+        ops=args.layouts,
+        modes=args.modes,
+        dtypes=args.dtypes,
+        dims=args.dims,
+        w_kind=args.w,
+        **common,
+    )
+    return 0

@@ -1,0 +1,135 @@
+"""The benchmark command itself, at tiny sizes: ``pytest bench/test_bench.py``.
+
+Not collected by the test run (testpaths = ["tests"]): it starts worker
+processes and takes about a minute on 2 cores.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bench import check, schema  # noqa: E402
+from bench.cases import PRESETS, Case, grad_leaves, make_inputs, plan  # noqa: E402
+from bench.cli import parse_sizes  # noqa: E402
+from bench.peers import PEERS  # noqa: E402
+from bench.worker import timed_calls  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench(*args, tmp_path):
+    cmd = [sys.executable, "-m", "bench", *args, "--out", str(tmp_path)]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+    (path,) = tmp_path.glob("*.json")
+    return schema.load(path)
+
+
+def test_sweep_fit_report_plot(tmp_path):
+    sweep = _bench(
+        "sweep",
+        "--sizes",
+        "64,128",
+        "--layouts",
+        "shared,shared_loo,rows",
+        "--modes",
+        "forward,fwd+bwd",
+        "--peers",
+        "nwfast,torch-broadcast",
+        tmp_path=tmp_path / "sweep",
+    )
+    rows = sweep["rows"]
+    assert len(rows) == 3 * 2 * 2 * 2
+    assert all(r["status"] == "ok" and r["check_ok"] for r in rows), rows
+    assert all(set(r) == set(schema.empty_row()) for r in rows)
+    ratios = [r["nwfast_speedup"] for r in rows if r["peer"] != "nwfast"]
+    assert all(x > 0 for x in ratios)
+
+    fit = _bench("fit", "--sizes", "200", "--peers", "nwfast,nwfast-f32", tmp_path=tmp_path / "fit")
+    nw, f32 = fit["rows"]
+    assert nw["status"] == f32["status"] == "ok"
+    assert f32["loo_mse_vs_nwfast"] == pytest.approx(1.0, rel=1e-3)
+
+    files = [str(p) for p in tmp_path.glob("*/*.json")]
+    subprocess.run(
+        [sys.executable, "-m", "bench", "report", *files], cwd=REPO, check=True, capture_output=True
+    )
+    out = tmp_path / "plots"
+    subprocess.run(
+        [sys.executable, "-m", "bench", "plot", *files, "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    names = {p.name for p in out.glob("*.png")}
+    assert names == {
+        f"bench_{k}_cpu_float32.png" for k in ("time", "speedup", "memory", "fwd_bwd")
+    } | {"bench_bandwidth.png"}
+
+
+@pytest.mark.parametrize("op", ["shared", "shared_loo", "rows"])
+def test_a_wrong_result_is_flagged(op):
+    """The check column is nwfast.testing's verdict: a wrong output fails it."""
+    case = Case("nwfast", op, "fwd+bwd", "float32", "cpu", 2048, 2048)  # a subset is judged
+    x = make_inputs(case)
+    leaves = grad_leaves(case, x)
+    for t in leaves.values():
+        t.requires_grad_(True)
+    fn = PEERS["nwfast"].build(case, x)
+    verdicts, judged = check.judge(case, x, fn, leaves)
+    assert judged < case.n and all(v.ok for v in verdicts), verdicts
+
+    def off_by_a_bit():
+        return fn() * (1 + 1e-3)
+
+    verdicts, _ = check.judge(case, x, off_by_a_bit, leaves)
+    assert not check.summary(verdicts, judged)["check_ok"]
+
+    result = {}
+    timed_calls(case, x, fn, leaves, result)  # forward keeps its output
+    forward = Case("nwfast", op, "forward", "float32", "cpu", 2048, 2048)
+    verdicts, _ = check.judge(forward, x, fn, {}, out=fn().detach() + 1e-2)
+    assert not verdicts[0].ok
+
+
+def test_presets_plan_and_sizes():
+    quick = plan(PRESETS["quick"], list(PEERS), device="cpu", dtypes=("float32",))
+    assert {(c.op, c.mode) for c in quick} == set(PRESETS["quick"].sizes)
+    assert all(c.n == c.m for c in quick)
+    fits = plan(PRESETS["fit"], ["nwfast"], device="cpu", dtypes=("float64",))
+    assert [c.n for c in fits] == list(PRESETS["fit"].sizes[("fit", "local-constant")])
+    assert parse_sizes("4096,16k,2^20,1e3") == (1000, 4096, 16384, 1 << 20)
+    json.dumps([c.fields() for c in quick])  # what a worker's job carries
+
+
+def test_gpu_goals_from_rows():
+    from bench.gpu import GOAL_N, judge
+
+    def row(peer, op, mode, n, median_s, **extra):
+        return schema.empty_row(
+            peer=peer,
+            op=op,
+            mode=mode,
+            dtype="float32",
+            n=n,
+            m=n,
+            d=1,
+            status="ok",
+            median_s=median_s,
+            **extra,
+        )
+
+    rows = [
+        row("nwfast", "shared", "forward", GOAL_N, 0.02, bound_fraction=0.7),
+        row("nwfast", "shared", "backward", GOAL_N, 0.04),
+        row("torch-compile", "shared", "forward", GOAL_N, 0.2),
+        row("nwfast", "rows", "forward", 65536, 0.01, bound_work=9e9),
+    ]
+    goals = judge(rows, {"copy_bytes_per_s": 1e12})
+    assert [g["passed"] for g in goals] == [True, True, True, True]
+    goals = judge(rows[:1], {})
+    assert [g["passed"] for g in goals] == [True, None, None, None]
