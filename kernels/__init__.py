@@ -20,10 +20,15 @@ Shared keys::
         int64 CPU tensor, the block plan packed (``blocks.pack``), which the
         backward and the tangent reuse.
 
-    backward(grad_out, query, key, value, w, out, lse, diagonal, plan, needs)
+    backward(grad_out, query, key, value, w, out, lse, diagonal, plan, needs, keys=None)
         -> (dquery, dkey, dvalue, dw)
         grad_out (B, n, c); needs is four bools (query, key, value, w); an
         entry that is not needed may come back as None. dw has w's shape.
+        out and lse may be those of a larger problem of which these keys are
+        a shard: the gradients are then this shard's share. keys: how many
+        keys each softmax holds in that larger problem (for the distance
+        shift of a shared w, which must be the same in every shard); None:
+        this call's own.
 
     tangent(query, key, value, w, tangents, out, lse, diagonal, plan)
         -> dout (B, n, c): the forward-mode derivative, tangents being

@@ -37,17 +37,19 @@ import math
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 
-from .numba_exp import exp2, fmax
+from .numba_exp import exp2, fma, fmax
+from .workers import parallel
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # Keys per tile. The tile keeps d + 2 rows of buffers (u per feature, scores,
-# weighted u) in L1 for small d; 512 keys leave the ~30 cycles of set-up per
-# tile and buffer pass below 5% of the work.
-TILE = 512
+# weighted u) in L1 for small d; 256 keys leave the ~30 cycles of set-up per
+# tile and buffer pass below 10% of the work, and bound the depth of every
+# float32 sum (16 to 32 terms a SIMD lane) before it goes into float64.
+TILE = 256
 # A parallel work item is a run of query rows worth about this many pairs.
 ITEM_PAIRS = 1 << 15
 # With shift 0 the largest weight is >= total / m; below this total (a query
@@ -55,15 +57,13 @@ ITEM_PAIRS = 1 << 15
 UNDERFLOW = 2.0**-60
 
 _FLAGS = {"contract", "reassoc", "nsz", "arcp"}
-_jit = functools.partial(njit, fastmath=_FLAGS, error_model="numpy", cache=True)
-_pjit = functools.partial(_jit, parallel=True)
+_jit = functools.partial(njit, fastmath=_FLAGS, error_model="numpy", cache=True, nogil=True)
 _ijit = functools.partial(_jit, inline="always")
 
 # Unsigned tile indices: no negative-index wraparound, plain vector loads.
 _u = np.uint64
 
 
-@_jit
 def _rows_per_item(length):
     return max(1, min(64, ITEM_PAIRS // max(length, 1)))
 
@@ -83,13 +83,15 @@ def _span_scores(q, i, kT, c2, ja, jb, U, x):
         diff = kT[0, _u(ja + j)] - q0
         U[0, j] = diff
         x[j] = c0 * (diff * diff)
+    # fma: one rounding whatever the fast-math flags, so that the backward
+    # recomputes the forward's scores to the bit
     for f in range(1, q.shape[1]):
         qf = q[i, f]
         cf = c2[f]
         for j in range(nt):
             diff = kT[f, _u(ja + j)] - qf
             U[f, j] = diff
-            x[j] += cf * (diff * diff)
+            x[j] = fma(cf, diff * diff, x[j])
 
 
 @_ijit
@@ -129,7 +131,7 @@ def _span_moments_11(q0, kT, vT, c0, ja, jb, shift, acc):
     for j in range(ja, jb):
         jj = _u(j)
         u = kT[0, jj] - q0
-        e = exp2(c0 * (u * u) - shift)
+        e = exp2(fma(c0, u * u, -shift))
         eu = e * u
         v = vT[0, jj]
         s0 += e
@@ -218,18 +220,16 @@ def _row_sums(q, i, kT, vT, c2, skip, shift, U, x, eu, acc):
             _span_moments(q, i, kT, vT, c2, j0, j1, shift, U, x, eu, acc)
 
 
-@_pjit
-def _forward_kernel(q, kT, vT, c2, scores_nonpositive, exclude_self, moments, lse):
-    """q (n, d), kT (d, m), vT (c, m), c2 (d,) -> moments (n, P), lse (n,)."""
+@_jit
+def _forward_kernel(lo, hi, q, kT, vT, c2, scores_nonpositive, exclude_self, rows, moments, lse):
+    """Items [lo, hi) of ``rows`` queries: q (n, d), kT (d, m), vT (c, m), c2 (d,)
+    -> moments (n, P), lse (n,)."""
     n, d = q.shape
-    m = kT.shape[1]
-    rows = _rows_per_item(m)
-    items = (n + rows - 1) // rows
-    for item in prange(items):
-        U = np.empty((d, TILE), q.dtype)
-        eu = np.empty((d, TILE), q.dtype)
-        x = np.empty(TILE, q.dtype)
-        acc = np.empty(moments.shape[1] + 1, np.float64)
+    U = np.empty((d, TILE), q.dtype)
+    eu = np.empty((d, TILE), q.dtype)
+    x = np.empty(TILE, q.dtype)
+    acc = np.empty(moments.shape[1] + 1, np.float64)
+    for item in range(lo, hi):
         for i in range(item * rows, min(item * rows + rows, n)):
             skip = i if exclude_self else -1
             shift = q.dtype.type(0)
@@ -259,7 +259,7 @@ def _span_grad_11(q0, kT, vT, c0, L2h, L2l, G, tbar, r0, ja, jb, acc):
         u = kT[0, jj] - q0
         uu = u * u
         v = vT[0, jj]
-        p = exp2((c0 * uu - L2h) - L2l)
+        p = exp2(fma(c0, uu, -L2h) - L2l)
         s += p * ((g0 * u + g1 * uu + g2 * v + g3 * (u * v)) - tbar) * (uu - r0)
     acc[0] += s
 
@@ -310,18 +310,17 @@ def _span_grad(q, i, kT, vT, c2, L2h, L2l, G, tbar, r, ja, jb, U, x, t, acc):
         acc[f] += s
 
 
-@_pjit
-def _backward_kernel(q, kT, vT, c2, G, tbar, r, L2h, L2l, exclude_self, grad_w):
-    """grad_w[i, f] = -(1/2) sum_j p_ij (u_ijf^2 - r_if) (G_i . phi_ij - tbar_i)."""
+@_jit
+def _backward_kernel(lo, hi, q, kT, vT, c2, G, tbar, r, L2h, L2l, exclude_self, rows, grad_w):
+    """grad_w[i, f] = -(1/2) sum_j p_ij (u_ijf^2 - r_if) (G_i . phi_ij - tbar_i),
+    items [lo, hi) of ``rows`` queries."""
     n, d = q.shape
     m = kT.shape[1]
-    rows = _rows_per_item(m)
-    items = (n + rows - 1) // rows
-    for item in prange(items):
-        U = np.empty((d, TILE), q.dtype)
-        x = np.empty(TILE, q.dtype)
-        t = np.empty(TILE, q.dtype)
-        acc = np.empty(d, np.float64)
+    U = np.empty((d, TILE), q.dtype)
+    x = np.empty(TILE, q.dtype)
+    t = np.empty(TILE, q.dtype)
+    acc = np.empty(d, np.float64)
+    for item in range(lo, hi):
         for i in range(item * rows, min(item * rows + rows, n)):
             skip = i if exclude_self else -1
             acc[:] = 0.0
@@ -354,13 +353,18 @@ def forward(query, key, value, w, exclude_self):
     c = value.shape[1]
     moments = torch.empty((n, d + d * (d + 1) // 2 + c + d * c), dtype=torch.float64)
     lse = torch.empty(n, dtype=torch.float64)
-    _forward_kernel(
+    rows = _rows_per_item(key.shape[0])
+    parallel(
+        _forward_kernel,
+        -(-n // rows),
+        n * key.shape[0],
         _np(query),
         _np(key.T),
         _np(value.T),
         _log2_scale(w),
         bool((w >= 0).all()),
         bool(exclude_self),
+        rows,
         moments.numpy(),
         lse.numpy(),
     )
@@ -372,7 +376,12 @@ def backward(grad, query, key, value, w, lse, second, tbar, exclude_self):
     L2 = lse * LOG2E
     L2h = L2.to(dtype)
     grad_w = torch.empty(query.shape, dtype=torch.float64)
-    _backward_kernel(
+    n, m = query.shape[0], key.shape[0]
+    rows = _rows_per_item(m)
+    parallel(
+        _backward_kernel,
+        -(-n // rows),
+        n * m,
         _np(query),
         _np(key.T),
         _np(value.T),
@@ -383,6 +392,7 @@ def backward(grad, query, key, value, w, lse, second, tbar, exclude_self):
         _np(L2h),
         _np((L2 - L2h.double()).to(dtype)),
         bool(exclude_self),
+        rows,
         grad_w.numpy(),
     )
     return grad_w

@@ -525,8 +525,29 @@ def _tangent_items(
 
 
 @_jit
-def _forward_rows_items(lo, hi, q, K, V, c2, nonpos, rows, out, lse):
-    """q (n, 1), K and V (n, m), c2 (m,) -> out (n, 1), lse (n,)."""
+def _forward_rows_fused(lo, hi, q, K, V, c2, rows, out, lse, redo):
+    """Every w >= 0: one sweep per row with shift 0 (q (n, 1), K and V (n, m),
+    c2 (m,)); a row whose sum underflows is left to ``_forward_rows_general``:
+    redo[i] = 1."""
+    n, m = K.shape
+    for item in range(lo, hi):
+        for i in range(item * rows, min(item * rows + rows, n)):
+            total = 0.0
+            acc = 0.0
+            for j0 in range(0, m, SUM_BLOCK):
+                st, at = _sweep_11(q[i, 0], K[i], V[i], c2, j0, min(j0 + SUM_BLOCK, m))
+                total += st
+                acc += at
+            if total >= UNDERFLOW:
+                out[i, 0] = acc / total
+                lse[i] = math.log(total)
+            else:
+                redo[i] = 1
+
+
+@_jit
+def _forward_rows_general(lo, hi, q, K, V, c2, nonpos, rows, only, out, lse):
+    """Any w, through tile buffers (the rows of ``only``, or all if it is empty)."""
     n, m = K.shape
     x = np.empty(TILE, q.dtype)
     acc = np.empty(1, np.float64)
@@ -535,10 +556,11 @@ def _forward_rows_items(lo, hi, q, K, V, c2, nonpos, rows, out, lse):
     spans[0, 1] = m
     for item in range(lo, hi):
         for i in range(item * rows, min(item * rows + rows, n)):
-            # row i's keys and values as (1, m): the shared-key row with d = c = 1
-            _pool_row(
-                q, i, K[i : i + 1], V[i : i + 1], c2, -1, spans, 0, 1, x, acc, nonpos, out, lse
-            )
+            if only.size == 0 or only[i]:
+                # row i's keys and values as (1, m): the shared-key row, d = c = 1
+                _pool_row(
+                    q, i, K[i : i + 1], V[i : i + 1], c2, -1, spans, 0, 1, x, acc, nonpos, out, lse
+                )
 
 
 @_jit
@@ -698,7 +720,7 @@ def forward(query, key, value, w, diagonal, tolerance):
     return out, lse, blocks.pack(plan, B, n, m)
 
 
-def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs):
+def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, keys=None):
     need_q, need_k, need_v, need_w = (bool(x) for x in needs)
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[-1]
@@ -726,7 +748,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs):
         dk = torch.empty(k.shape, dtype=dtype)
         dv = torch.empty(v.shape, dtype=dtype)
         dw_keys = torch.empty(w_keys.shape, dtype=torch.float64)
-        shift = distance_shift(lse, w, _per_row_keys(skip, m))
+        shift = distance_shift(lse, w, _per_row_keys(skip, m) if keys is None else keys)
         _parallel(
             _dkv_fused if fused else _dkv_general,
             len(plan.query_ptr) - 1,
@@ -790,19 +812,20 @@ def forward_rows(query, keys, values, w):
     out = torch.empty(n, dtype=query.dtype)
     lse = torch.empty(n, dtype=torch.float64)
     rows = _rows_per_item(m)
-    _parallel(
-        _forward_rows_items,
-        -(-n // rows),
-        n * m,
-        _np(query[:, None]),
-        _np(keys),
-        _np(values),
-        _log2_scale(w),
-        bool((w >= 0).all()),
-        rows,
-        out.numpy()[:, None],
-        lse.numpy(),
-    )
+    items = -(-n // rows)
+    nonpos = bool((w >= 0).all())
+    args = (_np(query[:, None]), _np(keys), _np(values), _log2_scale(w))
+    only = np.empty(0, np.uint8)  # every row
+    if nonpos:
+        only = np.zeros(n, np.uint8)
+        _parallel(
+            _forward_rows_fused, items, n * m, *args, rows, out.numpy()[:, None], lse.numpy(), only
+        )
+    if not only.size or only.any():
+        _parallel(
+            _forward_rows_general, items, n * m, *args, nonpos, rows, only, out.numpy()[:, None],
+            lse.numpy(),
+        )  # fmt: skip
     return out, lse
 
 

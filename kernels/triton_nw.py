@@ -1074,7 +1074,7 @@ def forward(query, key, value, w, diagonal, tolerance):
     return out, lse, _packed(plan, B, n, m)
 
 
-def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs):
+def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, keys=None):
     need_q, need_k, need_v, need_w = (bool(x) for x in needs)
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[2]
@@ -1107,7 +1107,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs):
         dv = torch.empty_like(v) if need_v else v
         # float32 partial sums per key: summed in float64 for a shared w.
         dw_keys = torch.empty(w_keys.shape, dtype=acc, device=device) if need_w else w_keys
-        shift = distance_shift(lse, w, spans.rows_kept).to(acc)
+        shift = distance_shift(lse, w, spans.rows_kept if keys is None else keys).to(acc)
         _launch(
             _dkv_kernel,
             "key",

@@ -150,15 +150,19 @@ def _kernels(backend):
 # --- the fused moments as a custom op ------------------------------------------------
 
 
-@torch.library.custom_op("nwfast::local_linear_moments", mutates_args=())
-def _moments_op(
-    q: Tensor, k: Tensor, v: Tensor, w: Tensor, exclude_self: bool, backend: str
-) -> tuple[Tensor, Tensor]:
+def _moments_kernel(q, k, v, w, exclude_self, backend):
     q, k, v, w = (x.contiguous() for x in (q, k, v, w))
     return _kernels(backend).forward(q, k, v, w, exclude_self)
 
 
-@_moments_op.register_fake
+_moments_op = ops.define(
+    "local_linear_moments(Tensor q, Tensor k, Tensor v, Tensor w, bool exclude_self, "
+    "str backend) -> (Tensor, Tensor)",
+    _moments_kernel,
+)
+
+
+@torch.library.register_fake("nwfast::local_linear_moments")
 def _(q, k, v, w, exclude_self, backend):
     size = moment_layout(q.shape[1], v.shape[1]).size
     return (
@@ -167,18 +171,7 @@ def _(q, k, v, w, exclude_self, backend):
     )
 
 
-@torch.library.custom_op("nwfast::local_linear_moments_backward", mutates_args=())
-def _moments_backward_op(
-    grad: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    w: Tensor,
-    moments: Tensor,
-    lse: Tensor,
-    exclude_self: bool,
-    backend: str,
-) -> Tensor:
+def _moments_backward_kernel(grad, q, k, v, w, moments, lse, exclude_self, backend):
     q, k, v, w = (x.contiguous() for x in (q, k, v, w))
     # What the kernel subtracts: each query's E[u_f^2] and grad . moments.
     second = _unpack(moments, q.shape[1], v.shape[1])[1].diagonal(dim1=1, dim2=2)
@@ -189,7 +182,14 @@ def _moments_backward_op(
     return per_query.sum(0).to(w.dtype)
 
 
-@_moments_backward_op.register_fake
+_moments_backward_op = ops.define(
+    "local_linear_moments_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor w, "
+    "Tensor moments, Tensor lse, bool exclude_self, str backend) -> Tensor",
+    _moments_backward_kernel,
+)
+
+
+@torch.library.register_fake("nwfast::local_linear_moments_backward")
 def _(grad, q, k, v, w, moments, lse, exclude_self, backend):
     return torch.empty_like(w)
 
@@ -212,7 +212,9 @@ def _backward(ctx, grad, _grad_lse):
     return None, None, None, grad_w, None, None
 
 
-_moments_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "nwfast::local_linear_moments", _backward, setup_context=_setup_context
+)
 
 
 def moments(query, key, value, w, *, exclude_self=False, backend="auto"):

@@ -82,7 +82,8 @@ def _as_op_outputs(grads, inputs):
 _lib = torch.library.Library("nwfast", "DEF")
 
 
-def _define(schema, kernel):
+def define(schema, kernel):
+    """Define ``nwfast::<name>`` from its schema, with ``kernel`` for CPU and CUDA."""
     _lib.define(schema)
     name = schema.split("(", 1)[0]
     for device in ("CPU", "CUDA"):
@@ -97,7 +98,7 @@ def _pool_kernel(query, key, value, w, diagonal, tolerance, backend):
     return _kernels(backend).forward(*_contiguous(query, key, value, w), diagonal, tolerance)
 
 
-pool = _define(
+pool = define(
     "pool(Tensor query, Tensor key, Tensor value, Tensor w, int? diagonal, float tolerance, "
     "str backend) -> (Tensor, Tensor, Tensor)",
     _pool_kernel,
@@ -115,17 +116,19 @@ def _(query, key, value, w, diagonal, tolerance, backend):
     )
 
 
-def _pool_backward_kernel(grad_out, query, key, value, w, out, lse, diagonal, plan, backend, needs):
+def _pool_backward_kernel(
+    grad_out, query, key, value, w, out, lse, diagonal, plan, backend, needs, keys=None
+):
     grads = _kernels(backend).backward(
-        *_contiguous(grad_out, query, key, value, w, out, lse), diagonal, plan, tuple(needs)
+        *_contiguous(grad_out, query, key, value, w, out, lse), diagonal, plan, tuple(needs), keys
     )
     return _as_op_outputs(grads, (query, key, value, w))
 
 
-pool_backward = _define(
+pool_backward = define(
     "pool_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor w, "
-    "Tensor out, Tensor lse, int? diagonal, Tensor plan, str backend, bool[] needs) "
-    "-> (Tensor, Tensor, Tensor, Tensor)",
+    "Tensor out, Tensor lse, int? diagonal, Tensor plan, str backend, bool[] needs, "
+    "int? keys=None) -> (Tensor, Tensor, Tensor, Tensor)",
     _pool_backward_kernel,
 )
 
@@ -135,7 +138,7 @@ def _fake_grads(inputs, needs):
 
 
 @torch.library.register_fake("nwfast::pool_backward")
-def _(grad_out, query, key, value, w, out, lse, diagonal, plan, backend, needs):
+def _(grad_out, query, key, value, w, out, lse, diagonal, plan, backend, needs, keys=None):
     return _fake_grads((query, key, value, w), needs)
 
 
@@ -148,7 +151,7 @@ def _pool_tangent_kernel(
     )
 
 
-pool_tangent = _define(
+pool_tangent = define(
     "pool_tangent(Tensor query, Tensor key, Tensor value, Tensor w, Tensor? dquery, "
     "Tensor? dkey, Tensor? dvalue, Tensor? dw, Tensor out, Tensor lse, int? diagonal, "
     "Tensor plan, str backend) -> Tensor",
@@ -196,7 +199,7 @@ def _pool_rows_kernel(query, keys, values, w, backend):
     return _kernels(backend).forward_rows(*_contiguous(query, keys, values, w))
 
 
-pool_rows = _define(
+pool_rows = define(
     "pool_rows(Tensor query, Tensor keys, Tensor values, Tensor w, str backend) "
     "-> (Tensor, Tensor)",
     _pool_rows_kernel,
@@ -215,7 +218,7 @@ def _pool_rows_backward_kernel(grad_out, query, keys, values, w, out, lse, backe
     return _as_op_outputs(grads, (query, keys, values, w))
 
 
-pool_rows_backward = _define(
+pool_rows_backward = define(
     "pool_rows_backward(Tensor grad_out, Tensor query, Tensor keys, Tensor values, Tensor w, "
     "Tensor out, Tensor lse, str backend, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor)",
     _pool_rows_backward_kernel,
@@ -236,7 +239,7 @@ def _pool_rows_tangent_kernel(
     )
 
 
-pool_rows_tangent = _define(
+pool_rows_tangent = define(
     "pool_rows_tangent(Tensor query, Tensor keys, Tensor values, Tensor w, Tensor? dquery, "
     "Tensor? dkeys, Tensor? dvalues, Tensor? dw, Tensor out, Tensor lse, str backend) -> Tensor",
     _pool_rows_tangent_kernel,
