@@ -57,7 +57,46 @@ the log-mean-exp of the squared distances (``distance_shift``). Nothing of
 size n * m is allocated beyond the rows layout's own inputs and gradients.
 """
 
+import os
+import tempfile
+import warnings
+
 import torch
+
+
+def _writable(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+def _ensure_numba_cache():
+    """Numba caches compiled kernels beside their source or in the user's cache
+    folder; an install that may write to neither (a read-only image with no
+    writable home) would make every first call fail. Cache in the temporary
+    folder then, and say so once."""
+    from numba.core import config
+    from numba.misc.appdirs import AppDirs
+
+    if config.CACHE_DIR:
+        return  # the user's own choice
+    here = os.path.join(os.path.dirname(__file__), "__pycache__")
+    if _writable(here) or _writable(AppDirs(appname="numba", appauthor=False).user_cache_dir):
+        return
+    config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"nwfast-numba-{os.getuid()}")
+    warnings.warn(
+        f"nwfast: no writable place to cache compiled kernels beside {os.path.dirname(__file__)} "
+        f"or in the user's cache folder; caching them in {config.CACHE_DIR} (set "
+        "NUMBA_CACHE_DIR to choose)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+_ensure_numba_cache()
 
 
 def distance_shift(lse, w, keys):

@@ -583,7 +583,11 @@ _HEADER = 8
 
 
 def pack(plan, batch, n, m):
-    """The plan as one int64 CPU tensor, for an operator to return and take."""
+    """The plan as one int64 CPU tensor, for an operator to return and take; a
+    dense pass (None) is the empty tensor: nothing to reuse, and nothing that
+    depends on the batch, so vmap can fold it into a larger one."""
+    if plan is None:
+        return torch.zeros(0, dtype=torch.int64)
     ordered = plan.order is not None
     header = [
         plan.q_block,
@@ -603,7 +607,9 @@ def pack(plan, batch, n, m):
 
 
 def unpack(packed):
-    """The Plan that ``pack`` packed."""
+    """The Plan that ``pack`` packed (None for a dense pass)."""
+    if packed.numel() == 0:
+        return None
     a = packed.numpy()
     q_block, k_block, batch, n, m, ordered, key_runs, pairs = (int(x) for x in a[:_HEADER])
     at = _HEADER

@@ -671,10 +671,13 @@ def _rows_per_item(length):
 
 
 def _plan(query, key, w, diagonal, tolerance):
-    B, n, _ = query.shape
-    m = key.shape[1]
-    found = blocks.plan(query, key, w, tolerance, diagonal is not None, BLOCK, BLOCK)
-    return found or blocks.dense(B, n, m, _rows_per_item(m), _rows_per_item(n))
+    """The block-sparse plan, or None for a dense pass."""
+    return blocks.plan(query, key, w, tolerance, diagonal is not None, BLOCK, BLOCK)
+
+
+def _or_dense(plan, B, n, m):
+    """The spans to sweep: the plan's, or everything."""
+    return plan or blocks.dense(B, n, m, _rows_per_item(m), _rows_per_item(n))
 
 
 def _per_row_keys(skip, m):
@@ -685,7 +688,8 @@ def _per_row_keys(skip, m):
 def forward(query, key, value, w, diagonal, tolerance):
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[-1]
-    plan = _plan(query, key, w, diagonal, tolerance)
+    found = _plan(query, key, w, diagonal, tolerance)
+    plan = _or_dense(found, B, n, m)
     (q,) = blocks.queries_in_order(plan, query)
     k, v, w = blocks.keys_in_order(plan, key, value, _per_key(w, m))
     skip, _ = blocks.skips(plan, diagonal, B, n, m)
@@ -717,7 +721,7 @@ def forward(query, key, value, w, diagonal, tolerance):
             out.numpy(), lse.numpy(),
         )  # fmt: skip
     out, lse = blocks.queries_back(plan, out, lse)
-    return out, lse, blocks.pack(plan, B, n, m)
+    return out, lse, blocks.pack(found, B, n, m)
 
 
 def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, keys=None):
@@ -725,7 +729,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[-1]
     dtype = query.dtype
-    plan = blocks.unpack(packed)
+    plan = _or_dense(blocks.unpack(packed), B, n, m)
     q, g, out, lse = blocks.queries_in_order(plan, query, grad_out, out, lse)
     k, v, w_keys = blocks.keys_in_order(plan, key, value, _per_key(w, m))
     skip, skipped_by = blocks.skips(plan, diagonal, B, n, m)
@@ -775,7 +779,7 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
     B, n, _ = query.shape
     m = key.shape[1]
     dq, dk, dv, dw = (_or_zeros(t, x) for t, x in zip(tangents, (query, key, value, w)))
-    plan = blocks.unpack(packed)
+    plan = _or_dense(blocks.unpack(packed), B, n, m)
     q, dq, y, lse = blocks.queries_in_order(plan, query, dq, out, lse)
     k, dk, v, dv, w, dw = blocks.keys_in_order(
         plan, key, dk, value, dv, _per_key(w, m), _per_key(dw, m)

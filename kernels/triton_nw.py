@@ -1042,17 +1042,6 @@ def _plan(query, key, w, diagonal, tolerance):
     return blocks.plan(query, key, w, tolerance, diagonal is not None, q_block, k_block)
 
 
-def _packed(plan, B, n, m):
-    """A dense plan is packed as an empty one: nothing to reuse."""
-    if plan is None:
-        return torch.zeros(0, dtype=torch.int64)
-    return blocks.pack(plan, B, n, m)
-
-
-def _unpacked(packed):
-    return blocks.unpack(packed) if packed.numel() else None
-
-
 def forward(query, key, value, w, diagonal, tolerance):
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[2]
@@ -1071,7 +1060,7 @@ def forward(query, key, value, w, diagonal, tolerance):
         spans.items("query"),
     )
     out, lse = blocks.queries_back(plan, out, lse)
-    return out, lse, _packed(plan, B, n, m)
+    return out, lse, blocks.pack(plan, B, n, m)
 
 
 def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, keys=None):
@@ -1079,7 +1068,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[2]
     dtype, device = query.dtype, query.device
-    plan = _unpacked(packed)
+    plan = blocks.unpack(packed)
     q, g, out, lse = blocks.queries_in_order(plan, query, grad_out, out, lse)
     k, v, w_keys = blocks.keys_in_order(plan, key, value, _per_key(w, m))
     spans = _Spans(plan, diagonal, B, n, m, device)
@@ -1129,7 +1118,7 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
         torch.zeros_like(x) if t is None else t for t, x in zip(tangents, (query, key, value, w))
     )
     dq, dk, dv, dw = zeros
-    plan = _unpacked(packed)
+    plan = blocks.unpack(packed)
     q, dq, y, lse = blocks.queries_in_order(plan, query, dq, out, lse)
     k, dk, v, dv, w, dw = blocks.keys_in_order(
         plan, key, dk, value, dv, _per_key(w, m), _per_key(dw, m)

@@ -7,7 +7,6 @@ A per-feature bandwidth is not a kernel feature: scale ``query`` and ``key`` by
 """
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from nwfast import ops, reference
 from nwfast._checks import prepare_rows, prepare_shared, resolve_tolerance
@@ -110,7 +109,48 @@ def nw_weights(query, key, w, *, exclude_self=False):
 # --- autograd ------------------------------------------------------------------
 # The ops carry reverse mode themselves (nwfast.ops); these functions add
 # forward mode (the tangent is one more fused pass) and, through the ops'
-# vmap rules, torch.func's transforms. Double backward is refused clearly.
+# vmap rules, torch.func's transforms. The gradients are first derivatives
+# only: differentiating them again stops with an error saying so.
+
+
+class _FirstOrder(torch.autograd.Function):
+    """The gradients as they are, with a derivative that refuses to be taken."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(_anchor, *grads):
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(_SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *_):
+        raise RuntimeError(_SECOND_ORDER)
+
+
+_SECOND_ORDER = (
+    "nw_pool's derivatives are first derivatives: nwfast does not differentiate them "
+    "again (double backward, a Hessian, jacfwd of jacfwd); use backend='torch' for that"
+)
+
+
+def _first_order(grads, inputs, forward_mode=False):
+    """``grads`` (None where not needed), refusing a second derivative where one
+    could be asked for: under create_graph with inputs that require grad, or
+    (``forward_mode``) inside another forward-mode transform."""
+    anchor = next((x for x in inputs if x.requires_grad), inputs[0] if forward_mode else None)
+    if anchor is None or not (forward_mode or torch.is_grad_enabled()):
+        return grads
+    present = _FirstOrder.apply(anchor, *(g for g in grads if g is not None))
+    it = iter(present)
+    return tuple(None if g is None else next(it) for g in grads)
 
 
 class _Pool(torch.autograd.Function):
@@ -126,9 +166,10 @@ class _Pool(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[1:])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out, _grad_lse, _grad_plan):
-        return (*ops.pool_gradients(ctx, grad_out), None, None, None)
+        with torch.no_grad():
+            grads = ops.pool_gradients(ctx, grad_out)
+        return (*_first_order(grads, ctx.saved_tensors[:4]), None, None, None)
 
 
 class _PoolForwardMode(_Pool):
@@ -155,7 +196,7 @@ class _PoolForwardMode(_Pool):
             plan,
             ctx.backend,
         )
-        return tangent, None, None
+        return *_first_order((tangent,), (query,), forward_mode=True), None, None
 
 
 class _Rows(torch.autograd.Function):
@@ -171,9 +212,10 @@ class _Rows(torch.autograd.Function):
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out, _grad_lse):
-        return (*ops.rows_gradients(ctx, grad_out), None)
+        with torch.no_grad():
+            grads = ops.rows_gradients(ctx, grad_out)
+        return (*_first_order(grads, ctx.saved_tensors[:4]), None)
 
 
 class _RowsForwardMode(_Rows):
@@ -188,4 +230,4 @@ class _RowsForwardMode(_Rows):
         tangent = ops.pool_rows_tangent(
             query, keys, values, w, dquery, dkeys, dvalues, dw, out, lse, ctx.backend
         )
-        return tangent, None
+        return *_first_order((tangent,), (query,), forward_mode=True), None

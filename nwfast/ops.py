@@ -63,11 +63,25 @@ _KERNEL_MODULES = {"numba": "nwfast.kernels.numba_nw", "triton": "nwfast.kernels
 def _kernels(backend):
     try:
         return importlib.import_module(_KERNEL_MODULES[backend])
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if error.name in ("nwfast.kernels", _KERNEL_MODULES[backend]):
+            raise ImportError(_shadowed_message()) from error
         raise RuntimeError(
             f"backend={backend!r} is not available here: {error}. Install "
             f"{backend} or pass backend='torch' for the reference path"
         ) from error
+
+
+def _shadowed_message():
+    """nwfast imported from a source tree, where the kernels are a folder beside
+    it (kernels/) that only an install maps to nwfast.kernels."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return (
+        f"nwfast was imported from {here}, which has no nwfast.kernels: in the "
+        "source tree the kernels live in kernels/ and an install maps them to "
+        "nwfast.kernels. Run from outside the repository to use the installed "
+        "nwfast, or install this tree with `pip install -e .`"
+    )
 
 
 def _contiguous(*tensors):
@@ -325,7 +339,9 @@ def _planned_rule(op, batch_arg):
         plan = args[[a.name for a in names].index("plan")]
         x, dim = args[batch_arg], in_dims[batch_arg]
         batch = x.shape[0] if dim is None else x.shape[1 if dim == 0 else 0]
-        if int(plan[2]) == size * batch:  # the forward was folded: fold alike
+        # A dense plan (empty) holds nothing of the batch; a sparse one must
+        # have been made for the folded batch to be reused folded.
+        if plan.numel() == 0 or int(plan[2]) == size * batch:
             folded = [
                 _fold(a, d, size) if isinstance(a, torch.Tensor) and a is not plan else a
                 for a, d in zip(args, in_dims)

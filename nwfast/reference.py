@@ -36,6 +36,7 @@ __all__ = [
     "nw_scores",
     "pool_and_lse",
     "rows_and_lse",
+    "textbook_leave_one_out",
 ]
 
 
@@ -171,3 +172,12 @@ def nw_pool_rows_repeat_interleave(query, keys, values, w):
     n, m = keys.shape
     queries = query.repeat_interleave(m).reshape(n, m)
     return _pool_rows(queries - keys, values, w)[0]
+
+
+def textbook_leave_one_out(x, y):
+    """The textbook's leave-one-out rows: the (n, n - 1) keys and values that
+    ``torch.eye`` cuts out, row i everything but point i (``exclude_self``
+    computes the same without building them)."""
+    n = x.shape[0]
+    keep = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    return x.repeat(n, 1)[keep].reshape(n, n - 1), y.repeat(n, 1)[keep].reshape(n, n - 1)

@@ -393,7 +393,8 @@ def check_rows_gradients(grads, query, keys, values, w, upstream):
 
 
 def _jvp(fn, inputs, tangents, dtype, device, kwargs):
-    primals = tuple(x.detach().to(device, dtype) for x in inputs)
+    # contiguous: forward mode cannot take a stride-0 (expanded) primal
+    primals = tuple(x.detach().to(device, dtype).contiguous() for x in inputs)
     dual = tuple(
         torch.zeros_like(x) if t is None else t.detach().to(device, dtype)
         for x, t in zip(primals, tangents)

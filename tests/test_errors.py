@@ -40,6 +40,10 @@ q, k, v = torch.randn(n), torch.randn(m), torch.randn(m)
         ((q, k, v, 1.0), {"backend": "cuda"}, ValueError, ["backend", "'cuda'"]),
         ((q.half(), k.half(), v.half(), 1.0), {"backend": "numba"}, TypeError, ["float16"]),
         ((q, k, v, 1.0), {"backend": "numba", "exclude_self": True}, ValueError, ["exclude_self"]),
+        ((q, q, q, 1.0), {"exclude_self": 1}, TypeError, ["exclude_self must be a bool", "int"]),
+        ((q, k, v, 1.0), {"tolerance": -1e-3}, ValueError, ["tolerance", "[0, 1)"]),
+        ((q, k, v, 1.0), {"tolerance": "tight"}, TypeError, ["tolerance", "str"]),
+        ((q.to_sparse(), k, v, 1.0), {}, TypeError, ["query", "dense", "sparse"]),
     ],
 )
 def test_bad_shared_input(args, kwargs, error, words):

@@ -3,16 +3,10 @@
 import pytest
 import torch
 
+from nwfast import reference
 from nwfast.models import NWKernelRegression
 from nwfast.reference import nw_pool_broadcast
 from nwfast.testing import assert_close
-
-
-def textbook_leave_one_out(x, y):
-    """The textbook's (n, n - 1) key/value rows: row i is everything but point i."""
-    n = len(x)
-    keep = ~torch.eye(n, dtype=torch.bool)
-    return x.repeat(n, 1)[keep].reshape(n, n - 1), y.repeat(n, 1)[keep].reshape(n, n - 1)
 
 
 def data(n=40, m=None, d=None, c=None, dtype=torch.float64):
@@ -103,7 +97,7 @@ def test_exclude_self_is_leave_one_out():
 
 def test_textbook_rows_layout_matches_shared_layout():
     x, _, y = data(20, 20)
-    keys, values = textbook_leave_one_out(x, y)
+    keys, values = reference.textbook_leave_one_out(x, y)
     shared = NWKernelRegression(5.0, positive="square").double()
     rows = NWKernelRegression(5.0, positive="square").double()
 
@@ -142,7 +136,7 @@ def test_keep_attention_only_when_asked():
     assert_close(p.sum(1), torch.ones(9, dtype=torch.float64))
     assert (p.diagonal() == 0).all()
 
-    keys, values = textbook_leave_one_out(x, y)
+    keys, values = reference.textbook_leave_one_out(x, y)
     net(x, keys, values)
     assert net.attention_weights.shape == (9, 8)
     assert_close(net.attention_weights.sum(1), torch.ones(9, dtype=torch.float64))

@@ -1,17 +1,16 @@
-"""The fused backends against the float64 reference: forward, gradients, extremes."""
+"""The public operators: every shape and bandwidth kind, every backend, every
+derivative, judged by ``nwfast.testing`` against the float64 reference."""
 
 import pytest
 import torch
 
 import nwfast
-from nwfast import reference
-from nwfast.testing import assert_close, relative_error
+from nwfast import reference, testing
 
-FUSED = ["numba", "triton"]
 DTYPES = [torch.float32, torch.float64]
 
 # id -> (batch dims, n, m, d, c); d None: 1-D query/key, c None: 1-D value.
-SHARED_CASES = {
+SHAPES = {
     "n37-m53-1d": ((), 37, 53, None, None),
     "n33-m33-d1-c1": ((), 33, 33, 1, 1),
     "n29-m70-d3-vec": ((), 29, 70, 3, None),
@@ -19,14 +18,15 @@ SHARED_CASES = {
     "B2x1-n40-m40-d1-c3": ((2, 1), 40, 40, 1, 3),
 }
 W_KINDS = ["float", "one-element", "per-key", "per-key-batch-signed"]
+BACKENDS = ["numba", "triton", "torch"]
 
 
 def device_for(backend):
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
-def shared_inputs(case, dtype, device, w_kind, requires_grad=False):
-    batch, n, m, d, c = SHARED_CASES[case]
+def inputs(shape, dtype, device, w_kind):
+    batch, n, m, d, c = SHAPES[shape]
     feature = () if d is None else (d,)
     q = 1.5 * torch.randn(*batch, n, *feature, dtype=torch.float64)
     k = 1.5 * torch.randn(*batch, m, *feature, dtype=torch.float64)
@@ -39,229 +39,217 @@ def shared_inputs(case, dtype, device, w_kind, requires_grad=False):
         w = 0.1 + torch.rand(m, dtype=torch.float64)
     else:  # any finite w is legal, negative included
         w = 0.5 * torch.randn(*batch, m, dtype=torch.float64)
-    tensors = [x.to(device, dtype).requires_grad_(requires_grad) for x in (q, k, v)]
+    q, k, v = (x.to(device, dtype) for x in (q, k, v))
     if isinstance(w, torch.Tensor):
-        w = w.to(device, dtype).requires_grad_(requires_grad)
-    return (*tensors, w)
+        w = w.to(device, dtype)
+    return q, k, v, w
 
 
-def as_reference(x):
-    """A float64 CPU leaf copy, so reference gradients are computed independently."""
-    if not isinstance(x, torch.Tensor):
-        return x
-    return x.detach().double().cpu().requires_grad_(x.requires_grad)
-
-
-def exclude_options(case):
-    _, n, m, _, _ = SHARED_CASES[case]
+def loo_options(shape):
+    _, n, m, _, _ = SHAPES[shape]
     return [False, True] if n == m else [False]
 
 
-def gradient_in_dtype(reference_fn, inputs, upstream, **kwargs):
-    """The reference's own gradients computed in the inputs' dtype, on CPU."""
-    leaves = [x.detach().cpu().requires_grad_() for x in inputs]
-    out = reference_fn(*leaves, **kwargs)
-    out.backward(upstream.to(out.dtype))
-    return [x.grad for x in leaves]
+PARAMS = [(shape, loo) for shape in SHAPES for loo in loo_options(shape)]
 
 
-def gradient_tolerance(grad_in_dtype, grad_float64, dtype):
-    """float64: 1e-10. float32: gradients such as dw sum terms that cancel heavily
-    (|sum| / sum|terms| reaches 1e-5), so a fixed float32 bound is ill-posed: the
-    fused gradient may be off by 1e-4 or by 4x what torch's own float32 autograd is."""
-    if dtype == torch.float64:
-        return 1e-10
-    return max(1e-4, 4 * relative_error(grad_in_dtype, grad_float64))
+def leaves(*xs):
+    return [x.detach().clone().requires_grad_() if isinstance(x, torch.Tensor) else x for x in xs]
 
 
-SHARED_PARAMS = [(case, exclude) for case in SHARED_CASES for exclude in exclude_options(case)]
-
-
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("w_kind", W_KINDS)
-@pytest.mark.parametrize("case,exclude_self", SHARED_PARAMS)
-def test_forward_matches_reference(backend, dtype, w_kind, case, exclude_self):
-    q, k, v, w = shared_inputs(case, dtype, device_for(backend), w_kind)
-    out = nwfast.nw_pool(q, k, v, w, exclude_self=exclude_self, backend=backend)
-    ref = reference.nw_pool_broadcast(*map(as_reference, (q, k, v, w)), exclude_self=exclude_self)
+@pytest.mark.parametrize("shape,loo", PARAMS)
+def test_forward_and_gradients(backend, dtype, w_kind, shape, loo):
+    q, k, v, w = inputs(shape, dtype, device_for(backend), w_kind)
+    if loo:
+        k = q.clone()
+    q_, k_, v_, w_ = leaves(q, k, v, w)
+    out = nwfast.nw_pool(q_, k_, v_, w_, exclude_self=loo, backend=backend)
     assert out.dtype == dtype and out.device == q.device
-    assert_close(out, ref)
-
-
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("w_kind", ["one-element", "per-key-batch-signed"])
-@pytest.mark.parametrize("case,exclude_self", SHARED_PARAMS)
-def test_gradients_match_reference(backend, dtype, w_kind, case, exclude_self):
-    inputs = shared_inputs(case, dtype, device_for(backend), w_kind, requires_grad=True)
-    ref_inputs = [as_reference(x) for x in inputs]
-    out = nwfast.nw_pool(*inputs, exclude_self=exclude_self, backend=backend)
-    ref = reference.nw_pool_broadcast(*ref_inputs, exclude_self=exclude_self)
-    upstream = torch.randn_like(ref)
-    out.backward(upstream.to(out.device, out.dtype))
-    ref.backward(upstream)
-    reference_in_dtype = gradient_in_dtype(
-        reference.nw_pool_broadcast, inputs, upstream, exclude_self=exclude_self
+    g = torch.randn_like(out)
+    out.backward(g)
+    grads = [x.grad if isinstance(x, torch.Tensor) else None for x in (q_, k_, v_, w_)]
+    testing.assert_ok(
+        testing.check_pool(out, q, k, v, w, loo),
+        *testing.check_pool_gradients(grads, q, k, v, w, g, loo),
     )
-    for name, x, x_ref, x_dtype in zip(
-        ("query", "key", "value", "w"), inputs, ref_inputs, reference_in_dtype
-    ):
-        tolerance = gradient_tolerance(x_dtype, x_ref.grad, dtype)
-        assert_close(x.grad, x_ref.grad, tolerance, name=f"grad of {name}")
 
 
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+@pytest.mark.parametrize("loo", [False, True])
 @pytest.mark.parametrize("per_key", [False, True])
-def test_gradcheck(backend, exclude_self, per_key):
+def test_gradcheck_reverse_and_forward_mode(backend, loo, per_key):
     device = device_for(backend)
     q, k = torch.randn(2, 5, 2, dtype=torch.float64, device=device).unbind(0)
     v = torch.randn(5, 2, dtype=torch.float64, device=device)
     w = 0.5 + torch.rand(5 if per_key else 1, dtype=torch.float64, device=device)
-    inputs = [x.requires_grad_() for x in (q, k, v, w)]
 
     def pool(q, k, v, w):
-        return nwfast.nw_pool(q, k, v, w, exclude_self=exclude_self, backend=backend)
+        return nwfast.nw_pool(q, k, v, w, exclude_self=loo, backend=backend)
 
-    assert torch.autograd.gradcheck(pool, inputs)
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_gradient_of_one_input_only(backend):
-    q, k, v, w = shared_inputs("n33-m33-d1-c1", torch.float64, device_for(backend), "per-key")
-    w.requires_grad_()
-    nwfast.nw_pool(q, k, v, w, backend=backend).sum().backward()
-    w_ref = as_reference(w)
-    reference.nw_pool_broadcast(*map(as_reference, (q, k, v)), w_ref).sum().backward()
-    assert_close(w.grad, w_ref.grad, 1e-10)
+    assert torch.autograd.gradcheck(pool, leaves(q, k, v, w), check_forward_ad=True)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-def test_backward_is_deterministic(backend):
-    inputs = shared_inputs(
-        "B2-n33-m65-d3-c2", torch.float32, device_for(backend), "per-key", requires_grad=True
-    )
-    grads = []
-    for _ in range(2):
-        out = nwfast.nw_pool(*inputs, backend=backend)
-        grads.append(torch.autograd.grad(out.sum(), inputs))
-    for first, second in zip(*grads):
-        assert torch.equal(first, second)
-
-
-# --- extremes ------------------------------------------------------------------
-
-
-def extreme_inputs(backend, dtype):
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_torch_func_transforms(backend):
+    """jvp, jacfwd, jacrev, grad, vmap and per-sample gradients, against the reference."""
     device = device_for(backend)
-    k = torch.linspace(0, 5, 40, dtype=dtype, device=device)
-    v = torch.randn(40, dtype=dtype, device=device)
-    return k, v
+    q, k, v = (torch.randn(n, dtype=torch.float64, device=device) for n in (5, 6, 6))
+    w = torch.rand(3, dtype=torch.float64, device=device) + 0.5
+
+    def fused(a, w_=1.3):
+        return nwfast.nw_pool(a, k, v, w_, backend=backend)
+
+    def plain(a, w_=1.3):
+        return nwfast.nw_pool(a, k, v, w_, backend="torch")
+
+    tangent = torch.randn_like(q)
+    pairs = [
+        (torch.func.jvp(fused, (q,), (tangent,))[1], torch.func.jvp(plain, (q,), (tangent,))[1]),
+        (torch.func.jacfwd(fused)(q), torch.func.jacfwd(plain)(q)),
+        (torch.func.jacrev(fused)(q), torch.func.jacrev(plain)(q)),
+        (
+            torch.func.grad(lambda a: fused(a).sum())(q),
+            torch.func.grad(lambda a: plain(a).sum())(q),
+        ),
+        (torch.func.vmap(fused)(q.expand(4, 5) * 2), torch.func.vmap(plain)(q.expand(4, 5) * 2)),
+        (
+            torch.func.vmap(torch.func.grad(lambda w_: fused(q, w_).sum()))(w),
+            torch.func.vmap(torch.func.grad(lambda w_: plain(q, w_).sum()))(w),
+        ),
+    ]
+    for got, want in pairs:
+        testing.assert_close(got, want, 1e-12)
+    import torch.autograd.forward_ad as forward_ad
+
+    with forward_ad.dual_level():
+        out = fused(forward_ad.make_dual(q, tangent))
+        testing.assert_close(forward_ad.unpack_dual(out).tangent, pairs[0][1], 1e-12)
 
 
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_huge_w_and_far_queries_give_nearest_value(backend, dtype):
-    k, v = extreme_inputs(backend, dtype)
-    near = k[[3, 17, 30]] + 0.01
-    far = torch.tensor([-1e3, 1e3, 2e4], dtype=dtype, device=k.device)
-    for q, w, nearest in ((near, 1e6, [3, 17, 30]), (far, 1.0, [0, 39, 39])):
-        out = nwfast.nw_pool(q, k, v, w, backend=backend)
-        assert torch.isfinite(out).all()
-        torch.testing.assert_close(out, v[nearest])
+@pytest.mark.parametrize("how", ["double-backward", "hessian", "jacrev-jacrev", "jacfwd-jacfwd"])
+def test_second_derivatives_are_refused_clearly(how):
+    q, k, v = (torch.randn(size, dtype=torch.float64) for size in (7, 9, 9))
+
+    def pool(a):
+        return nwfast.nw_pool(a, k, v, 1.0)
+
+    def double_backward():
+        a = q.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(pool(a).sum(), a, create_graph=True)
+        grad.sum().backward()
+
+    run = {
+        "double-backward": double_backward,
+        "hessian": lambda: torch.func.hessian(lambda a: pool(a).sum())(q),
+        "jacrev-jacrev": lambda: torch.func.jacrev(torch.func.jacrev(pool))(q),
+        "jacfwd-jacfwd": lambda: torch.func.jacfwd(torch.func.jacfwd(pool))(q),
+    }[how]
+    with pytest.raises(RuntimeError, match="first derivatives"):
+        run()
 
 
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tiny_w_gives_the_mean(backend, dtype):
-    k, v = extreme_inputs(backend, dtype)
-    q = torch.randn(9, dtype=dtype, device=k.device)
-    out = nwfast.nw_pool(q, k, v, 1e-12, backend=backend)
-    assert_close(out, v.double().mean().expand(9).cpu())
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_nan_propagates_as_in_the_reference(backend):
-    device = device_for(backend)
-    q, k = torch.randn(20, 2, device=device), torch.randn(25, 2, device=device)
-    v = torch.randn(25, 3, device=device)
-    q[7, 1] = float("nan")  # one query: only its own row becomes NaN
-    out = nwfast.nw_pool(q, k, v, 0.8, backend=backend)
-    assert torch.isnan(out[7]).all()
-    assert torch.isfinite(out[torch.arange(20) != 7]).all()
-    assert_close(out, reference.nw_pool_broadcast(*(x.double().cpu() for x in (q, k, v)), 0.8))
-    v[4, 0] = float("inf")  # one value: every row reaches it
-    out = nwfast.nw_pool(q, k, v, 0.8, backend=backend)
-    assert_close(out, reference.nw_pool_broadcast(*(x.double().cpu() for x in (q, k, v)), 0.8))
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_non_contiguous_inputs(backend):
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_non_contiguous_and_expanded_inputs(backend):
     device = device_for(backend)
     base_q = torch.randn(3, 40, 2, device=device)
     base_k = torch.randn(2, 3, 50, device=device)
-    base_v = torch.randn(50, 2, 3, device=device)
-    q = base_q[:, ::2].transpose(0, 1)[:, :2]  # (20, 2, 2) with strides
+    q = base_q[:, ::2].transpose(0, 1)[:, :2].transpose(0, 1)  # (2, 20, 2), strided
     k = base_k.permute(1, 2, 0)[:2, ::2]  # (2, 25, 2)
-    v = base_v[::2].permute(1, 0, 2)  # (2, 25, 3)
-    q = q.transpose(0, 1)  # (2, 20, 2)
+    v = torch.randn(25, 1, device=device).expand(2, 25, 3)  # stride 0
     w = torch.rand(2, 50, device=device)[:, ::2]
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
-    out = nwfast.nw_pool(q, k, v, w, backend=backend)
-    ref = reference.nw_pool_broadcast(*(x.double().cpu() for x in (q, k, v, w)))
-    assert_close(out, ref)
+    q_, k_, v_, w_ = leaves(q, k, v, w)
+    out = nwfast.nw_pool(q_, k_, v_, w_, backend=backend)
+    g = torch.randn_like(out)
+    out.backward(g)
+    testing.assert_ok(
+        testing.check_pool(out, q, k, v, w),
+        *testing.check_pool_gradients([x.grad for x in (q_, k_, v_, w_)], q, k, v, w, g),
+    )
 
 
-# --- rows layout -----------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs_keep_their_graph(backend):
+    device = device_for(backend)
+    k, v = torch.randn(6, device=device), torch.randn(6, device=device)
+    q = torch.randn(0, device=device, requires_grad=True)
+    nwfast.nw_pool(q, k, v, 1.0, backend=backend).sum().backward()
+    assert q.grad is not None and q.grad.shape == (0,)
+    values = torch.randn(6, 0, device=device, requires_grad=True)
+    out = nwfast.nw_pool(torch.randn(4, 1, device=device), k[:, None], values, 1.0, backend=backend)
+    assert out.shape == (4, 0)
+    out.sum().backward()
+    assert values.grad.shape == (6, 0)
 
 
-def rows_inputs(n, m, dtype, device, per_key, requires_grad=False):
-    query = 2 * torch.rand(n, dtype=torch.float64)
+@pytest.mark.parametrize("tolerance", [None, 0.0, 1e-3])
+def test_tolerance_is_accepted_everywhere(tolerance):
+    q, k, v = torch.rand(30), torch.rand(40), torch.randn(40)
+    for backend in ("numba", "torch"):
+        out = nwfast.nw_pool(q, k, v, 50.0, backend=backend, tolerance=tolerance)
+        testing.assert_ok(testing.check_pool(out, q, k, v, 50.0))
+
+
+# --- rows layout ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("w_kind", ["float", "one-element", "per-key-signed"])
+@pytest.mark.parametrize("n,m", [(1, 1), (37, 49), (50, 260)])
+def test_rows(backend, dtype, w_kind, n, m):
+    device = device_for(backend)
+    q = 2 * torch.rand(n, dtype=torch.float64)
     keys = 5 * torch.rand(n, m, dtype=torch.float64)
     values = torch.randn(n, m, dtype=torch.float64)
-    w = torch.randn(m, dtype=torch.float64) if per_key else 0.3 + torch.rand(1, dtype=torch.float64)
-    return [x.to(device, dtype).requires_grad_(requires_grad) for x in (query, keys, values, w)]
-
-
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("per_key", [False, True])
-@pytest.mark.parametrize("n,m", [(1, 1), (37, 49), (50, 260)])
-def test_rows_forward_and_gradients(backend, dtype, per_key, n, m):
-    inputs = rows_inputs(n, m, dtype, device_for(backend), per_key, requires_grad=True)
-    ref_inputs = [as_reference(x) for x in inputs]
-    out = nwfast.nw_pool_rows(*inputs, backend=backend)
-    ref = reference.nw_pool_rows_broadcast(*ref_inputs)
-    assert_close(out, ref)
-    upstream = torch.randn_like(ref)
-    out.backward(upstream.to(out.device, out.dtype))
-    ref.backward(upstream)
-    reference_in_dtype = gradient_in_dtype(reference.nw_pool_rows_broadcast, inputs, upstream)
-    for name, x, x_ref, x_dtype in zip(
-        ("query", "keys", "values", "w"), inputs, ref_inputs, reference_in_dtype
-    ):
-        tolerance = gradient_tolerance(x_dtype, x_ref.grad, dtype)
-        assert_close(x.grad, x_ref.grad, tolerance, name=f"grad of {name}")
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_rows_gradcheck(backend):
-    inputs = [
-        x.requires_grad_()
-        for x in rows_inputs(4, 6, torch.float64, device_for(backend), per_key=True)
-    ]
-    assert torch.autograd.gradcheck(lambda *xs: nwfast.nw_pool_rows(*xs, backend=backend), inputs)
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_rows_layout_equals_shared_layout_on_shared_keys(backend):
-    device = device_for(backend)
-    q, k, v = (
-        torch.randn(30, device=device),
-        torch.randn(45, device=device),
-        torch.randn(45, device=device),
+    w = {"float": 0.6, "one-element": 0.3 + torch.rand(1), "per-key-signed": torch.randn(m)}[w_kind]
+    q, keys, values = (x.to(device, dtype) for x in (q, keys, values))
+    w = w.to(device, dtype) if isinstance(w, torch.Tensor) else w
+    q_, k_, v_, w_ = leaves(q, keys, values, w)
+    out = nwfast.nw_pool_rows(q_, k_, v_, w_, backend=backend)
+    g = torch.randn_like(out)
+    out.backward(g)
+    grads = [x.grad if isinstance(x, torch.Tensor) else None for x in (q_, k_, v_, w_)]
+    testing.assert_ok(
+        testing.check_rows(out, q, keys, values, w),
+        *testing.check_rows_gradients(grads, q, keys, values, w, g),
     )
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_rows_gradcheck_and_tangents(backend):
+    device = device_for(backend)
+    q = torch.randn(4, dtype=torch.float64, device=device)
+    keys, values = torch.randn(2, 4, 6, dtype=torch.float64, device=device).unbind(0)
+    w = torch.randn(6, dtype=torch.float64, device=device)
+
+    def pool(*xs):
+        return nwfast.nw_pool_rows(*xs, backend=backend)
+
+    assert torch.autograd.gradcheck(pool, leaves(q, keys, values, w), check_forward_ad=True)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_rows_equal_shared_keys_on_shared_keys(backend):
+    device = device_for(backend)
+    q, k, v = (torch.randn(size, device=device) for size in (30, 45, 45))
     shared = nwfast.nw_pool(q, k, v, 1.3, backend=backend)
     rows = nwfast.nw_pool_rows(q, k.expand(30, 45), v.expand(30, 45), 1.3, backend=backend)
-    assert_close(rows, shared.double())
+    testing.assert_close(rows, shared)
+
+
+def test_the_textbook_leave_one_out_matrices():
+    """exclude_self is the textbook's (n, n - 1) construction with torch.eye."""
+    x = torch.sort(5 * torch.rand(50, dtype=torch.float64)).values
+    y = 2 * torch.sin(x) + x**0.8 + 0.5 * torch.randn(50, dtype=torch.float64)
+    keys, values = reference.textbook_leave_one_out(x, y)
+    w = torch.rand(1, dtype=torch.float64)
+    textbook = reference.nw_pool_rows_repeat_interleave(x, keys, values, w)
+    for backend in BACKENDS[:2]:
+        testing.assert_close(
+            nwfast.nw_pool(x, x, y, w, exclude_self=True, backend=backend), textbook
+        )
+        testing.assert_close(nwfast.nw_pool_rows(x, keys, values, w, backend=backend), textbook)

@@ -40,23 +40,21 @@ def test_rows_forms_agree_bit_for_bit(dtype):
     )
 
 
-def textbook_leave_one_out(x, y):
-    """The (n, n-1) key and value matrices the textbook builds with torch.eye."""
-    n = x.shape[0]
-    keep = (1 - torch.eye(n)).bool()
-    return x.repeat((n, 1))[keep].reshape(n, -1), y.repeat((n, 1))[keep].reshape(n, -1)
-
-
-@pytest.mark.parametrize("backend", ["torch", "numba"])
-def test_exclude_self_equals_the_textbook_leave_one_out(backend):
-    x = torch.sort(5 * torch.rand(50, dtype=torch.float64)).values
-    y = 2 * torch.sin(x) + x**0.8 + 0.5 * torch.randn(50, dtype=torch.float64)
-    keys, values = textbook_leave_one_out(x, y)
-    w = torch.rand(1, dtype=torch.float64)
-    textbook = reference.nw_pool_rows_repeat_interleave(x, keys, values, w)
-    masked = nwfast.nw_pool(x, x, y, w, exclude_self=True, backend=backend)
-    assert_close(masked, textbook)
-    assert_close(nwfast.nw_pool_rows(x, keys, values, w, backend=backend), textbook)
+def test_exclude_self_removes_a_nan_value_from_its_own_row():
+    """Key i is removed from row i, as the textbook's (n, n - 1) matrices remove
+    it: a NaN value of key i reaches every row but its own, gradients included."""
+    x = torch.rand(12, dtype=torch.float64)
+    v = torch.randn(12, dtype=torch.float64)
+    v[4] = float("nan")
+    q = x.clone().requires_grad_()
+    out = reference.nw_pool_broadcast(q, x, v, 3.0, exclude_self=True)
+    assert torch.isfinite(out[4]) and torch.isnan(out[torch.arange(12) != 4]).all()
+    out[4].backward()
+    assert torch.isfinite(q.grad[4])
+    keys, values = reference.textbook_leave_one_out(x, v)
+    assert_close(
+        out[4:5].detach(), reference.nw_pool_rows_broadcast(x[4:5], keys[4:5], values[4:5], 3.0)
+    )
 
 
 def test_weights_are_a_softmax():

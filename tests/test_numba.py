@@ -1,0 +1,100 @@
+"""What only the Numba backend has: its exp2, its SIMD loops, its threads."""
+
+import platform
+import re
+
+import numpy as np
+import pytest
+import torch
+from numba import njit
+
+import nwfast
+from nwfast import testing
+from nwfast.kernels import numba_nw
+from nwfast.kernels.numba_exp import exp2
+
+
+@njit(cache=True)
+def _exp2_array(x, out):
+    for i in range(x.size):
+        out[i] = exp2(x[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp2_accuracy(dtype):
+    tiny = np.finfo(dtype).tiny
+    x = np.linspace(np.log2(tiny) - 3, 0.25, 2_000_003).astype(dtype)
+    x = np.concatenate([x, np.array([0.0, -0.0, -1.0, -0.5, 0.5], dtype)])
+    out = np.empty_like(x)
+    _exp2_array(x, out)
+    ref = np.exp2(x.astype(np.longdouble))
+    normal = ref >= tiny
+    rel = np.abs(out[normal] - ref[normal]) / ref[normal]
+    assert rel.max() < (2.5e-7 if dtype == np.float32 else 4e-16)
+    # below the normal range: flushed to 0, or within a couple of tiny of the truth
+    assert np.all((out[~normal] >= 0) & (out[~normal] <= 2 * tiny))
+
+    special = np.array([-np.inf, np.nan, -np.nan, -1e30], dtype)
+    out = np.empty_like(special)
+    _exp2_array(special, out)
+    assert out[0] == 0 and np.isnan(out[1]) and np.isnan(out[2]) and out[3] == 0
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86 assembly")
+def test_exp2_loop_is_vectorised():
+    """The point of the polynomial: a loop of exp2 becomes packed SIMD code."""
+
+    @njit(fastmath={"contract", "reassoc", "nsz", "arcp"})
+    def total(x):
+        s = x.dtype.type(0)
+        for i in range(x.size):
+            s += exp2(x[i])
+        return s
+
+    x = -np.arange(100, dtype=np.float32) / 7
+    assert abs(total(x) - np.exp2(x.astype(np.float64)).sum()) < 1e-5
+    asm = total.inspect_asm(total.signatures[0])
+    # the polynomial's FMAs are the only FMAs here: packed ones mean SIMD exp2
+    assert re.search(r"vfmadd\w*ps\s+%[yz]mm", asm), "exp2 loop was not vectorised"
+
+
+def test_float32_sums_stay_accurate_at_large_m():
+    """Nearly flat weights over 200 000 keys, the longest sums, around a large mean:
+    a float32 sum that drifted would show it."""
+    q = torch.randn(3)
+    k = torch.randn(200_000)
+    v = torch.randn(200_000) + 10.0
+    out = nwfast.nw_pool(q, k, v, 1e-3)
+    testing.assert_ok(testing.check_pool(out, q, k, v, 1e-3))
+    testing.assert_close(out, nwfast.nw_pool(q.double(), k.double(), v.double(), 1e-3), 1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_results_do_not_depend_on_the_thread_count(threads):
+    """Every output element is summed by one work item in a fixed order."""
+    q, k = torch.randn(2, 700, 2), torch.randn(2, 900, 2)
+    v, w = torch.randn(2, 900, 2), torch.rand(2, 900) + 0.5
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, w)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = nwfast.nw_pool(*leaves)
+        grads_one = torch.autograd.grad(one.sum(), leaves)
+        torch.set_num_threads(threads)
+        many = nwfast.nw_pool(*leaves)
+        grads_many = torch.autograd.grad(many.sum(), leaves)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+    assert all(torch.equal(a, b) for a, b in zip(grads_one, grads_many))
+
+
+def test_work_items_cover_every_row_once():
+    """The dense plan's spans: one per item, everything."""
+    assert (
+        numba_nw._plan(torch.zeros(3, 130, 1), torch.zeros(3, 70, 1), torch.ones(3, 1), None, 0.0)
+        is None
+    )
+    plan = numba_nw._or_dense(None, 3, 130, 70)
+    assert len(plan.key_ptr) - 1 == 3 * -(-130 // plan.q_block)
+    assert (plan.key_spans == [0, 70]).all() and (plan.query_spans == [0, 130]).all()
