@@ -34,6 +34,9 @@ Shared keys::
         -> dout (B, n, c): the forward-mode derivative, tangents being
         (dquery, dkey, dvalue, dw) with None for a zero tangent.
 
+    make_plan(query, key, w, diagonal, tolerance) -> blocks.Plan or None
+        the plan ``forward`` makes for these inputs (None: a dense pass).
+
 Per-query rows::
 
     forward_rows(query, keys, values, w) -> (out, lse)

@@ -670,7 +670,7 @@ def _rows_per_item(length):
     return max(1, min(64, ITEM_PAIRS // max(length, 1)))
 
 
-def _plan(query, key, w, diagonal, tolerance):
+def make_plan(query, key, w, diagonal, tolerance):
     """The block-sparse plan, or None for a dense pass."""
     return blocks.plan(query, key, w, tolerance, diagonal is not None, BLOCK, BLOCK)
 
@@ -688,7 +688,7 @@ def _per_row_keys(skip, m):
 def forward(query, key, value, w, diagonal, tolerance):
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[-1]
-    found = _plan(query, key, w, diagonal, tolerance)
+    found = make_plan(query, key, w, diagonal, tolerance)
     plan = _or_dense(found, B, n, m)
     (q,) = blocks.queries_in_order(plan, query)
     k, v, w = blocks.keys_in_order(plan, key, value, _per_key(w, m))

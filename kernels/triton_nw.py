@@ -1037,7 +1037,8 @@ class _Spans:
         return len(self.plan.key_ptr if side == "query" else self.plan.query_ptr) - 1
 
 
-def _plan(query, key, w, diagonal, tolerance):
+def make_plan(query, key, w, diagonal, tolerance):
+    """The block-sparse plan, or None for a dense pass."""
     q_block, k_block = _plan_blocks()
     return blocks.plan(query, key, w, tolerance, diagonal is not None, q_block, k_block)
 
@@ -1045,7 +1046,7 @@ def _plan(query, key, w, diagonal, tolerance):
 def forward(query, key, value, w, diagonal, tolerance):
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[2]
-    plan = _plan(query, key, w, diagonal, tolerance)
+    plan = make_plan(query, key, w, diagonal, tolerance)
     (q,) = blocks.queries_in_order(plan, query)
     k, v, w = blocks.keys_in_order(plan, key, value, _per_key(w, m))
     spans = _Spans(plan, diagonal, B, n, m, query.device)

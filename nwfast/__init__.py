@@ -1,7 +1,7 @@
 """nwfast: fused Nadaraya-Watson (Gaussian attention) pooling for PyTorch."""
 
 from nwfast import reference
-from nwfast.functional import nw_pool, nw_pool_rows, nw_weights
+from nwfast.functional import nw_pool, nw_pool_rows, nw_pool_with_lse, nw_weights, pairs_computed
 from nwfast.local_linear import local_linear_pool
 from nwfast.models import NWKernelRegression
 
@@ -12,7 +12,9 @@ __all__ = [
     "local_linear_pool",
     "nw_pool",
     "nw_pool_rows",
+    "nw_pool_with_lse",
     "nw_weights",
+    "pairs_computed",
     "reference",
 ]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ import torch
 from nwfast import ops, reference
 from nwfast._checks import prepare_rows, prepare_shared, resolve_tolerance
 
-__all__ = ["nw_pool", "nw_pool_rows", "nw_pool_with_lse", "nw_weights"]
+__all__ = ["nw_pool", "nw_pool_rows", "nw_pool_with_lse", "nw_weights", "pairs_computed"]
 
 
 def nw_pool(query, key, value, w, *, exclude_self=False, backend="auto", tolerance=None):
@@ -104,6 +104,28 @@ def nw_weights(query, key, w, *, exclude_self=False):
     value = key[..., :1] if key.dim() > 1 else key  # shapes only: weights need no values
     prepare_shared(query, key, value, w, exclude_self)
     return reference.attention_weights(query, key, w, exclude_self)
+
+
+def pairs_computed(query, key, w, *, exclude_self=False, backend="auto", tolerance=None):
+    """How many (query, key) pairs ``nw_pool`` computes for these arguments.
+
+    ``B·n·m`` (over the batch) for a dense pass; fewer where the block bound
+    lets ``tolerance`` skip pairs. The arguments are ``nw_pool``'s, without
+    the values; the count is that of the forward (the backward sweeps the
+    same pairs) and comes from the same planner, without pooling anything.
+    """
+    value = key[..., :1] if key.dim() > 1 else key  # shapes only
+    args = prepare_shared(query, key, value, w, exclude_self)
+    tolerance = resolve_tolerance(tolerance, args.q.dtype)
+    B, n, m = args.q.shape[0], args.q.shape[1], args.k.shape[1]
+    if backend == "torch" or args.q.numel() == 0:
+        ops.resolve_backend("auto" if backend == "torch" else backend, args.q.device, args.q.dtype)
+        return B * n * m
+    kernels = ops.kernel_module(ops.resolve_backend(backend, args.q.device, args.q.dtype))
+    diagonal = 0 if args.exclude_self else None
+    q, k, w = (x.detach().contiguous() for x in (args.q, args.k, args.w))
+    plan = kernels.make_plan(q, k, w, diagonal, tolerance)
+    return B * n * m if plan is None else plan.pairs
 
 
 # --- autograd ------------------------------------------------------------------

@@ -60,7 +60,7 @@ def resolve_backend(backend, device, dtype):
 _KERNEL_MODULES = {"numba": "nwfast.kernels.numba_nw", "triton": "nwfast.kernels.triton_nw"}
 
 
-def _kernels(backend):
+def kernel_module(backend):
     try:
         return importlib.import_module(_KERNEL_MODULES[backend])
     except ModuleNotFoundError as error:
@@ -109,7 +109,7 @@ def define(schema, kernel):
 
 
 def _pool_kernel(query, key, value, w, diagonal, tolerance, backend):
-    return _kernels(backend).forward(*_contiguous(query, key, value, w), diagonal, tolerance)
+    return kernel_module(backend).forward(*_contiguous(query, key, value, w), diagonal, tolerance)
 
 
 pool = define(
@@ -133,7 +133,7 @@ def _(query, key, value, w, diagonal, tolerance, backend):
 def _pool_backward_kernel(
     grad_out, query, key, value, w, out, lse, diagonal, plan, backend, needs, keys=None
 ):
-    grads = _kernels(backend).backward(
+    grads = kernel_module(backend).backward(
         *_contiguous(grad_out, query, key, value, w, out, lse), diagonal, plan, tuple(needs), keys
     )
     return _as_op_outputs(grads, (query, key, value, w))
@@ -160,7 +160,7 @@ def _pool_tangent_kernel(
     query, key, value, w, dquery, dkey, dvalue, dw, out, lse, diagonal, plan, backend
 ):
     tangents = _contiguous(dquery, dkey, dvalue, dw)
-    return _kernels(backend).tangent(
+    return kernel_module(backend).tangent(
         *_contiguous(query, key, value, w), tangents, *_contiguous(out, lse), diagonal, plan
     )
 
@@ -210,7 +210,7 @@ torch.library.register_autograd("nwfast::pool", _pool_autograd, setup_context=sa
 
 
 def _pool_rows_kernel(query, keys, values, w, backend):
-    return _kernels(backend).forward_rows(*_contiguous(query, keys, values, w))
+    return kernel_module(backend).forward_rows(*_contiguous(query, keys, values, w))
 
 
 pool_rows = define(
@@ -226,7 +226,7 @@ def _(query, keys, values, w, backend):
 
 
 def _pool_rows_backward_kernel(grad_out, query, keys, values, w, out, lse, backend, needs):
-    grads = _kernels(backend).backward_rows(
+    grads = kernel_module(backend).backward_rows(
         *_contiguous(grad_out, query, keys, values, w, out, lse), tuple(needs)
     )
     return _as_op_outputs(grads, (query, keys, values, w))
@@ -248,7 +248,7 @@ def _pool_rows_tangent_kernel(
     query, keys, values, w, dquery, dkeys, dvalues, dw, out, lse, backend
 ):
     tangents = _contiguous(dquery, dkeys, dvalues, dw)
-    return _kernels(backend).tangent_rows(
+    return kernel_module(backend).tangent_rows(
         *_contiguous(query, keys, values, w), tangents, *_contiguous(out, lse)
     )
 

@@ -187,7 +187,7 @@ def test_sparse_pool_is_exact_to_rounding(sparse_kernel, name, poisoned):
     g = torch.randn_like(out)
     out.backward(g)
     args = prepare_shared(q, k, v, w, loo)
-    plan = sparse_kernel.module._plan(args.q, args.k, args.w, 0 if loo else None, 2.0**-24)
+    plan = sparse_kernel.module.make_plan(args.q, args.k, args.w, 0 if loo else None, 2.0**-24)
     assert plan is not None  # it skips a quarter of the pairs or more
     testing.assert_ok(
         testing.check_pool(out, q, k, v, w, loo),
@@ -225,3 +225,20 @@ def test_gradcheck_with_skipping():
         return nwfast.nw_pool(q, k, v, w, exclude_self=True, backend="numba")
 
     assert torch.autograd.gradcheck(pool, inputs, check_forward_ad=True)
+
+
+def test_pairs_computed_counts_what_the_plan_sweeps(sparse_kernel):
+    q, k, w, loo = case_inputs("clusters-1d-loo")  # per-key w, leave-one-out
+    q, w = q[0].float().to(sparse_kernel.device), w[0].float().to(sparse_kernel.device)
+    n = q.shape[0]
+    count = nwfast.pairs_computed(q, q, w, exclude_self=True, backend=sparse_kernel.name)
+    args = prepare_shared(q, q, q, w, True)
+    plan = sparse_kernel.module.make_plan(args.q, args.k, args.w, 0, 2.0**-24)
+    swept = sum(
+        (end - start) * min(plan.q_block, n - t * plan.q_block)
+        for t in range(len(plan.key_ptr) - 1)
+        for start, end in plan.key_spans[plan.key_ptr[t] : plan.key_ptr[t + 1]]
+    )
+    assert count == plan.pairs == swept < n * n
+    for dense in ({"tolerance": 0.0}, {"backend": "torch"}):
+        assert nwfast.pairs_computed(q, q, w, exclude_self=True, **dense) == n * n

@@ -92,7 +92,9 @@ def test_results_do_not_depend_on_the_thread_count(threads):
 def test_work_items_cover_every_row_once():
     """The dense plan's spans: one per item, everything."""
     assert (
-        numba_nw._plan(torch.zeros(3, 130, 1), torch.zeros(3, 70, 1), torch.ones(3, 1), None, 0.0)
+        numba_nw.make_plan(
+            torch.zeros(3, 130, 1), torch.zeros(3, 70, 1), torch.ones(3, 1), None, 0.0
+        )
         is None
     )
     plan = numba_nw._or_dense(None, 3, 130, 70)
