@@ -15,6 +15,7 @@ computes what: cases x peers is the registry.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 POOL_OPS = ("shared", "shared_loo", "rows")
@@ -34,12 +35,85 @@ def _uniform(shape, **draw):
     return 5.0 * torch.rand(shape, **draw)
 
 
+def _unit(shape, **draw):
+    import torch
+
+    return torch.rand(shape, **draw)
+
+
+def _normal(shape, **draw):
+    import torch
+
+    return 2.5 + torch.randn(shape, **draw)
+
+
+CLUSTERS = 16
+
+
+def _clustered(shape, **draw):
+    """CLUSTERS tight clusters (spread 0.05) at fixed random centres in [0, 5)^d,
+    wide gaps between them: queries and keys share the centres."""
+    import torch
+
+    n, d = shape[0], shape[1] if len(shape) > 1 else 1
+    gen = torch.Generator().manual_seed(SEED + 1)
+    centres = (5.0 * torch.rand(CLUSTERS, d, generator=gen)).to(draw["device"])
+    label = torch.randint(CLUSTERS, (n,), device=draw["device"], generator=draw["generator"])
+    points = centres[label] + 0.05 * torch.randn((n, d), **draw)
+    return points.reshape(shape)
+
+
 # Data families: name -> points of a shape, from torch.rand's arguments.
-DATA = {"uniform": _uniform}
-# Bandwidth rules: name -> h from the keys (w = 1 / h^2). h = 0.5 on [0, 5)
-# lets every query see a few dozen percent of the keys with weights far from
-# underflow, so no kernel can win by skipping zeros.
-H_RULES = {"h=0.5": lambda key: 0.5}
+DATA = {"uniform": _uniform, "unit": _unit, "normal": _normal, "clustered": _clustered}
+
+
+def _silverman(key, value) -> float:
+    """Silverman's normal-reference rule, sigma (4 / ((d + 2) m))^(1 / (d + 4)),
+    sigma the features' mean standard deviation (1.06 sigma m^-1/5 for d = 1)."""
+    x = key.double().reshape(key.shape[0], -1)
+    m, d = x.shape
+    return float(x.std(0).mean()) * (4 / ((d + 2) * m)) ** (1 / (d + 4))
+
+
+LOO_SAMPLE = 1 << 14
+
+
+def _loo(key, value) -> float:
+    """``NadarayaWatson("loo")``'s h on a fixed random LOO_SAMPLE of the keys,
+    scaled to all m by the rate m^(-1 / (d + 4)) at which the best h shrinks."""
+    import torch
+
+    import nwfast
+
+    x = key.double().reshape(key.shape[0], -1).cpu()
+    m, d = x.shape
+    take = torch.randperm(m, generator=torch.Generator().manual_seed(SEED))[:LOO_SAMPLE]
+    y = value.double().reshape(m, -1)[:, 0].cpu()
+    h = nwfast.NadarayaWatson("loo").fit(x[take].numpy(), y[take].numpy()).bandwidth_
+    return float(h) * (len(take) / m) ** (1 / (d + 4))
+
+
+# Bandwidth rules: name -> h from the keys and values (w = 1 / h^2). h = 0.5 on
+# [0, 5) lets every query see a few dozen percent of the keys with weights far
+# from underflow, so no kernel can win by skipping zeros; the data-driven rules
+# are those users pick, and a tenth of the leave-one-out h is a sharp kernel.
+H_RULES = {
+    "h=0.5": lambda key, value: 0.5,
+    "h=0.01": lambda key, value: 0.01,
+    "silverman": _silverman,
+    "loo": _loo,
+    "loo/10": lambda key, value: _loo(key, value) / 10,
+}
+_BANDWIDTHS: dict = {}  # (data, h_rule, m, d, device) -> h: every peer's worker computes it once
+
+
+def bandwidth(case, key, value) -> float:
+    """The case's h by its rule, to three significant digits (so that every
+    worker, whatever its thread count's rounding, pools with the same w)."""
+    at = (case.data, case.h_rule, case.m, case.d, case.device)
+    if at not in _BANDWIDTHS:
+        _BANDWIDTHS[at] = float(f"{H_RULES[case.h_rule](key, value):.3g}")
+    return _BANDWIDTHS[at]
 
 
 @dataclass(frozen=True)
@@ -120,7 +194,8 @@ def make_inputs(case: Case) -> dict:
     """The case's inputs on its device, in its dtype.
 
     Pooling: query, key (keys (n, m) for rows), value (values (n, m) for rows),
-    w, and grad_out in the gradient modes. Fit: X (n, d) and y (n,), NumPy.
+    w, grad_out in the gradient modes, and h (w = 1 / h^2 for one w; per-key
+    w scatter around it). Fit: X (n, d) and y (n,), NumPy.
     Points are drawn in float32 and rounded to the case's dtype, so every peer
     and dtype of a device sees the same numbers.
     """
@@ -131,8 +206,8 @@ def make_inputs(case: Case) -> dict:
     dtype = getattr(torch, case.dtype)
     points = DATA[case.data]
 
-    def target(x):
-        return 2 * torch.sin(x) + x.pow(0.8) + NOISE * torch.randn(x.shape, **draw)
+    def target(x):  # |x|: the normal family reaches below 0
+        return 2 * torch.sin(x) + x.abs().pow(0.8) + NOISE * torch.randn(x.shape, **draw)
 
     n, m, d = case.n, case.m, case.d
     if case.op == "fit":
@@ -144,17 +219,18 @@ def make_inputs(case: Case) -> dict:
     else:
         key = points((m, d), **draw)
         value = target(key[:, 0])[:, None]  # (m, c = 1): the (B..., m, c) form
+    h = bandwidth(case, key, value)
     key, value = key.to(dtype), value.to(dtype)
     # shared_loo: the queries are the keys, a tensor of their own so that the
     # gradients of both are judged one by one.
     query = key.clone() if case.exclude_self else points((n,) if d == 1 else (n, d), **draw)
     query = query.to(dtype)
-    h = H_RULES[case.h_rule](key)
     if case.op == "rows":
         # The textbook's own construction: every query's row holds the same keys.
         x = {"query": query, "key": key.repeat(n, 1), "value": value.repeat(n, 1)}
     else:
         x = {"query": query, "key": key, "value": value}
+    x["h"] = h
     w = 1.0 / h**2
     if case.w_kind == "per_key":
         x["w"] = (w * (0.5 + torch.rand(m, **draw))).to(dtype)
@@ -183,6 +259,12 @@ class Preset:
     max_repeats: int
     time_cap_s: float  # a call predicted to take longer is skipped
     leave_out: dict = field(default_factory=dict)  # (op, mode) -> {peer: why}
+    data: tuple = ("uniform",)  # families of points (DATA)
+    h_rules: tuple = ("h=0.5",)  # bandwidth rules (H_RULES)
+    dims: tuple | None = None  # features d; None: the command line's
+    max_n: dict = field(default_factory=dict)  # d -> the largest n = m at that d
+    peers: tuple | None = None  # who runs by default; None: every peer of the ops
+    goals: tuple = ()  # more cases, Case fields but the peer: those the goals judge
 
 
 def _every_mode(sizes: dict) -> dict:
@@ -249,6 +331,37 @@ PRESETS = {
         max_repeats=3,
         time_cap_s=60.0,
     ),
+    # Block skipping: nwfast beside its own dense pass, torch.compile and KeOps'
+    # block-sparse ranges, on the bandwidths users pick; every call checked.
+    # The goals' cases: 2^18 uniform on [0, 5) at h = 0.01 (d = 1), and in the
+    # unit square at h = 0.01 (d = 2).
+    "sparse": Preset(
+        {
+            ("shared", "forward"): (1 << 16, 1 << 18, 1 << 20, 1 << 22),
+            ("shared", "fwd+bwd"): (1 << 16, 1 << 18),
+        },
+        target_s=1.0,
+        min_repeats=1,
+        max_repeats=10,
+        time_cap_s=30.0,
+        data=("uniform", "normal", "clustered"),
+        h_rules=("silverman", "loo", "loo/10"),
+        dims=(1, 2, 3),
+        max_n={2: 1 << 20, 3: 1 << 20},
+        peers=("nwfast", "nwfast-dense", "torch-compile", "pykeops-sparse"),
+        goals=(
+            {"op": "shared", "mode": "forward", "n": 1 << 18, "d": 1, "h_rule": "h=0.01"},
+            {"op": "shared", "mode": "fwd+bwd", "n": 1 << 18, "d": 1, "h_rule": "h=0.01"},
+            {
+                "op": "shared",
+                "mode": "forward",
+                "n": 1 << 18,
+                "d": 2,
+                "h_rule": "h=0.01",
+                "data": "unit",
+            },
+        ),
+    ),
 }
 
 
@@ -258,17 +371,21 @@ def plan(
     *,
     device,
     dtypes,
-    dims=(1,),
+    dims=None,
     ops=None,
     modes=None,
     sizes=None,
     w_kind="scalar",
+    data=None,
+    h_rules=None,
 ) -> list[Case]:
-    """Every case of a run, in the order they are reported: per (op, mode, dtype, d),
-    sizes ascending, all peers of a size together in registry order.
+    """Every case of a run, in the order they are reported: per (op, mode, dtype,
+    d, data, h_rule), sizes ascending, all peers of a size together in registry
+    order; then the preset's goal cases.
 
-    ``ops`` and ``modes`` pick among the preset's; with ``sizes`` every op and mode
-    picked (the preset's by default) runs at those sizes instead.
+    ``ops``, ``modes``, ``data`` and ``h_rules`` pick among the preset's (dims
+    replace them); with ``sizes`` every op and mode picked (the preset's by
+    default) runs at those sizes instead, and the goal cases are left out.
     """
     pairs = {
         k: v
@@ -284,13 +401,24 @@ def plan(
             for mode in modes
             if (op == "fit") == (mode in FIT_MODES)
         }
+    picked_dims, dims = dims, dims or preset.dims or (1,)
     cases = []
     for (op, mode), op_sizes in pairs.items():
-        # A fit chooses its own bandwidth: no w of the case's.
-        extra = {"w_kind": None, "h_rule": None} if op == "fit" else {"w_kind": w_kind}
         for dtype in dtypes:
             for d in (1,) if op == "rows" else dims:
-                for n in op_sizes:
-                    for peer in peers:
-                        cases.append(Case(peer, op, mode, dtype, device, n, n, d, **extra))
+                for family in data or preset.data:
+                    # A fit chooses its own bandwidth: no w of the case's.
+                    for h_rule in (None,) if op == "fit" else h_rules or preset.h_rules:
+                        largest = preset.max_n.get(d, math.inf)
+                        for n in (size for size in op_sizes if size <= largest):
+                            extra = {"w_kind": None if op == "fit" else w_kind}
+                            extra.update(data=family, h_rule=h_rule)
+                            for peer in peers:
+                                cases.append(Case(peer, op, mode, dtype, device, n, n, d, **extra))
+    for goal in () if sizes else preset.goals:
+        picked = (ops, goal["op"]), (modes, goal["mode"]), (picked_dims, goal["d"])
+        if any(chosen and value not in chosen for chosen, value in picked):
+            continue
+        fields = {"dtype": dtypes[0], "device": device, "m": goal["n"], "w_kind": w_kind, **goal}
+        cases += [Case(peer, **fields) for peer in peers]
     return cases

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from bench import schema
-from bench.cases import DTYPES, POOL_MODES, POOL_OPS, W_KINDS
+from bench.cases import DATA, DTYPES, H_RULES, POOL_MODES, POOL_OPS, PRESETS, W_KINDS
 from bench.peers import PEERS, for_ops
 
 EPILOG = """\
@@ -81,6 +81,13 @@ def parser() -> argparse.ArgumentParser:
         help="the short sweep (< 5 min on 2 cores): every peer at 4096² and 16384², "
         "one size per layout past the dense reference's memory",
     )
+    s.add_argument(
+        "--sparse",
+        action="store_true",
+        help="block skipping: nwfast beside tolerance=0, torch.compile and KeOps' "
+        "block-sparse ranges, n = m = 2^16 ... 2^22, d = 1, 2, 3, three data families and "
+        "three bandwidth rules, and the skipping goals (about an hour on 2 cores)",
+    )
     s.add_argument("--sizes", type=parse_sizes, help="n = m, e.g. 1024,4096,16k,2^20")
     s.add_argument("--modes", type=_choices(POOL_MODES), help=f"of {','.join(POOL_MODES)}")
     s.add_argument("--layouts", type=_choices(POOL_OPS), help=f"of {','.join(POOL_OPS)}")
@@ -88,8 +95,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--dims",
         type=lambda t: tuple(int(v) for v in t.split(",")),
-        default=(1,),
-        help="features d of query and key, e.g. 1,3 (default 1)",
+        help="features d of query and key, e.g. 1,3 (default 1; --sparse: 1,2,3)",
+    )
+    s.add_argument("--data", type=_choices(tuple(DATA)), help=f"points: of {','.join(DATA)}")
+    s.add_argument(
+        "--h-rules", type=_choices(tuple(H_RULES)), help=f"bandwidths: of {','.join(H_RULES)}"
     )
     s.add_argument("--w", choices=W_KINDS, default="scalar", help="one w, or one per key")
     s.add_argument(
@@ -152,8 +162,14 @@ def main(argv=None) -> int:
     from bench.run import run
 
     ops = POOL_OPS if args.command == "sweep" else ("fit",)
+    if args.command == "fit":
+        preset = "fit-quick" if args.quick else "fit"
+    else:
+        preset = "quick" if args.quick else "sparse" if args.sparse else "full"
+        preset = "gpu" if args.device == "cuda" and preset == "full" else preset
+    default_peers = PRESETS[preset].peers or for_ops(ops)
     common = {
-        "peers": sorted(args.peers or for_ops(ops), key=list(PEERS).index),
+        "peers": sorted(args.peers or default_peers, key=list(PEERS).index),
         "out_dir": args.out or schema.RESULTS,
         "threads": args.threads,
         "time_cap": args.time_cap,
@@ -161,7 +177,6 @@ def main(argv=None) -> int:
         "sizes": args.sizes,
     }
     if args.command == "fit":
-        preset = "fit-quick" if args.quick else "fit"
         run(
             console(),
             kind="fit",
@@ -172,9 +187,9 @@ def main(argv=None) -> int:
             **common,
         )
         return 0
-    preset = "quick" if args.quick else "gpu" if args.device == "cuda" else "full"
-    run(
-        console(),
+    con = console()
+    path, head, rows = run(
+        con,
         kind="sweep",
         preset=preset,
         device=args.device,
@@ -185,6 +200,14 @@ def main(argv=None) -> int:
         dtypes=args.dtypes,
         dims=args.dims,
         w_kind=args.w,
+        data=args.data,
+        h_rules=args.h_rules,
         **common,
     )
+    if PRESETS[preset].goals and not args.sizes:
+        from bench import goals
+
+        head["goals"] = goals.skipping(rows)
+        schema.write(path, head, rows)
+        goals.show(con, head["goals"], "Block-skipping goals")
     return 0

@@ -43,6 +43,9 @@ class Peer:
     # has run in this sweep: a forward on "cpu" / "cuda", a whole "fit".
     prior_ns: dict = field(default_factory=dict)
     why_not: dict = field(default_factory=dict)  # attribute -> reason when unsupported
+    # (case, inputs, **options) -> the (query, key) pairs one call computes,
+    # for the peers that skip some; None: every pair.
+    pairs: Callable | None = None
 
     def unsupported(self, case: Case) -> str | None:
         """Why this peer cannot run the case, or None."""
@@ -64,6 +67,11 @@ class Peer:
     def build(self, case: Case, inputs: dict) -> Callable:
         return self.builds[case.op](case, inputs, **self.options)
 
+    def pairs_computed(self, case: Case, inputs: dict) -> int:
+        if self.pairs is None or case.op == "rows":
+            return case.pairs
+        return self.pairs(case, inputs, **self.options)
+
     def predict_s(self, case: Case) -> float | None:
         prior = self.prior_ns.get("fit" if case.op == "fit" else case.device)
         return None if prior is None else prior * 1e-9 * case.pairs
@@ -79,6 +87,14 @@ def _nwfast(case: Case, x: dict, **options):
     if case.op == "rows":
         return lambda: nwfast.nw_pool_rows(q, k, v, w, **options)
     return lambda: nwfast.nw_pool(q, k, v, w, exclude_self=case.exclude_self, **options)
+
+
+def _nwfast_pairs(case: Case, x: dict, **options) -> int:
+    import nwfast
+
+    return nwfast.pairs_computed(
+        x["query"], x["key"], x["w"], exclude_self=case.exclude_self, **options
+    )
 
 
 def _reference(form: str, case: Case, x: dict):
@@ -158,6 +174,67 @@ def _pykeops(case: Case, x: dict):
         return out.reshape(n) if v.dim() == 1 else out
 
     return call
+
+
+def _keops_blocks(q, k, w, tolerance: float):
+    """KeOps' block-sparse ranges, built as its documentation builds them.
+
+    Points fall in voxels of side eps (``grid_cluster``) and are sorted by
+    voxel; a pair of voxels is kept where their centroids are closer than
+    the cut-off r (a pair further apart than r weighs under ``tolerance``
+    times a key at the query itself: w r^2 / 2 = ln(1 / tolerance)) plus
+    twice the voxel diagonal, so no pair within r is dropped. eps = r / 2,
+    larger where that would make over 4096 voxels (their centroid distance
+    matrix is voxels^2). Returns (query order, key order, ranges, pairs kept).
+    """
+    import torch
+    from pykeops.torch.cluster import cluster_ranges_centroids, from_matrix, grid_cluster
+
+    d = q.shape[1]
+    r = math.sqrt(2 * math.log(1 / tolerance) / float(w.max()))
+    extent = (torch.cat([q, k]).amax(0) - torch.cat([q, k]).amin(0)).clamp_min(1e-12)
+    eps = r / 2
+    voxels = float(torch.prod(torch.ceil(extent / eps)))
+    eps *= max(1.0, voxels / 4096) ** (1 / d)
+    order, ranges, centroids, sizes = [], [], [], []
+    for x in (q, k):
+        labels = grid_cluster(x, eps)
+        x_ranges, x_centroids, _ = cluster_ranges_centroids(x, labels)
+        order.append(torch.argsort(labels, stable=True))
+        ranges.append(x_ranges)
+        centroids.append(x_centroids)
+        sizes.append(x_ranges[:, 1] - x_ranges[:, 0])
+    gap = torch.cdist(centroids[0], centroids[1])
+    keep = gap < r + 2 * eps * math.sqrt(d)
+    pairs = int((sizes[0][:, None] * sizes[1][None, :] * keep).sum())
+    return order[0], order[1], from_matrix(ranges[0], ranges[1], keep), pairs
+
+
+def _pykeops_sparse(case: Case, x: dict, tolerance: float):
+    from pykeops.torch import LazyTensor
+
+    q, k, v, w = x["query"], x["key"], x["value"], x["w"]
+    n, m, d = case.n, case.m, case.d
+
+    def call():
+        # Clustering and sorting are part of every call, as nwfast's plan is.
+        qs, ks = q.reshape(n, d), k.reshape(m, d)
+        q_order, k_order, ranges, _ = _keops_blocks(qs.detach(), ks.detach(), w, tolerance)
+        qi = LazyTensor(qs[q_order][:, None, :])
+        kj = LazyTensor(ks[k_order][None, :, :])
+        vj = LazyTensor(v.reshape(m, -1)[k_order][None, :, :])
+        s = -(w / 2) * ((qi - kj) ** 2).sum(-1)
+        s.ranges = ranges
+        out = s.sumsoftmaxweight(vj, axis=1)
+        back = out.new_empty(out.shape).index_copy(0, q_order, out)
+        return back.reshape(n) if v.dim() == 1 else back
+
+    return call
+
+
+def _pykeops_sparse_pairs(case: Case, x: dict, tolerance: float) -> int:
+    q, k = x["query"].reshape(case.n, case.d), x["key"].reshape(case.m, case.d)
+    return _keops_blocks(q.detach(), k.detach(), x["w"], tolerance)[3]
 
 
 def _numpy_inputs(x: dict):
@@ -258,6 +335,7 @@ NWFAST = Peer(
     {**_pooling(_nwfast), "fit": _nwfast_fit},
     jit="once",
     prior_ns={"cpu": 0.5, "cuda": 0.0003, "fit": 2},
+    pairs=_nwfast_pairs,
 )
 
 PEERS = {
@@ -270,6 +348,13 @@ PEERS = {
             label="nwfast NadarayaWatson('loo', dtype='float32') on the float64 data",
             builds={"fit": _nwfast_fit},
             options={"dtype": "float32"},
+        ),
+        dataclasses.replace(
+            NWFAST,
+            name="nwfast-dense",
+            label="nwfast with tolerance=0.0: every pair, no block skipping",
+            builds=_pooling(_nwfast),
+            options={"tolerance": 0.0},
         ),
         Peer(
             "torch-compile",
@@ -288,6 +373,23 @@ PEERS = {
             dtypes=("float32", "float64", "float16"),
             prior_ns={"cpu": 4.5, "cuda": 0.003},
             why_not={"dtypes": "KeOps has no bfloat16"},
+        ),
+        Peer(
+            "pykeops-sparse",
+            "pykeops sumsoftmaxweight over block-sparse ranges (grid_cluster, from_matrix), "
+            "pairs cut at weight 2^-24 of a key at the query, clustering in each call",
+            "pykeops.torch.cluster",
+            {"shared": _pykeops_sparse},
+            options={"tolerance": 2.0**-24},
+            jit="once",
+            dtypes=("float32",),
+            w_kinds=("scalar",),
+            prior_ns={"cpu": 0.5, "cuda": 0.0003},
+            why_not={
+                "dtypes": "float32 only: its cut-off is float32's rounding",
+                "w_kinds": "one w for all keys only",
+            },
+            pairs=_pykeops_sparse_pairs,
         ),
         Peer(
             "torch-broadcast",

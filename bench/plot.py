@@ -9,6 +9,10 @@ Per device and dtype, from the pooling rows (d = 1, one w):
   each dense reference ran out of memory;
 - ``bench_fwd_bwd_*``: forward, backward and fwd+bwd time per peer at one size.
 
+From the sparse preset's rows (one w, shared keys, any d), ``bench_skipping_*``:
+nwfast's fraction of pairs computed and its speedup over its dense pass and
+over KeOps' block-sparse ranges, against the bandwidth h.
+
 The fit rows give ``bench_bandwidth.png``: the time of one fit vs n.
 """
 
@@ -26,8 +30,10 @@ from bench.report import human_bytes
 STYLE = {
     "nwfast": ("black", "o"),
     "nwfast-f32": ("dimgray", "o"),
+    "nwfast-dense": ("dimgray", "o"),
     "torch-compile": ("tab:blue", "s"),
     "pykeops": ("tab:green", "D"),
+    "pykeops-sparse": ("tab:olive", "d"),
     "torch-broadcast": ("tab:orange", "^"),
     "torch-repeat": ("tab:red", "v"),
     "kernelsmooth": ("tab:brown", "X"),
@@ -128,14 +134,16 @@ def _oom(ax, rows, height: float) -> None:
             ax.oom = True  # read by _finish
 
 
-def _finish(plt, fig, axes, head: dict, what: str, dtype: str, path: Path, seen=None) -> Path:
+def _finish(
+    plt, fig, axes, head: dict, what: str, dtype: str, path: Path, seen=None, scope="d = 1"
+) -> Path:
     """Title, one legend below the panels (each label once), save."""
     from matplotlib.lines import Line2D
 
     where = head.get("machine") or head["device"]
     if head["device"] == "cpu":
         where += f", {head['threads']} threads"
-    fig.suptitle(f"nwfast {what} — {dtype}, d = 1, {where}", fontsize=12)
+    fig.suptitle(f"nwfast {what} — {dtype}, {scope}, {where}", fontsize=12)
     seen = seen or {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -292,6 +300,76 @@ def plot_bandwidth(plt, rows, head, path: Path) -> Path:
     return path
 
 
+# Skipping figures: a colour per d, a marker per data family.
+DIM_COLOURS = {1: "black", 2: "tab:blue", 3: "tab:red", 4: "tab:green"}
+DATA_MARKERS = {"uniform": "o", "unit": "s", "normal": "^", "clustered": "D"}
+
+
+def plot_skipping(plt, rows, head, dtype, path: Path) -> Path | None:
+    """nwfast's forward against h: the fraction of pairs it computed, and its
+    speedup over its own dense pass (tolerance=0) and over KeOps' ranges; a
+    line joins the bandwidth rules of one (d, data, n)."""
+    from matplotlib.lines import Line2D
+
+    mine = [r for r in rows if r["peer"] == "nwfast" and r["mode"] == "forward"]
+    mine = [r for r in mine if r["status"] == "ok" and r["kept_fraction"] is not None]
+    if not mine:
+        return None
+    others = {(r["peer"], same_inputs(r)): r for r in rows if r["status"] == "ok"}
+
+    def over(peer):
+        def speedup(r):
+            other = others.get((peer, same_inputs(r)))
+            return other["median_s"] / r["median_s"] if other else None
+
+        return speedup
+
+    panels = (
+        ("pairs computed / n m", lambda r: r["kept_fraction"]),
+        ("speedup over tolerance=0 (dotted: n m / pairs)", over("nwfast-dense")),
+        ("speedup over pykeops-sparse", over("pykeops-sparse")),
+    )
+    fig, axes = _panels(plt, len(panels))
+    for ax, (title, y) in zip(axes, panels, strict=True):
+        for (d, data, _size), group in sorted(_by(mine, "d", "data", "n").items()):
+            points = sorted((r["h"], y(r)) for r in group if y(r) is not None)
+            if not points:
+                continue
+            colour, marker = DIM_COLOURS.get(d, "tab:gray"), DATA_MARKERS.get(data, ".")
+            ax.plot(*zip(*points), color=colour, marker=marker, lw=0.8, alpha=0.6)
+            if ax is axes[1]:  # what skipping could give: the pairs it left out
+                ideal = sorted((r["h"], 1 / r["kept_fraction"]) for r in group if y(r))
+                ax.plot(*zip(*ideal), ls=":", color=colour, lw=0.8)
+        ax.set_xscale("log")
+        _y_format(ax, (lambda v: f"{v:g}") if ax is axes[0] else (lambda v: f"{v:g}×"))
+        ax.set_xlabel("bandwidth h (w = 1 / h²)")
+        ax.set_title(title)
+    axes[1].axhline(1, color="gray", lw=1)
+    axes[2].axhline(1, color="gray", lw=1)
+    dims = sorted({r["d"] for r in mine})
+    seen = {f"d = {d}": Line2D([], [], color=DIM_COLOURS.get(d, "tab:gray")) for d in dims}
+    for data, marker in DATA_MARKERS.items():
+        if any(r["data"] == data for r in mine):
+            seen[data] = Line2D([], [], ls="", marker=marker, color="gray")
+    sizes = ", ".join(_k(n) for n in sorted({r["n"] for r in mine}))
+    scope = f"n = m = {sizes}"
+    return _finish(plt, fig, axes, head, "block skipping", dtype, path, seen, scope)
+
+
+def _figure_group(row: dict):
+    """Which figures a row belongs to: the fits', the sweep's (d = 1, one w,
+    h = 0.5) or the skipping one (one w, shared keys), per device and dtype."""
+    if row["op"] == "fit":
+        return "fit"
+    if row["w_kind"] != "scalar":
+        return None
+    if row["h_rule"] == "h=0.5" and row["d"] == 1:
+        return row["device"], row["dtype"]
+    if row["op"] == "shared":
+        return "skipping", row["device"], row["dtype"]
+    return None
+
+
 def plot_files(paths, out_dir: Path) -> list[Path]:
     """Every figure the files' rows make; returns the paths written."""
     plt = _plt()
@@ -300,29 +378,24 @@ def plot_files(paths, out_dir: Path) -> list[Path]:
     for p in paths:
         doc = schema.load(p)
         for r in doc["rows"]:
-            group = "fit" if r["op"] == "fit" else (r["device"], r["dtype"])
-            if r["op"] == "fit" or (r["d"] == 1 and r["w_kind"] == "scalar"):
+            group = _figure_group(r)
+            if group is not None:
                 latest[(r["peer"], same_inputs(r))] = r
                 heads[group] = doc["header"]
-    pooling, fits = defaultdict(list), []
+    groups = defaultdict(list)
     for r in latest.values():
-        if r["op"] == "fit":
-            fits.append(r)
-        else:
-            pooling[(r["device"], r["dtype"])].append(r)
+        groups[_figure_group(r)].append(r)
     made = []
-    for (device, dtype), rows in pooling.items():
-        for fn in (plot_time, plot_speedup, plot_memory, plot_fwd_bwd):
+    for group, rows in groups.items():
+        if group == "fit":
+            made.append(plot_bandwidth(plt, rows, heads["fit"], out_dir / "bench_bandwidth.png"))
+            continue
+        *skipping, device, dtype = group
+        figures = (
+            (plot_skipping,) if skipping else (plot_time, plot_speedup, plot_memory, plot_fwd_bwd)
+        )
+        for fn in figures:
             name = fn.__name__.removeprefix("plot_")
-            made.append(
-                fn(
-                    plt,
-                    rows,
-                    heads[(device, dtype)],
-                    dtype,
-                    out_dir / f"bench_{name}_{device}_{dtype}.png",
-                )
-            )
-    if fits:
-        made.append(plot_bandwidth(plt, fits, heads["fit"], out_dir / "bench_bandwidth.png"))
+            path = out_dir / f"bench_{name}_{device}_{dtype}.png"
+            made.append(fn(plt, rows, heads[group], dtype, path))
     return [p for p in made if p]

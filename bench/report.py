@@ -39,6 +39,13 @@ def _times(x: float | None) -> str:
     return f"{x:.0f}×" if x >= 100 else f"{x:.2g}×"
 
 
+def _share(x: float | None) -> str:
+    """A fraction as a percentage, two significant digits below 10%."""
+    if x is None:
+        return "-"
+    return f"{x:.0%}" if x >= 0.1 else f"{100 * x:.2g}%"
+
+
 def _size(row: dict) -> str:
     return f"{row['n']}²" if row["n"] == row["m"] else f"{row['n']}x{row['m']}"
 
@@ -100,6 +107,8 @@ POOL_COLUMNS = (
     ("ns/pair", "right", lambda r: f"{r['ns_per_pair']:.3g}"),
     ("pairs/s", "right", lambda r: f"{r['pairs_per_s']:.2e}"),
     ("nwfast ×", "right", lambda r: _times(r["nwfast_speedup"])),
+    ("h", "right", lambda r: "-" if r["h"] is None else f"{r['h']:.3g}"),
+    ("kept", "right", lambda r: _share(r["kept_fraction"])),
     ("peak extra", "right", lambda r: human_bytes(r["peak_extra_bytes"])),
     (
         "of bound",
@@ -174,6 +183,11 @@ def console():
 
 def show(paths) -> None:
     con = console()
+    from bench.goals import show as show_goals
+
     for path in paths:
         con.print(f"[bold]{path}[/bold]")
-        con.print(table(schema.load(path)["rows"]))
+        doc = schema.load(path)
+        con.print(table(doc["rows"]))
+        if doc["header"].get("goals"):
+            show_goals(con, doc["header"]["goals"], "Goals")

@@ -46,7 +46,7 @@ HEADER_FIELDS = {
     "created": "ISO 8601 local time the run started",
     "command": "the command line, as typed",
     "kind": "'sweep', 'fit' or 'gpu'",
-    "preset": "quick, full, gpu, fit-quick or fit (bench.cases.PRESETS)",
+    "preset": "quick, full, sparse, gpu, fit-quick or fit (bench.cases.PRESETS)",
     "git_revision": "HEAD of the checkout, or null outside git",
     "git_dirty": "true when tracked files differ from HEAD (new results do not count)",
     "device": "'cpu' or 'cuda'",
@@ -63,7 +63,7 @@ HEADER_FIELDS = {
     "peers": "peer name -> what it is, for the peers of this run",
     "peers_unavailable": "peer name -> why it was left out of this run",
     "duration_s": "wall time of the run",
-    "goals": "gpu only: each goal, the measured value and pass/fail",
+    "goals": "gpu and sparse runs: each goal, the measured value and pass/fail (bench.goals)",
 }
 
 ROW_FIELDS = {
@@ -100,7 +100,7 @@ ROW_FIELDS = {
     "memory_method": "vmhwm (Linux peak RSS, reset before timing), ru_maxrss or cuda_max_allocated",
     # The machine's limit for this case (bench.cases.work).
     "bound_kind": "exp (shared layouts: compute-bound) or bytes (rows: memory-bound)",
-    "bound_work": "exps or bytes the case must do at least",
+    "bound_work": "exps or bytes the case must do at least (exps: on the pairs it computes)",
     "bound_s": "bound_work / the measured limit: the fastest this case can run",
     "bound_fraction": "bound_s / median_s: 1.0 means at the machine's limit",
     # Correctness (bench.check): nwfast.testing's verdicts against float64.
@@ -115,6 +115,9 @@ ROW_FIELDS = {
 
 # Measurements only some operations make.
 MEASUREMENTS = {
+    "h": "pooling: the bandwidth its h_rule gave, w = 1 / h^2 (per-key w scatter around it)",
+    "kept_fraction": "pooling: pairs the peer computed / n m (1.0: every pair; "
+    "nwfast.pairs_computed for nwfast)",
     "bandwidth": "fit: the chosen h per feature, in the data's units",
     "loo_mse": "fit: leave-one-out MSE at that h, every peer's by one function",
     "loo_mse_vs_nwfast": "fit: loo_mse / nwfast's loo_mse (>= 1: nwfast as good)",

@@ -106,22 +106,16 @@ def test_presets_plan_and_sizes():
     json.dumps([c.fields() for c in quick])  # what a worker's job carries
 
 
-def test_gpu_goals_from_rows():
-    from bench.gpu import GOAL_N, judge
+def _row(peer, op, mode, n, median_s, **extra):
+    fields = {"dtype": "float32", "m": n, "d": 1, "status": "ok", **extra}
+    return schema.empty_row(peer=peer, op=op, mode=mode, n=n, median_s=median_s, **fields)
 
-    def row(peer, op, mode, n, median_s, **extra):
-        return schema.empty_row(
-            peer=peer,
-            op=op,
-            mode=mode,
-            dtype="float32",
-            n=n,
-            m=n,
-            d=1,
-            status="ok",
-            median_s=median_s,
-            **extra,
-        )
+
+def test_gpu_goals_from_rows():
+    from bench.goals import GPU_N as GOAL_N
+    from bench.goals import gpu as judge
+
+    row = _row
 
     rows = [
         row("nwfast", "shared", "forward", GOAL_N, 0.02, bound_fraction=0.7),
@@ -133,3 +127,24 @@ def test_gpu_goals_from_rows():
     assert [g["passed"] for g in goals] == [True, True, True, True]
     goals = judge(rows[:1], {})
     assert [g["passed"] for g in goals] == [True, None, None, None]
+
+
+def test_sparse_plan_goals_and_skipping_goals():
+    from bench.goals import SKIP_N, skipping
+
+    sparse = plan(PRESETS["sparse"], ["nwfast", "nwfast-dense"], device="cpu", dtypes=("float32",))
+    goal_cases = {(c.d, c.data, c.h_rule, c.mode) for c in sparse if c.n == SKIP_N}
+    assert {(1, "uniform", "h=0.01", "forward"), (2, "unit", "h=0.01", "forward")} <= goal_cases
+    assert all(c.n <= PRESETS["sparse"].max_n.get(c.d, c.n) for c in sparse)
+    line = {"d": 1, "data": "uniform", "h_rule": "h=0.01"}
+    square = {"d": 2, "data": "unit", "h_rule": "h=0.01"}
+    rows = [
+        _row("nwfast", "shared", "forward", SKIP_N, 1.0, check_error=1e-7, **line),
+        _row("nwfast-dense", "shared", "forward", SKIP_N, 30.0, **line),
+        _row("nwfast", "shared", "fwd+bwd", SKIP_N, 3.0, **line),
+        _row("nwfast-dense", "shared", "fwd+bwd", SKIP_N, 20.0, **line),
+        _row("nwfast", "shared", "forward", SKIP_N, 2.0, **square),
+    ]
+    goals = skipping(rows)
+    assert [g["passed"] for g in goals] == [True, False, True, None]
+    assert goals[0]["value"] == 30.0

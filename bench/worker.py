@@ -250,9 +250,14 @@ def _time_case(case: Case, settings: dict, row: dict, warm_up: bool) -> None:
         p80_s=quantile(samples, 0.8),
         compile_s=max(0.0, row["first_call_s"] - median) if peer.jit else None,
     )
+    if case.op != "fit":
+        row["h"] = x["h"]
+        row["kept_fraction"] = peer.pairs_computed(case, x) / case.pairs
     bound = work(case)
     if bound:
         kind, amount = bound
+        if kind == "exp":  # one exp per pair computed
+            amount *= row["kept_fraction"]
         limit = settings["limits"].get("mem_bytes_per_s" if kind == "bytes" else "exp_per_s")
         row.update(
             pairs_per_s=case.pairs / median,
