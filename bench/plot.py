@@ -299,6 +299,8 @@ def plot_files(paths, out_dir: Path) -> list[Path]:
     latest, heads = {}, {}  # a case run in several files: the last file's row
     for p in paths:
         doc = schema.load(p)
+        if doc["header"]["kind"] == "dist":  # strong scaling: a table, not these figures
+            continue
         for r in doc["rows"]:
             group = "fit" if r["op"] == "fit" else (r["device"], r["dtype"])
             if r["op"] == "fit" or (r["d"] == 1 and r["w_kind"] == "scalar"):
