@@ -122,6 +122,31 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--d", type=int, default=1, help="features (default 1)")
     _common(f, for_ops(("fit",)))
 
+    dist = sub.add_parser(
+        "dist",
+        help="strong scaling of nwfast.distributed: 1 process against R ranks",
+        description="Time single-process nwfast.nw_pool, nwfast.distributed on 1 rank and "
+        "on R gloo ranks on this machine, one thread per process by default; report the "
+        "strong-scaling efficiency and the bytes each rank sends.",
+    )
+    dist.add_argument("--sizes", type=parse_sizes, help="n = m (default 2^16)")
+    dist.add_argument(
+        "--ranks",
+        type=lambda t: tuple(int(r) for r in t.split(",")),
+        help="ranks of the rings beside 1 (default 2)",
+    )
+    dist.add_argument(
+        "--modes", type=_choices(("forward", "fwd+bwd")), help="forward,fwd+bwd (default both)"
+    )
+    dist.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    dist.add_argument("--threads", type=int, help="threads per process (default 1)")
+    dist.add_argument("--repeats", type=int, help="timed calls per mode and round (default 5)")
+    dist.add_argument(
+        "--rounds", type=int, default=3, help="rounds over the configurations (default 3)"
+    )
+    dist.add_argument("--no-check", action="store_true", help="skip the float64 checks")
+    dist.add_argument("--out", type=Path, help="results folder (default bench/results)")
+
     plot = sub.add_parser("plot", help="PNG figures from results files")
     plot.add_argument("results", nargs="+", type=Path)
     plot.add_argument("--out", type=Path, help="folder for the PNGs (default bench/results)")
@@ -157,6 +182,12 @@ def main(argv=None) -> int:
         from bench.gpu import suite
 
         return suite(args.outdir, args.skip_tests)
+    if args.command == "dist":
+        from bench import dist
+        from bench.report import console
+
+        dist.run(console(), **dist.cli_defaults(args))
+        return 0
 
     from bench.report import console
     from bench.run import run

@@ -134,6 +134,23 @@ FIT_COLUMNS = (
 )
 
 
+DIST_COLUMNS = (
+    ("ranks", "right", lambda r: str(r["ranks"])),
+    ("median", "right", lambda r: seconds(r["median_s"])),
+    ("p20-p80", "right", lambda r: f"{seconds(r['p20_s'])}-{seconds(r['p80_s'])}"),
+    ("efficiency", "right", lambda r: f"{r['scaling_efficiency']:.1%}"),
+    ("sent/rank", "right", lambda r: human_bytes(max(r["ring_bytes_per_rank"]))),
+    ("load", "right", lambda r: ", ".join(f"{x:.1f}" for x in r["load_averages"])),
+    ("check", "left", _check),
+)
+
+
+def _columns(row: dict):
+    if row["op"] == "fit":
+        return FIT_COLUMNS
+    return DIST_COLUMNS if row["ranks"] is not None else POOL_COLUMNS
+
+
 def table(rows: list[dict]):
     """One table per (op, mode, dtype, d, w, data, h rule), a section per size."""
     from rich.console import Group
@@ -152,7 +169,7 @@ def table(rows: list[dict]):
             + ([data] if data != "uniform" else [])
             + ([h_rule] if h_rule not in ("h=0.5", None) else [])
         )
-        columns = FIT_COLUMNS if op == "fit" else POOL_COLUMNS
+        columns = _columns(group[0])
         t = Table(title=title, header_style="bold", title_justify="left")
         t.add_column("n" if op == "fit" else "n = m", justify="right")
         t.add_column("peer")

@@ -45,8 +45,8 @@ RESULTS = Path(__file__).resolve().parent / "results"  # where runs write by def
 HEADER_FIELDS = {
     "created": "ISO 8601 local time the run started",
     "command": "the command line, as typed",
-    "kind": "'sweep', 'fit' or 'gpu'",
-    "preset": "quick, full, sparse, gpu, fit-quick or fit (bench.cases.PRESETS)",
+    "kind": "'sweep', 'fit', 'gpu', 'dist' or 'cold'",
+    "preset": "quick, full, sparse, gpu, fit-quick or fit (bench.cases.PRESETS); dist, cold",
     "git_revision": "HEAD of the checkout, or null outside git",
     "git_dirty": "true when tracked files differ from HEAD (new results do not count)",
     "device": "'cpu' or 'cuda'",
@@ -121,6 +121,14 @@ MEASUREMENTS = {
     "bandwidth": "fit: the chosen h per feature, in the data's units",
     "loo_mse": "fit: leave-one-out MSE at that h, every peer's by one function",
     "loo_mse_vs_nwfast": "fit: loo_mse / nwfast's loo_mse (>= 1: nwfast as good)",
+    "ranks": "dist: processes of the configuration (1 for single-process nwfast)",
+    "threads_per_rank": "dist: threads each process computes with",
+    "scaling_efficiency": "dist: T(single-process nwfast) / (ranks * median_s)",
+    "ring_bytes_per_rank": "dist: bytes each rank hands to its sends in one call, rank order",
+    "collective_bytes_per_rank": "dist: bytes each rank hands to collectives in one call",
+    "load_averages": "dist: the 1-minute load average as each round of this row started",
+    "step_bytes": "dist: one forward ring step's message, a key shard's keys and values",
+    "step_transfer_s": "dist: that message's transfer alone, rank to rank (median, slowest)",
 }
 
 

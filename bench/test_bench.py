@@ -148,3 +148,24 @@ def test_sparse_plan_goals_and_skipping_goals():
     goals = skipping(rows)
     assert [g["passed"] for g in goals] == [True, False, True, None]
     assert goals[0]["value"] == 30.0
+
+
+def test_dist_strong_scaling(tmp_path):
+    """Every configuration ran, was judged, and sent what the ring must send."""
+    doc = _bench("dist", "--sizes", "256", "--rounds", "1", "--repeats", "2", tmp_path=tmp_path)
+    rows = doc["rows"]
+    assert doc["header"]["kind"] == "dist"
+    assert [(r["mode"], r["peer"], r["ranks"]) for r in rows] == [
+        (mode, peer, ranks)
+        for mode in ("forward", "fwd+bwd")
+        for peer, ranks in (("nwfast", 1), ("nwfast.distributed", 1), ("nwfast.distributed", 2))
+    ]
+    assert all(r["status"] == "ok" and r["check_ok"] and r["scaling_efficiency"] > 0 for r in rows)
+    # Two ranks of 128 keys, float32 keys and values: the forward sends a shard on
+    # once; fwd+bwd also sends it on again, and its key and value gradients twice
+    # (the second hop brings them home).
+    shard = 128 * 2 * 4
+    sent = {r["mode"]: r["ring_bytes_per_rank"] for r in rows if r["ranks"] == 2}
+    assert sent == {"forward": [shard, shard], "fwd+bwd": [4 * shard, 4 * shard]}
+    ring_of_one = [r for r in rows if r["peer"] == "nwfast.distributed" and r["ranks"] == 1]
+    assert all(r["ring_bytes_per_rank"] == [0] for r in ring_of_one)

@@ -389,6 +389,11 @@ def main() -> None:
     if job["job"] == "probe":
         emit(probe(job))
         return
+    if job["job"] == "dist":
+        from bench.dist import rank_main
+
+        emit(rank_main(job))
+        return
     done = {tuple(k): v for k, v in job["done"]}
     compiled = set()
     for fields in job["cases"]:

@@ -9,6 +9,7 @@ __all__ = [
     "LocalLinearRegression",
     "NWKernelRegression",
     "NadarayaWatson",
+    "distributed",
     "local_linear_pool",
     "nw_pool",
     "nw_pool_rows",
@@ -23,6 +24,11 @@ _ESTIMATORS = ("LocalLinearRegression", "NadarayaWatson")
 
 
 def __getattr__(name):
+    # nwfast.distributed is imported on first use as well: most users run one process.
+    if name == "distributed":
+        import nwfast.distributed
+
+        return nwfast.distributed
     # The estimators need scikit-learn (the "sklearn" extra); they are imported on
     # first use, so that the operators never pay for it.
     if name not in _ESTIMATORS:
