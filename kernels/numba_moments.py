@@ -373,8 +373,8 @@ def forward(query, key, value, w, exclude_self):
 
 def backward(grad, query, key, value, w, lse, second, tbar, exclude_self):
     dtype = query.dtype
-    L2 = lse * LOG2E
-    L2h = L2.to(dtype)
+    lse2 = lse * LOG2E
+    L2h = lse2.to(dtype)
     grad_w = torch.empty(query.shape, dtype=torch.float64)
     n, m = query.shape[0], key.shape[0]
     rows = _rows_per_item(m)
@@ -390,7 +390,7 @@ def backward(grad, query, key, value, w, lse, second, tbar, exclude_self):
         _np(tbar.to(dtype)),
         _np(second.to(dtype)),
         _np(L2h),
-        _np((L2 - L2h.double()).to(dtype)),
+        _np((lse2 - L2h.double()).to(dtype)),
         bool(exclude_self),
         rows,
         grad_w.numpy(),

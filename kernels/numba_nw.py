@@ -648,9 +648,9 @@ def _lse_log2(lse, dtype):
     """lse in log2 units as a (high, low) pair of dtype arrays: the backward's
     2**((c2 d^2 - high) - low) keeps the weights of the nearest keys exact to
     rounding even where |lse| is large (a query far from every key)."""
-    L2 = lse.double() * LOG2E
-    high = L2.to(dtype)
-    return _np(high), _np((L2 - high.double()).to(dtype))
+    lse2 = lse.double() * LOG2E
+    high = lse2.to(dtype)
+    return _np(high), _np((lse2 - high.double()).to(dtype))
 
 
 def _delta_of(grad_out, out):

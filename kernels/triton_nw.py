@@ -354,8 +354,8 @@ def _fwd_tile(
     else:
         dist2, _ = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
     # One constant per key: log2(e) * w_j / 2 (or w_j / 2 in float64).
-    neg_c = (tl.load(w_ptr + k_rows).to(ACC) * (-0.5 * SCALE))[:, None]
-    s = dist2 * neg_c
+    c2 = (tl.load(w_ptr + k_rows).to(ACC) * (-0.5 * SCALE))[:, None]
+    s = dist2 * c2
     keep = _keep(offs_m, end, skip, HAS_SKIP)
     if MASK:
         s = tl.where(keep, s, float("-inf"))
@@ -364,7 +364,7 @@ def _fwd_tile(
     # instead avoids (-inf) - (-inf) = NaN and leaves its sums at 0.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = _exp(m_i - m_safe, USE_EXP2)
-    p = _masked(_exp(tl.fma(dist2, neg_c, -m_safe[None, :]), USE_EXP2), keep, MASK)
+    p = _masked(_exp(tl.fma(dist2, c2, -m_safe[None, :]), USE_EXP2), keep, MASK)
     alpha = alpha.to(tl.float64)
     l_i = l_i * alpha + _sum64(p)
     acc = acc * alpha[None, :]
@@ -451,8 +451,8 @@ def _dq_tile(
         # diff0 = k_j - q_i (first feature)
         dist2, diff0 = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
     w = tl.load(w_ptr + k_rows).to(ACC)
-    neg_c = (w * (-0.5 * SCALE))[:, None]
-    p = _exp(tl.fma(dist2, neg_c, -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
+    c2 = (w * (-0.5 * SCALE))[:, None]
+    p = _exp(tl.fma(dist2, c2, -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
 
     # g_i . v_j
     if USE_DOT_PV:
@@ -558,8 +558,8 @@ def _tangent_tile(
     offs_m, k_rows = _stream(start, end, MASK, BLOCK_M)
     dist2, _ = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
     w = tl.load(w_ptr + k_rows).to(ACC)
-    neg_c = (w * (-0.5 * SCALE))[:, None]
-    p = _exp(tl.fma(dist2, neg_c, -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
+    c2 = (w * (-0.5 * SCALE))[:, None]
+    p = _exp(tl.fma(dist2, c2, -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
     ds = (tl.load(dw_ptr + k_rows).to(ACC) * -0.5)[:, None] * dist2
     for f in range(D):
         diff = (
@@ -623,7 +623,7 @@ def _tangent_kernel(
 @triton.jit
 def _dkv_tile(
     dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, shift_ptr,
-    skip_ptr, k_rows, offs_m, neg_c, k_t, kk, v_t, start, end,
+    skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, start, end,
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
     DOT_PREC: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
@@ -639,7 +639,7 @@ def _dkv_tile(
     else:
         # diff0 = q_i - k_j (first feature)
         dist2, diff0 = _sq_dist_direct(q_ptr, k_ptr, q_rows, k_rows, D, ACC)
-    p = _exp(tl.fma(dist2, neg_c[None, :], -lse_hi[:, None]) - lse_lo[:, None], USE_EXP2)
+    p = _exp(tl.fma(dist2, c2[None, :], -lse_hi[:, None]) - lse_lo[:, None], USE_EXP2)
     # a pair is left out where the streamed query's left-out key is this key
     if MASK:
         keep = (offs_n < end)[:, None]
@@ -721,7 +721,7 @@ def _dkv_kernel(
     _, skip_lo, skip_hi = _left_out(SkippedBy + b * m, k_rows, HAS_SKIP)
 
     w = tl.load(W + b * m + k_rows).to(ACC)
-    neg_c = w * (-0.5 * SCALE)
+    c2 = w * (-0.5 * SCALE)
     if USE_DOT_QK:
         k_t = _load_tile_t(k_ptr, k_rows, D, BLOCK_D)
         kk = _sq_norm(k_t, 0, ACC)
@@ -744,7 +744,7 @@ def _dkv_kernel(
             if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_N):
                 dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
                     dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr,
-                    delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, neg_c, k_t, kk, v_t,
+                    delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t,
                     start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
                     DOT_PREC, NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C,
                     HAS_SKIP, True,
@@ -752,7 +752,7 @@ def _dkv_kernel(
             else:
                 dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
                     dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr,
-                    delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, neg_c, k_t, kk, v_t,
+                    delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t,
                     start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
                     DOT_PREC, NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C,
                     HAS_SKIP, False,
@@ -795,14 +795,14 @@ def _rows_fwd_kernel(
         mask = c_mask[None, :]
         k = tl.load(K + row_base + offs_m[None, :], mask=mask, other=0.0).to(ACC)
         v = tl.load(V + row_base + offs_m[None, :], mask=mask, other=0.0).to(ACC)
-        neg_c = (tl.load(W + offs_m, mask=c_mask, other=0.0).to(ACC) * (-0.5 * SCALE))[None, :]
+        c2 = (tl.load(W + offs_m, mask=c_mask, other=0.0).to(ACC) * (-0.5 * SCALE))[None, :]
         diff = q[:, None] - k
         dist2 = diff * diff
-        s = tl.where(mask, dist2 * neg_c, float("-inf"))
+        s = tl.where(mask, dist2 * c2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = _exp(m_i - m_safe, USE_EXP2).to(tl.float64)
-        p = tl.where(mask, _exp(tl.fma(dist2, neg_c, -m_safe[:, None]), USE_EXP2), 0.0)
+        p = tl.where(mask, _exp(tl.fma(dist2, c2, -m_safe[:, None]), USE_EXP2), 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1).to(tl.float64)
         acc = acc * alpha + tl.sum(p * v, axis=1).to(tl.float64)
         m_i = m_new
@@ -831,7 +831,7 @@ def _rows_bwd_kernel(
     offs_m = cb * BLOCK_M + tl.arange(0, BLOCK_M)
     c_mask = offs_m < m
     w = tl.load(W + offs_m, mask=c_mask, other=0.0).to(ACC)
-    neg_c = (w * (-0.5 * SCALE))[None, :]
+    c2 = (w * (-0.5 * SCALE))[None, :]
     dw_acc = tl.zeros([BLOCK_M], tl.float64)
 
     row_lo = grp * rows_per_group
@@ -849,7 +849,7 @@ def _rows_bwd_kernel(
         v = tl.load(V + idx, mask=mask, other=0.0).to(ACC)
         diff = q[:, None] - k
         dist2 = diff * diff
-        p = _exp(tl.fma(dist2, neg_c, -lse_hi[:, None]) - lse_lo[:, None], USE_EXP2)
+        p = _exp(tl.fma(dist2, c2, -lse_hi[:, None]) - lse_lo[:, None], USE_EXP2)
         p = tl.where(mask, p, 0.0)
         gp = p * g[:, None]
         if NEED_DV:

@@ -28,9 +28,9 @@ class Shared(NamedTuple):
 
 
 class Rows(NamedTuple):
-    query: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
+    q: torch.Tensor  # (n,)
+    k: torch.Tensor  # (n, m)
+    v: torch.Tensor  # (n, m)
     w: torch.Tensor
 
 

@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from nwfast.demo import MissingExtra, run_demo
+from nwfast.ops import BACKENDS
 
 
 def _int_at_least(minimum):
@@ -53,7 +54,7 @@ def build_parser():
     demo.add_argument(
         "--backend",
         default="auto",
-        choices=("auto", "numba", "triton", "torch"),
+        choices=BACKENDS,
         help="nw_pool backend (default auto)",
     )
     demo.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")

@@ -85,14 +85,12 @@ def nw_pool_rows(query, keys, values, w, *, backend="auto"):
     numbers, so it is memory-bound where the shared layout is compute-bound.
     """
     args = prepare_rows(query, keys, values, w)
-    if backend == "torch" or args.query.numel() == 0:
-        ops.resolve_backend(
-            "auto" if backend == "torch" else backend, args.query.device, args.query.dtype
-        )
+    if backend == "torch" or args.q.numel() == 0:
+        ops.resolve_backend("auto" if backend == "torch" else backend, args.q.device, args.q.dtype)
         return reference.rows_and_lse(query, keys, values, w)[0]
-    backend = ops.resolve_backend(backend, args.query.device, args.query.dtype)
+    backend = ops.resolve_backend(backend, args.q.device, args.q.dtype)
     function = _Rows if torch.compiler.is_compiling() else _RowsForwardMode
-    out, _ = function.apply(args.query, args.keys, args.values, args.w, backend)
+    out, _ = function.apply(args.q, args.k, args.v, args.w, backend)
     return out
 
 

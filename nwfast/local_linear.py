@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from nwfast import ops
+from nwfast._checks import _flag
 
 __all__ = [
     "LocalLinearFit",
@@ -97,6 +98,7 @@ def _prepare(query, key, value, w, exclude_self, fused=True):
     """Canonical (n, d), (m, d), (m, c), w (d,) tensors, or a clear error. ``fused``:
     the kernels differentiate with respect to w only, so a gradient wanted for
     another input is refused rather than silently dropped."""
+    exclude_self = _flag("exclude_self", exclude_self)
     q, k, v = _points("query", query), _points("key", key), _points("value", value)
     pair = f"query {tuple(query.shape)} and key {tuple(key.shape)}"
     for name, x in (("key", k), ("value", v)):
@@ -230,7 +232,7 @@ def moments(query, key, value, w, *, exclude_self=False, backend="auto"):
     if q.shape[0] == 0:
         size = moment_layout(q.shape[1], v.shape[1]).size
         return q.new_zeros((0, size), dtype=torch.float64), q.new_zeros(0, dtype=torch.float64)
-    return _moments_op(q, k, v, w, bool(exclude_self), backend)
+    return _moments_op(q, k, v, w, exclude_self, backend)
 
 
 # --- from moments to the local-linear value ------------------------------------------

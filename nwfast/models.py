@@ -11,6 +11,7 @@ with one learnable ``w`` shared by all keys, or one per key.
 import torch
 from torch import nn
 
+from nwfast._checks import _flag
 from nwfast.functional import nw_pool, nw_pool_rows, nw_weights
 
 __all__ = ["NWKernelRegression"]
@@ -102,8 +103,8 @@ class NWKernelRegression(nn.Module):
             raise ValueError(f"positive='square' needs w_init >= 0, got {w_init!r}")
 
         self.positive = positive
-        self.exclude_self = bool(exclude_self)
-        self.keep_attention = bool(keep_attention)
+        self.exclude_self = _flag("exclude_self", exclude_self)
+        self.keep_attention = _flag("keep_attention", keep_attention)
         self.backend = backend
         self.raw_w = nn.Parameter(self._to_raw(w0).clone())
         self.attention_weights = None
@@ -140,50 +141,50 @@ class NWKernelRegression(nn.Module):
         """The Gaussian's standard deviation ``h = w**-0.5`` (detached; NaN where w < 0)."""
         return self.w.detach().rsqrt()
 
-    def forward(self, queries, keys, values, *, exclude_self=None):
-        """Predict at ``queries`` from (``keys``, ``values``).
+    def forward(self, query, key, value, *, exclude_self=None):
+        """Predict at ``query`` from (``key``, ``value``).
 
-        Shared layout (every query sees the same keys): queries ``(n,)`` or
-        ``(B..., n, d)``, keys ``(m,)`` or ``(B..., m, d)``, values ``(m,)`` or
+        Shared layout (every query sees the same keys): query ``(n,)`` or
+        ``(B..., n, d)``, key ``(m,)`` or ``(B..., m, d)``, value ``(m,)`` or
         ``(B..., m, c)``; see :func:`nwfast.nw_pool`.
 
-        A 1-D ``queries`` with 2-D ``keys`` is the textbook's per-query layout
+        A 1-D ``query`` with a 2-D ``key`` is the textbook's per-query layout
         (``(n,)``, ``(n, m)``, ``(n, m)``) and goes to :meth:`forward_rows`.
 
         ``exclude_self`` overrides the module's default for this call; leave-one-out
         needs the queries to be the keys, so pass ``exclude_self=False`` to predict
         at new points with a model built with ``exclude_self=True``.
         """
-        if queries.dim() == 1 and keys.dim() == 2:
+        if query.dim() == 1 and key.dim() == 2:
             if exclude_self:
                 raise ValueError(
                     "exclude_self does not apply to the per-query (rows) layout: its "
                     "keys already leave each query's own point out"
                 )
-            return self.forward_rows(queries, keys, values)
-        exclude = self.exclude_self if exclude_self is None else bool(exclude_self)
-        w = self.w.to(queries.dtype)
-        out = nw_pool(queries, keys, values, w, exclude_self=exclude, backend=self.backend)
+            return self.forward_rows(query, key, value)
+        exclude = self.exclude_self if exclude_self is None else exclude_self
+        w = self.w.to(query.dtype)
+        out = nw_pool(query, key, value, w, exclude_self=exclude, backend=self.backend)
         if self.keep_attention:
             with torch.no_grad():
-                self.attention_weights = nw_weights(queries, keys, w, exclude_self=exclude)
+                self.attention_weights = nw_weights(query, key, w, exclude_self=exclude)
         return out
 
-    def forward_rows(self, queries, keys, values):
+    def forward_rows(self, query, keys, values):
         """The textbook's layout: query i sees its own row ``keys[i]``, ``values[i]``.
 
-        queries ``(n,)``, keys and values ``(n, m)``; result ``(n,)``. The textbook's
+        query ``(n,)``, keys and values ``(n, m)``; result ``(n,)``. The textbook's
         leave-one-out matrices, ``(n, n - 1)`` rows built with ``torch.eye``, give the
         same result as ``forward(x, x, y, exclude_self=True)`` for a scalar ``w``,
         which needs none of them. A per-key ``w`` belongs to row *positions* here (the
         m columns), not to training points: after leaving point i out, column j of row
         i holds a different point for j >= i.
         """
-        w = self.w.to(queries.dtype)
-        out = nw_pool_rows(queries, keys, values, w, backend=self.backend)
+        w = self.w.to(query.dtype)
+        out = nw_pool_rows(query, keys, values, w, backend=self.backend)
         if self.keep_attention:
             with torch.no_grad():
-                scores = -(w / 2) * (queries[:, None] - keys) ** 2
+                scores = -(w / 2) * (query[:, None] - keys) ** 2
                 self.attention_weights = torch.softmax(scores, dim=-1)
         return out
 

@@ -201,3 +201,18 @@ def test_exclude_self_must_be_a_bool():
         nwfast.nw_pool(x, x, x, 1.0, exclude_self="no")
     out = nwfast.nw_pool(x, x, x, 1.0, exclude_self=torch.tensor(True).item())
     testing.assert_ok(testing.check_pool(out, x, x, x, 1.0, True))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: nwfast.NWKernelRegression(exclude_self="no"),
+        lambda x: nwfast.NWKernelRegression()(x, x, x, exclude_self="no"),
+        lambda x: nwfast.local_linear_pool(x, x, x, 1.0, exclude_self="no"),
+        lambda x: nwfast.pairs_computed(x, x, 1.0, exclude_self="no"),
+    ],
+    ids=["module", "module-call", "local-linear", "pairs-computed"],
+)
+def test_every_exclude_self_must_be_a_bool(call):
+    with pytest.raises(TypeError, match="exclude_self must be a bool"):
+        call(torch.randn(9))
