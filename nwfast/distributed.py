@@ -588,9 +588,11 @@ def loo_bandwidth(
     gets back the same ``LooBandwidth(bandwidth, loo_mse, n_iter)``: the ``h`` that
     minimises the leave-one-out mean squared error over all ranks' points, as
     ``NadarayaWatson(bandwidth="loo", per_feature=..., max_iter=..., tol=...)``
-    finds it on the gathered data (see its docstring): the same start (Silverman's
-    rule, its quartiles found by bisection), walk by factors of 2 and L-BFGS on
-    ``log h``. Each leave-one-out pass runs on the ring (:func:`nw_pool` with
+    finds it on up to ``4 * nwfast.estimator.PILOT_POINTS`` gathered points (see its
+    docstring): the same start (Silverman's rule, its quartiles found by
+    bisection), walk by factors of 2 and L-BFGS on ``log h``; past that the
+    estimator starts from a pilot on a subsample, and both find the minimum of the
+    same criterion. Each leave-one-out pass runs on the ring (:func:`nw_pool` with
     ``exclude_self=True``); the ranks exchange nothing else but a few numbers per
     pass: sums, a maximum, counts and the loss with its gradient.
     """

@@ -16,6 +16,7 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.metrics import r2_score
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from nwfast._checks import resolve_tolerance
 from nwfast.functional import nw_pool, nw_pool_with_lse
 from nwfast.local_linear import (
     local_linear_pool,
@@ -29,6 +30,13 @@ from nwfast.local_linear import (
 __all__ = ["LocalLinearRegression", "NadarayaWatson", "expected_failed_checks", "rule_of_thumb"]
 
 RULES = ("scott", "silverman")
+# Points in the pilot search that starts a "loo" search on large data.
+PILOT_POINTS = 1 << 14
+# The "loo" search's passes may skip keys worth this much of a row's softmax mass
+# (nw_pool's tolerance; float64's own is 2**-53): each leave-one-out prediction
+# moves by at most 2e-9 max|y|, far below what the search's tol resolves, and
+# about a quarter fewer pairs are computed.
+SEARCH_TOLERANCE = 1e-9
 
 
 # --- input conversion ----------------------------------------------------------------
@@ -383,7 +391,8 @@ class _KernelRegressor(RegressorMixin, BaseEstimator):
         self._loo = None
         self.n_iter_ = 0
         if isinstance(bandwidth, str) and bandwidth == "loo":
-            h = self._search_loo(self.X_fit_, self.y_fit_)
+            h, best_pred = self._search_loo(self.X_fit_, self.y_fit_)
+            self._loo = self._loo_from(best_pred)
         elif isinstance(bandwidth, str):
             h = rule_of_thumb(X, bandwidth).to(X.dtype).to(X.device)
             h = h[0] if X.shape[1] == 1 else h
@@ -412,11 +421,9 @@ class _KernelRegressor(RegressorMixin, BaseEstimator):
         return self._leave_one_out().mse
 
     def _search_loo(self, X, Y):
-        """The bandwidth minimising the leave-one-out MSE (see the class docstring);
-        keeps the residuals at the best point for ``loo_mse_`` and the std."""
-        start = rule_of_thumb(X, "silverman").to(X.dtype).to(X.device)
-        if not self.per_feature:
-            start = start.log().mean().exp()  # geometric mean: one h for all features
+        """The bandwidth minimising the leave-one-out MSE (see the class docstring),
+        and the leave-one-out predictions there (for ``loo_mse_`` and the std)."""
+        start, step = self._search_start(X, Y)
         # The loss is relative to the variance of y, so that its gradient in log h has
         # the same size whatever the units of y (L-BFGS's first step depends on it),
         # and y is scaled to at most 1 first, so that no square overflows.
@@ -424,9 +431,10 @@ class _KernelRegressor(RegressorMixin, BaseEstimator):
         var_y = float((Y.double() / y_scale).var(dim=0, unbiased=False).mean())
         var_y = var_y if var_y > 0 else 1.0
         best = {"loss": math.inf}
+        tolerance = max(SEARCH_TOLERANCE, resolve_tolerance(None, X.dtype))
 
         def loss_at(log_h):
-            pred = self._fit_at(X, X, Y, log_h.exp(), True)
+            pred = self._fit_at(X, X, Y, log_h.exp(), True, tolerance)
             loss = (((pred - Y).double() / y_scale) ** 2).mean() / var_y
             value = float(loss.detach())
             if value < best["loss"]:
@@ -437,16 +445,15 @@ class _KernelRegressor(RegressorMixin, BaseEstimator):
             if self.verbose:
                 print(f"[{type(self).__name__} loo] {msg}")
 
-        # Walk by factors of 2 from the rule of thumb while the error falls,
-        # downwards first (the rule tends to oversmooth), upwards if that fails.
-        log2 = math.log(2.0)
+        # Walk by steps of ``step`` in log h from the start while the error falls,
+        # downwards first (a rule of thumb tends to oversmooth), upwards if that fails.
         log_start = start.log()
-        scanned = {}  # steps of a factor 2 from the start -> loss
+        scanned = {}  # steps from the start -> loss
 
         def scan(k):
             with torch.no_grad():
-                _, scanned[k] = loss_at(log_start + k * log2)
-            say(f"scan h={_fmt(start * 2.0**k)} loss={scanned[k]:.6g}")
+                _, scanned[k] = loss_at(log_start + k * step)
+            say(f"scan h={_fmt(start * math.exp(k * step))} loss={scanned[k]:.6g}")
             return scanned[k]
 
         if not math.isfinite(scan(0)):
@@ -469,11 +476,11 @@ class _KernelRegressor(RegressorMixin, BaseEstimator):
         offset, scale = float(k), 1.0
         if k - 1 in scanned and k + 1 in scanned:
             below, here, above = scanned[k - 1], scanned[k], scanned[k + 1]
-            curvature = below - 2 * here + above  # per step of log 2, squared
+            curvature = below - 2 * here + above  # per step, squared
             if curvature > 1e-12:
                 offset += 0.5 * (below - above) / curvature
-                scale = math.sqrt(curvature) / log2
-        center = log_start + offset * log2
+                scale = math.sqrt(curvature) / step
+        center = log_start + offset * step
 
         u = torch.zeros_like(center, requires_grad=True)
         optimizer = torch.optim.LBFGS(
@@ -498,8 +505,25 @@ class _KernelRegressor(RegressorMixin, BaseEstimator):
         if self.max_iter > 0:
             optimizer.step(closure)
         self.n_iter_ = optimizer.state[u].get("n_iter", 0)
-        self._loo = self._loo_from(best["pred"])
-        return best["log_h"].exp()
+        return best["log_h"].exp(), best["pred"]
+
+    def _search_start(self, X, Y):
+        """Where the walk starts and its step in log h: Silverman's rule and factors
+        of 2; past ``4 * PILOT_POINTS`` points, the search's own answer on a random
+        subsample scaled by the n^(-1/(d+4)) rate, and factors of 2^(1/4). The passes
+        at the rule's wide bandwidths are the dearest ones (they skip least), and the
+        pilot lands close enough to the minimum for finer steps."""
+        n, d = X.shape
+        if n <= 4 * PILOT_POINTS:
+            start = rule_of_thumb(X, "silverman").to(X.dtype).to(X.device)
+            if not self.per_feature:
+                start = start.log().mean().exp()  # geometric mean: one h for all features
+            return start, math.log(2.0)
+        # A fixed seed: the same data give the same search.
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:PILOT_POINTS]
+        pick = pick.to(X.device)
+        pilot, _ = self._search_loo(X[pick], Y[pick])
+        return pilot * (PILOT_POINTS / n) ** (1.0 / (d + 4)), math.log(2.0) / 4
 
     # prediction
 
@@ -536,9 +560,10 @@ class _KernelRegressor(RegressorMixin, BaseEstimator):
 
     # the model's own passes, implemented by each estimator
 
-    def _fit_at(self, Xq, Xk, Y, h, exclude_self):
+    def _fit_at(self, Xq, Xk, Y, h, exclude_self, tolerance=None):
         """Predictions at Xq (n, d) from Xk (m, d), Y (m, c) at bandwidth h (0-d or
-        (d,)), differentiable with respect to h."""
+        (d,)), differentiable with respect to h; ``tolerance`` as nw_pool's, for a
+        pass that may skip keys."""
         raise NotImplementedError
 
     def _fit_and_variance(self, Xq, Xk, Y, squared_residuals, h):
@@ -559,16 +584,15 @@ class NadarayaWatson(_KernelRegressor):
         + _COMMON_DOC
     )
 
-    def _fit_at(self, Xq, Xk, Y, h, exclude_self):
+    def _fit_at(self, Xq, Xk, Y, h, exclude_self, tolerance=None):
         h0 = h.detach()
+        options = {"exclude_self": exclude_self, "backend": self.backend, "tolerance": tolerance}
         if h.dim() == 0:
             # The points scaled by the fixed h0; w = (h0 / h)**2 = 1 carries the gradient.
-            return nw_pool(
-                Xq / h0, Xk / h0, Y, (h0 / h) ** 2, exclude_self=exclude_self, backend=self.backend
-            )
+            return nw_pool(Xq / h0, Xk / h0, Y, (h0 / h) ** 2, **options)
         # nw_pool's w is per key, not per feature: the gradient reaches each h_f
         # through the scaled points.
-        return nw_pool(Xq / h, Xk / h, Y, 1.0, exclude_self=exclude_self, backend=self.backend)
+        return nw_pool(Xq / h, Xk / h, Y, 1.0, **options)
 
     def _fit_and_variance(self, Xq, Xk, Y, squared_residuals, h):
         q, k, c = Xq / h, Xk / h, Y.shape[1]
@@ -603,7 +627,8 @@ class LocalLinearRegression(_KernelRegressor):
         + _COMMON_DOC
     )
 
-    def _fit_at(self, Xq, Xk, Y, h, exclude_self):
+    def _fit_at(self, Xq, Xk, Y, h, exclude_self, tolerance=None):
+        # Local-linear passes compute every pair: no tolerance to use.
         # The fit is invariant to scaling each feature: the points are scaled by the
         # fixed h0 and w_f = (h0_f / h_f)**2 = 1 carries the gradient to h.
         h0 = h.detach()

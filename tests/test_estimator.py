@@ -349,10 +349,23 @@ def test_loo_float32_torch_agrees_with_float64(cls):
 def test_loo_that_cannot_evaluate_its_criterion_says_so(monkeypatch):
     X, y = textbook_data(50, 8)
     monkeypatch.setattr(
-        NadarayaWatson, "_fit_at", lambda self, Xq, Xk, Y, h, ex: torch.full_like(Y, torch.nan)
+        NadarayaWatson, "_fit_at", lambda self, Xq, Xk, Y, *_: torch.full_like(Y, torch.nan)
     )
     with pytest.raises(ValueError, match="leave-one-out criterion is not finite"):
         NadarayaWatson("loo").fit(X, y)
+
+
+def test_a_pilot_started_search_finds_the_same_minimum(monkeypatch):
+    """Large data start from a pilot search on a subsample: the same criterion's
+    minimum as the walk from the rule of thumb."""
+    from nwfast import estimator
+
+    X, y = textbook_data(4000, 8)
+    full = NadarayaWatson("loo").fit(X, y)
+    monkeypatch.setattr(estimator, "PILOT_POINTS", 256)
+    piloted = NadarayaWatson("loo", verbose=True).fit(X, y)
+    assert piloted.loo_mse_ == pytest.approx(full.loo_mse_, rel=1e-6)
+    assert piloted.bandwidth_ == pytest.approx(full.bandwidth_, rel=0.05)
 
 
 def test_loo_of_huge_targets_stays_finite():
