@@ -145,6 +145,10 @@ class Case:
     def fields(self) -> dict:
         return {**asdict(self), "pairs": self.pairs}
 
+    def key(self) -> list:
+        """Every field's value: what tells two cases apart (JSON-ready)."""
+        return list(asdict(self).values())
+
     def label(self) -> str:
         size = f"{self.n}²" if self.n == self.m else f"{self.n}x{self.m}"
         extra = "" if self.d == 1 else f" d={self.d}"
@@ -416,9 +420,15 @@ def plan(
                             for peer in peers:
                                 cases.append(Case(peer, op, mode, dtype, device, n, n, d, **extra))
     for goal in () if sizes else preset.goals:
+        # A goal's cases run whatever the time cap predicts: the goal needs them.
         picked = (ops, goal["op"]), (modes, goal["mode"]), (picked_dims, goal["d"])
         if any(chosen and value not in chosen for chosen, value in picked):
             continue
         fields = {"dtype": dtypes[0], "device": device, "m": goal["n"], "w_kind": w_kind, **goal}
         cases += [Case(peer, **fields) for peer in peers]
     return cases
+
+
+def is_goal(case: Case, preset: Preset) -> bool:
+    """Whether the case is one the preset's goals are judged on."""
+    return any(all(getattr(case, k) == v for k, v in g.items()) for g in preset.goals)

@@ -147,6 +147,18 @@ def parser() -> argparse.ArgumentParser:
     dist.add_argument("--no-check", action="store_true", help="skip the float64 checks")
     dist.add_argument("--out", type=Path, help="results folder (default bench/results)")
 
+    cold = sub.add_parser(
+        "cold",
+        help="a fresh process's first calls, with an empty and a warm Numba cache",
+        description="Time import, the first float32 forward and backward and the first "
+        "float64 forward in fresh interpreters, each repeat on a new empty NUMBA_CACHE_DIR "
+        "and then again on the cache it filled.",
+    )
+    cold.add_argument("--repeats", type=int, default=3, help="fresh caches (default 3)")
+    cold.add_argument("--n", type=int, default=1000, help="points (default 1000)")
+    cold.add_argument("--threads", type=int, help="threads (default: cores)")
+    cold.add_argument("--out", type=Path, help="results folder (default bench/results)")
+
     plot = sub.add_parser("plot", help="PNG figures from results files")
     plot.add_argument("results", nargs="+", type=Path)
     plot.add_argument("--out", type=Path, help="folder for the PNGs (default bench/results)")
@@ -182,6 +194,18 @@ def main(argv=None) -> int:
         from bench.gpu import suite
 
         return suite(args.outdir, args.skip_tests)
+    if args.command == "cold":
+        from bench import cold
+        from bench.report import console
+
+        cold.run(
+            console(),
+            repeats=args.repeats,
+            n=args.n,
+            threads=args.threads,
+            out_dir=args.out or schema.RESULTS,
+        )
+        return 0
     if args.command == "dist":
         from bench import dist
         from bench.report import console

@@ -1,14 +1,16 @@
 """``bench/gpu_suite.sh OUTDIR`` (``python -m bench gpu OUTDIR``): the GPU in one command.
 
-The goals it judges are ``bench.goals.gpu``'s.
+The goals it judges are ``bench.goals.gpu``'s and ``bench.goals.skipping``'s.
 
 Steps: (1) the whole test suite natively, the gpu-marked tests included,
-``python -m pytest -m "gpu or not gpu"``; (2) the GPU sweep:
-forward and backward, float32 and bfloat16, shared keys n = m = 4096 ... 2^20,
-rows layout 4096 ... 65536 (as far as memory goes), beside torch eager (both
-forms), torch.compile and pykeops where it imports; (3) the goals, judged on
-the sweep's rows; (4) the plots. OUTDIR gets the JSON (its header holds the
-goals), the test log and the PNGs.
+``python -m pytest -m "gpu or not gpu"``; (2) the GPU sweep: forward and
+backward, float32 and bfloat16, shared keys n = m = 4096 ... 2^20, rows layout
+4096 ... 65536 (as far as memory goes), beside torch eager (both forms),
+torch.compile and pykeops where it imports; (3) block skipping: the sparse
+preset's goal cases (n = m = 2^18, h = 0.01, d = 1 and 2, forward and fwd+bwd)
+beside tolerance=0; (4) the goals of both, judged on their rows; (5) the plots.
+OUTDIR gets the two JSON files (their headers hold the goals), the test log
+and the PNGs.
 
 Budget: 9 minutes in all, the tests capped at 240 s. A peer stops where a call
 is predicted past the gpu preset's time cap or memory runs out; the sweep as a
@@ -70,7 +72,7 @@ def suite(out: Path, skip_tests: bool = False) -> int:
     con.rule("2. GPU sweep")
     from bench.run import run
 
-    # Leave a minute for the goals and the plots.
+    # Leave a minute and a half for block skipping, a minute for the goals and plots.
     path, head, rows = run(
         con,
         kind="gpu",
@@ -81,18 +83,38 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         ops=("shared", "rows"),
         modes=("forward", "backward"),
         dtypes=("float32", "bfloat16"),
+        deadline=time.time() + BUDGET_S - 150 - (time.monotonic() - start),
+    )
+
+    con.rule("3. Block skipping: the sparse preset's goal cases")
+    sparse_path, sparse_head, sparse_rows = run(
+        con,
+        kind="gpu",
+        preset="sparse",
+        device="cuda",
+        peers=["nwfast", "nwfast-dense"],
+        out_dir=out,
+        ops=("shared",),
+        sizes=(goals.SKIP_N,),
+        dims=(1, 2),
+        data=("uniform", "unit"),
+        h_rules=("h=0.01",),
+        dtypes=("float32",),
         deadline=time.time() + BUDGET_S - 60 - (time.monotonic() - start),
     )
 
-    con.rule("3. Goals")
+    con.rule("4. Goals")
     head["goals"] = goals.gpu(rows, head["limits"])
     schema.write(path, head, rows)
     goals.show(con, head["goals"], "GPU goals")
+    sparse_head["goals"] = goals.skipping(sparse_rows)
+    schema.write(sparse_path, sparse_head, sparse_rows)
+    goals.show(con, sparse_head["goals"], "Block-skipping goals")
 
-    con.rule("4. Plots")
+    con.rule("5. Plots")
     from bench.plot import plot_files
 
-    for made in plot_files([path], out):
+    for made in plot_files([path, sparse_path], out):
         con.print(str(made))
     con.print(f"done in {time.monotonic() - start:.0f} s")
     if test_code != 0:

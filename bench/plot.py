@@ -377,7 +377,7 @@ def plot_files(paths, out_dir: Path) -> list[Path]:
     latest, heads = {}, {}  # a case run in several files: the last file's row
     for p in paths:
         doc = schema.load(p)
-        if doc["header"]["kind"] == "dist":  # strong scaling: a table, not these figures
+        if doc["header"]["kind"] in ("dist", "cold"):  # tables, not these figures
             continue
         for r in doc["rows"]:
             group = _figure_group(r)

@@ -145,9 +145,22 @@ DIST_COLUMNS = (
 )
 
 
+COLD_COLUMNS = (
+    ("total", "right", lambda r: seconds(r["median_s"])),
+    ("p20-p80", "right", lambda r: f"{seconds(r['p20_s'])}-{seconds(r['p80_s'])}"),
+    ("import torch", "right", lambda r: seconds(r["import_torch_s"])),
+    ("import nwfast", "right", lambda r: seconds(r["import_s"])),
+    ("forward", "right", lambda r: seconds(r["first_forward_s"])),
+    ("backward", "right", lambda r: seconds(r["first_backward_s"])),
+    ("float64 forward", "right", lambda r: seconds(r["first_float64_s"])),
+)
+
+
 def _columns(row: dict):
     if row["op"] == "fit":
         return FIT_COLUMNS
+    if row["op"] == "cold":
+        return COLD_COLUMNS
     return DIST_COLUMNS if row["ranks"] is not None else POOL_COLUMNS
 
 

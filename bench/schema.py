@@ -127,6 +127,12 @@ MEASUREMENTS = {
     "ring_bytes_per_rank": "dist: bytes each rank hands to its sends in one call, rank order",
     "collective_bytes_per_rank": "dist: bytes each rank hands to collectives in one call",
     "load_averages": "dist: the 1-minute load average as each round of this row started",
+    "import_torch_s": "cold: import torch in a fresh interpreter (median over repeats)",
+    "import_s": "cold: then import nwfast",
+    "first_forward_s": "cold: then the first float32 forward (median_s: the total to here "
+    "plus the first backward)",
+    "first_backward_s": "cold: then its first backward, the gradient to w",
+    "first_float64_s": "cold: then a first float64 forward",
     "step_bytes": "dist: one forward ring step's message, a key shard's keys and values",
     "step_transfer_s": "dist: that message's transfer alone, rank to rank (median, slowest)",
 }

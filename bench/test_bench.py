@@ -169,3 +169,15 @@ def test_dist_strong_scaling(tmp_path):
     assert sent == {"forward": [shard, shard], "fwd+bwd": [4 * shard, 4 * shard]}
     ring_of_one = [r for r in rows if r["peer"] == "nwfast.distributed" and r["ranks"] == 1]
     assert all(r["ring_bytes_per_rank"] == [0] for r in ring_of_one)
+
+
+def test_cold_start_rows(tmp_path):
+    doc = _bench("cold", "--repeats", "1", "--n", "200", tmp_path=tmp_path)
+    empty, warm = doc["rows"]
+    assert (empty["mode"], warm["mode"]) == ("empty cache", "warm cache")
+    for row in (empty, warm):
+        phases = [row[p] for p in ("import_torch_s", "import_s", "first_forward_s")]
+        assert all(t > 0 for t in phases) and row["median_s"] >= sum(phases)
+    # The filled cache spares the compilation.
+    assert warm["first_backward_s"] < empty["first_backward_s"]
+    assert doc["header"]["goals"][0]["value"] == empty["median_s"]

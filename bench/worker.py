@@ -326,7 +326,7 @@ def run_case(case: Case, settings: dict, done: dict, compiled: bool) -> dict:
         # the first allocations: no time to predict.
         predicted = None
     cap = settings["policy"]["time_cap_s"]
-    if predicted and predicted > cap:
+    if predicted and predicted > cap and case.key() not in settings.get("uncapped", ()):
         return {
             **row,
             "status": "skipped",
