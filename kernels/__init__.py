@@ -102,6 +102,16 @@ def _ensure_numba_cache():
 _ensure_numba_cache()
 
 
+def per_key(w, m):
+    """w (..., 1) or (..., m) -> (..., m) contiguous: every kernel reads one w per key."""
+    return w.expand(*w.shape[:-1], m).contiguous()
+
+
+def accumulator_dtype(dtype):
+    """What sums run in: float64 for float64 inputs, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def distance_shift(lse, w, keys):
     """r_i (B, n) for the gradient of a shared w (B, 1), in float64; zeros for a
     per-key w, whose gradient has no sum over keys to cancel. ``keys``: how many

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from . import blocks, distance_shift
+from . import blocks, distance_shift, per_key
 from .numba_exp import exp2, fma, fmax
 from .workers import parallel as _parallel
 
@@ -634,11 +634,6 @@ def _feature_major(t):
     return _np(t.transpose(-1, -2))
 
 
-def _per_key(w, m):
-    """(..., 1) -> (..., m) contiguous: every kernel reads one w per key."""
-    return w.expand(*w.shape[:-1], m).contiguous()
-
-
 def _log2_scale(w):
     """c2 = -(w / 2) * log2(e), computed in float64 and rounded once."""
     return _np((w.double() * (-0.5 * LOG2E)).to(w.dtype))
@@ -691,7 +686,7 @@ def forward(query, key, value, w, diagonal, tolerance):
     found = make_plan(query, key, w, diagonal, tolerance)
     plan = _or_dense(found, B, n, m)
     (q,) = blocks.queries_in_order(plan, query)
-    k, v, w = blocks.keys_in_order(plan, key, value, _per_key(w, m))
+    k, v, w = blocks.keys_in_order(plan, key, value, per_key(w, m))
     skip, _ = blocks.skips(plan, diagonal, B, n, m)
     nonpos = _np((w >= 0).all(dim=-1))
     out = torch.empty((B, n, c), dtype=query.dtype)
@@ -731,7 +726,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     dtype = query.dtype
     plan = _or_dense(blocks.unpack(packed), B, n, m)
     q, g, out, lse = blocks.queries_in_order(plan, query, grad_out, out, lse)
-    k, v, w_keys = blocks.keys_in_order(plan, key, value, _per_key(w, m))
+    k, v, w_keys = blocks.keys_in_order(plan, key, value, per_key(w, m))
     skip, skipped_by = blocks.skips(plan, diagonal, B, n, m)
     fused = d == 1 and c == 1
     # per-query terms of every pass: delta_i = g_i . y_i and the lse pair
@@ -782,7 +777,7 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
     plan = _or_dense(blocks.unpack(packed), B, n, m)
     q, dq, y, lse = blocks.queries_in_order(plan, query, dq, out, lse)
     k, dk, v, dv, w, dw = blocks.keys_in_order(
-        plan, key, dk, value, dv, _per_key(w, m), _per_key(dw, m)
+        plan, key, dk, value, dv, per_key(w, m), per_key(dw, m)
     )
     skip, _ = blocks.skips(plan, diagonal, B, n, m)
     dy = torch.empty(y.shape, dtype=query.dtype)
@@ -812,7 +807,7 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
 
 def forward_rows(query, keys, values, w):
     n, m = keys.shape
-    w = _per_key(w, m)
+    w = per_key(w, m)
     out = torch.empty(n, dtype=query.dtype)
     lse = torch.empty(n, dtype=torch.float64)
     rows = _rows_per_item(m)
@@ -837,7 +832,7 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
     need_q, need_k, need_v, need_w = (bool(x) for x in needs)
     n, m = keys.shape
     dtype = query.dtype
-    w_keys = _per_key(w, m)
+    w_keys = per_key(w, m)
     # Gradients of the (n, m) inputs are only written when asked for: the
     # sweep is memory-bound, and training w alone needs none of them.
     dq = torch.empty(n, dtype=dtype)
@@ -874,7 +869,7 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
 def tangent_rows(query, keys, values, w, tangents, out, lse):
     n, m = keys.shape
     dq, dK, dV, dw = (_or_zeros(t, x) for t, x in zip(tangents, (query, keys, values, w)))
-    w_keys, dw_keys = _per_key(w, m), _per_key(dw, m)
+    w_keys, dw_keys = per_key(w, m), per_key(dw, m)
     dy = torch.empty(n, dtype=query.dtype)
     rows = _rows_per_item(m)
     _parallel(

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import accumulator_dtype
+
 LOG2E = 1.4426950408889634
 
 # (owned queries, streamed keys) per program; the interpreter's cost is per
@@ -203,7 +205,7 @@ def _scale(dtype):
 
 def _c2(w, dtype):
     """c2_f = -(w_f / 2) in the scores' units, in float64 rounded once."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(dtype)
     return (w.double() * (-0.5 * _scale(dtype))).to(acc).contiguous()
 
 
@@ -225,7 +227,7 @@ def forward(query, key, value, w, exclude_self):
 def backward(grad, query, key, value, w, lse, second, tbar, exclude_self):
     n, d = query.shape
     m, c = value.shape
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(query.dtype)
     scaled = lse * _scale(query.dtype)
     high = scaled.to(acc)
     grad_w = torch.empty((n, d), dtype=torch.float64, device=query.device)

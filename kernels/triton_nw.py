@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import blocks, distance_shift
+from . import accumulator_dtype, blocks, distance_shift, per_key
 
 LOG2E = 1.4426950408889634
 
@@ -930,10 +930,6 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _dot_policy(dtype, d, c):
     """Which products run through tl.dot: (cross term q.k, p @ v).
 
@@ -997,11 +993,6 @@ def _plan_blocks():
     return SPARSE_BLOCK, SPARSE_BLOCK
 
 
-def _per_key(w, m):
-    """(..., 1) -> (..., m) contiguous: every kernel reads one w per key."""
-    return w.expand(*w.shape[:-1], m).contiguous()
-
-
 def _dw(dw_keys, w):
     """The per-key sums as w's gradient: summed over keys for a shared w."""
     if w.shape[-1] == 1:
@@ -1048,7 +1039,7 @@ def forward(query, key, value, w, diagonal, tolerance):
     m, c = key.shape[1], value.shape[2]
     plan = make_plan(query, key, w, diagonal, tolerance)
     (q,) = blocks.queries_in_order(plan, query)
-    k, v, w = blocks.keys_in_order(plan, key, value, _per_key(w, m))
+    k, v, w = blocks.keys_in_order(plan, key, value, per_key(w, m))
     spans = _Spans(plan, diagonal, B, n, m, query.device)
     out = torch.empty((B, n, c), dtype=query.dtype, device=query.device)
     lse = torch.empty((B, n), dtype=torch.float64, device=query.device)
@@ -1071,9 +1062,9 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     dtype, device = query.dtype, query.device
     plan = blocks.unpack(packed)
     q, g, out, lse = blocks.queries_in_order(plan, query, grad_out, out, lse)
-    k, v, w_keys = blocks.keys_in_order(plan, key, value, _per_key(w, m))
+    k, v, w_keys = blocks.keys_in_order(plan, key, value, per_key(w, m))
     spans = _Spans(plan, diagonal, B, n, m, device)
-    acc = _acc_dtype(dtype)
+    acc = accumulator_dtype(dtype)
     # delta_i = g_i . y_i, the per-query term of t_ij; O(n c), done once here
     # so neither pass has to rebuild it.
     delta = (g.to(acc) * out.to(acc)).sum(-1).contiguous()
@@ -1122,7 +1113,7 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
     plan = blocks.unpack(packed)
     q, dq, y, lse = blocks.queries_in_order(plan, query, dq, out, lse)
     k, dk, v, dv, w, dw = blocks.keys_in_order(
-        plan, key, dk, value, dv, _per_key(w, m), _per_key(dw, m)
+        plan, key, dk, value, dv, per_key(w, m), per_key(dw, m)
     )
     spans = _Spans(plan, diagonal, B, n, m, query.device)
     dy = torch.empty_like(y)
@@ -1158,7 +1149,7 @@ def _launch_rows(kernel, name, rows, args, meta):
 
 def forward_rows(query, keys, values, w):
     n, m = keys.shape
-    w = _per_key(w, m)
+    w = per_key(w, m)
     out = torch.empty((n,), dtype=query.dtype, device=query.device)
     lse = torch.empty((n,), dtype=torch.float64, device=query.device)
     _launch_rows(
@@ -1181,7 +1172,7 @@ def tangent_rows(query, keys, values, w, tangents, out, lse):
         _rows_tangent_kernel,
         "rows_fwd",
         n,
-        (query, keys, values, _per_key(w, m), dq, dK, dV, _per_key(dw, m), out, lse, dy, n, m),
+        (query, keys, values, per_key(w, m), dq, dK, dV, per_key(dw, m), out, lse, dy, n, m),
         _scalar_meta(query.dtype),
     )
     return dy
@@ -1209,10 +1200,10 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
     need_q, need_k, need_v, need_w = (bool(x) for x in needs)
     n, m = keys.shape
     dtype, dev = query.dtype, query.device
-    w_keys = _per_key(w, m)
+    w_keys = per_key(w, m)
     dk = torch.empty_like(keys) if need_k else None
     dv = torch.empty_like(values) if need_v else None
-    acc = _acc_dtype(dtype)
+    acc = accumulator_dtype(dtype)
     block_m = _rows_bwd_block_m()
     col_blocks = triton.cdiv(m, block_m)
     groups, rows_per_group = _row_groups(n, m, block_m)
