@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 
 from nwfast import ops
 from nwfast._checks import _flag, prepare_shared, resolve_tolerance
+from nwfast._search import search_log_h
 
 __all__ = ["LooBandwidth", "loo_bandwidth", "nw_pool"]
 
@@ -668,7 +669,9 @@ def loo_bandwidth(
         keep_best(float(both[0]), log_h, pred)
         return both[0]
 
-    n_iter = _search_log_h(loss_at, loss_and_gradient, start.log(), max_iter, tol, say)
+    n_iter = search_log_h(
+        loss_at, loss_and_gradient, start.log(), math.log(2.0), max_iter, tol, say
+    )
     residuals = (Y - best["pred"]).double()
     mse = float(total((residuals**2).sum().reshape(1))) / (n * c)
     h = best["log_h"].exp()
@@ -755,63 +758,3 @@ def _order_statistics(X, ranks, group):
         enough = _all_ranks(at_most, group).sum(0) > wanted
         lo, hi = torch.where(enough, lo, mid + 1), torch.where(enough, mid, hi)
     return _sortable(lo).view(torch.float64)
-
-
-def _search_log_h(loss_at, loss_and_gradient, log_start, max_iter, tol, say):
-    """``NadarayaWatson._search_loo``'s search on log h, over losses every rank agrees
-    on: a walk by factors of 2 from the start while the loss falls, a parabola through
-    the best point and its neighbours, then L-BFGS on log h rescaled by its curvature
-    (a first step that is a Newton step). Returns L-BFGS's iterations.
-
-    ``loss_at(log_h)`` is the loss (a float), ``loss_and_gradient(u, log_h)`` the loss
-    (a tensor) with the gradient left in ``u.grad``.
-    """
-    log2 = math.log(2.0)
-    scanned = {}  # steps of a factor 2 from the start -> loss
-
-    def scan(k):
-        scanned[k] = loss_at(log_start + k * log2)
-        say(f"scan h={float((log_start + k * log2).exp().mean()):.5g} loss={scanned[k]:.6g}")
-        return scanned[k]
-
-    if not math.isfinite(scan(0)):
-        raise ValueError(
-            f"the leave-one-out criterion is not finite at the starting bandwidth "
-            f"h = {log_start.exp().tolist()} (loss {scanned[0]}); check the scale of x and y"
-        )
-    for direction in (-1, 1):
-        k = 0
-        while abs(k) < 8 and scan(k + direction) < scanned[k]:
-            k += direction
-        if k != 0:
-            break
-    k = min(scanned, key=scanned.get)
-    offset, scale = float(k), 1.0
-    if k - 1 in scanned and k + 1 in scanned:
-        below, here, above = scanned[k - 1], scanned[k], scanned[k + 1]
-        curvature = below - 2 * here + above
-        if curvature > 1e-12:
-            offset += 0.5 * (below - above) / curvature
-            scale = math.sqrt(curvature) / log2
-    center = log_start + offset * log2
-
-    u = torch.zeros_like(center, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [u],
-        lr=1.0,
-        max_iter=max_iter,
-        tolerance_change=tol * scanned[k],
-        history_size=10,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        optimizer.zero_grad()
-        log_h = center + u / scale
-        loss = loss_and_gradient(u, log_h)
-        say(f"L-BFGS h={log_h.exp().tolist()} loss={float(loss):.6g}")
-        return loss
-
-    if max_iter > 0:
-        optimizer.step(closure)
-    return optimizer.state[u].get("n_iter", 0)

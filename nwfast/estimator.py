@@ -17,6 +17,7 @@ from sklearn.metrics import r2_score
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from nwfast._checks import resolve_tolerance
+from nwfast._search import search_log_h
 from nwfast.functional import nw_pool, nw_pool_with_lse
 from nwfast.local_linear import (
     local_linear_pool,
@@ -205,11 +206,6 @@ def _quantile(X, q):
 
 def _is_number(x, types):
     return isinstance(x, types) and not isinstance(x, bool)
-
-
-def _fmt(h):
-    h = h.detach().cpu().double()
-    return f"{float(h):.5g}" if h.dim() == 0 else np.array2string(h.numpy(), precision=4)
 
 
 class _LeaveOneOut(NamedTuple):
@@ -445,66 +441,18 @@ class _KernelRegressor(RegressorMixin, BaseEstimator):
             if self.verbose:
                 print(f"[{type(self).__name__} loo] {msg}")
 
-        # Walk by steps of ``step`` in log h from the start while the error falls,
-        # downwards first (a rule of thumb tends to oversmooth), upwards if that fails.
-        log_start = start.log()
-        scanned = {}  # steps from the start -> loss
-
-        def scan(k):
-            with torch.no_grad():
-                _, scanned[k] = loss_at(log_start + k * step)
-            say(f"scan h={_fmt(start * math.exp(k * step))} loss={scanned[k]:.6g}")
-            return scanned[k]
-
-        if not math.isfinite(scan(0)):
-            raise ValueError(
-                f"the leave-one-out criterion is not finite at the starting bandwidth "
-                f"h = {_fmt(start)} (loss {scanned[0]}); check the scale of X and y"
-            )
-        for direction in (-1, 1):
-            k = 0
-            while abs(k) < 8 and scan(k + direction) < scanned[k]:
-                k += direction
-            if k != 0:
-                break
-        k = min(scanned, key=scanned.get)
-
-        # A parabola through the best point and its two neighbours gives where to
-        # start and the curvature; L-BFGS then works on u = (log h - center) *
-        # sqrt(curvature), whose second derivative is about 1, so that its first
-        # step, the plain negative gradient, is already a Newton step.
-        offset, scale = float(k), 1.0
-        if k - 1 in scanned and k + 1 in scanned:
-            below, here, above = scanned[k - 1], scanned[k], scanned[k + 1]
-            curvature = below - 2 * here + above  # per step, squared
-            if curvature > 1e-12:
-                offset += 0.5 * (below - above) / curvature
-                scale = math.sqrt(curvature) / step
-        center = log_start + offset * step
-
-        u = torch.zeros_like(center, requires_grad=True)
-        optimizer = torch.optim.LBFGS(
-            [u],
-            lr=1.0,
-            max_iter=self.max_iter,
-            # The loss is relative to var(y) and near its minimum: an absolute
-            # tolerance of tol * loss is the relative one.
-            tolerance_change=self.tol * scanned[k],
-            history_size=10,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure():
-            optimizer.zero_grad()
-            log_h = center + u / scale
-            loss, value = loss_at(log_h)
+        def loss_and_gradient(u, log_h):
+            loss, _ = loss_at(log_h)
             loss.backward()
-            say(f"L-BFGS h={_fmt(log_h.exp())} loss={value:.6g}")
             return loss
 
-        if self.max_iter > 0:
-            optimizer.step(closure)
-        self.n_iter_ = optimizer.state[u].get("n_iter", 0)
+        def value_at(log_h):
+            with torch.no_grad():
+                return loss_at(log_h)[1]
+
+        self.n_iter_ = search_log_h(
+            value_at, loss_and_gradient, start.log(), step, self.max_iter, self.tol, say
+        )
         return best["log_h"].exp(), best["pred"]
 
     def _search_start(self, X, Y):
