@@ -1,4 +1,4 @@
-"""Vectorisable scalar helpers for the Numba kernels: ``exp2``, ``fmax``, ``fma``.
+"""Vectorisable scalar helpers for the Numba kernels: ``exp2``, ``fmax``, ``fma``, ``mul``, ``sub``.
 
 Numba's ``math.exp`` is a scalar libm call, which stops LLVM from vectorising
 the loop around it. ``exp2`` here is a branch-free polynomial with an exponent
@@ -96,6 +96,29 @@ def fma(typingctx, a, b, c):
         return builder.call(fn, args)
 
     return a(a, a, a), codegen
+
+
+def _rounded_once(opname):
+    """An intrinsic for ``a <op> b`` rounded on its own: the instruction carries
+    one harmless flag (arcp), so Numba's fast-math pass, which only flags
+    instructions that have none, leaves it without ``contract`` and
+    ``reassoc``. LLVM then neither fuses it into an FMA nor regroups it."""
+
+    @intrinsic
+    def op(typingctx, a, b):
+        if a != b or a not in _LAYOUT:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, opname)(*args, flags=("arcp",))
+
+        return a(a, a), codegen
+
+    return op
+
+
+mul = _rounded_once("fmul")
+sub = _rounded_once("fsub")
 
 
 def exp2(x):

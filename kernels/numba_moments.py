@@ -24,7 +24,9 @@ E_i[u_f^2] the forward returned; the kernel also subtracts ``tbar`` =
 grad_i . moments_i from grad_i . phi_ij (exact, since the centred weights sum to
 0), so neither factor carries a large constant into the sum.
 
-The loops follow ``numba_nw``: scores in log2 units, the polynomial ``exp2``,
+The loops follow ``numba_nw``: scores in log2 units, built and shifted with
+operations the compiler may not fuse or regroup (``numba_exp.mul``, ``sub``,
+``fma``), so the row maximum's own weight is exactly 1; the polynomial ``exp2``,
 float32 (or float64) lanes within a tile of keys and float64 across tiles, a
 shift of 0 when every w_f >= 0 (scores <= 0) with a redo against the row's
 maximum when the sum underflows, no fast-math flag that assumes finite
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from .numba_exp import exp2, fma, fmax
+from .numba_exp import exp2, fma, fmax, mul, sub
 from .workers import parallel
 
 LOG2E = 1.4426950408889634
@@ -82,9 +84,9 @@ def _span_scores(q, i, kT, c2, ja, jb, U, x):
     for j in range(nt):
         diff = kT[0, _u(ja + j)] - q0
         U[0, j] = diff
-        x[j] = c0 * (diff * diff)
-    # fma: one rounding whatever the fast-math flags, so that the backward
-    # recomputes the forward's scores to the bit
+        x[j] = mul(c0, diff * diff)
+    # mul and fma: each rounded once whatever the fast-math flags, so that the
+    # max, the forward and the backward all see the same scores to the bit
     for f in range(1, q.shape[1]):
         qf = q[i, f]
         cf = c2[f]
@@ -131,7 +133,7 @@ def _span_moments_11(q0, kT, vT, c0, ja, jb, shift, acc):
     for j in range(ja, jb):
         jj = _u(j)
         u = kT[0, jj] - q0
-        e = exp2(fma(c0, u * u, -shift))
+        e = exp2(sub(mul(c0, u * u), shift))
         eu = e * u
         v = vT[0, jj]
         s0 += e
@@ -160,7 +162,7 @@ def _span_moments(q, i, kT, vT, c2, ja, jb, shift, U, x, eu, acc):
     _span_scores(q, i, kT, c2, ja, jb, U, x)
     total = x.dtype.type(0)
     for j in range(nt):
-        e = exp2(x[j] - shift)
+        e = exp2(sub(x[j], shift))
         x[j] = e
         total += e
     acc[0] += total
@@ -259,7 +261,7 @@ def _span_grad_11(q0, kT, vT, c0, L2h, L2l, G, tbar, r0, ja, jb, acc):
         u = kT[0, jj] - q0
         uu = u * u
         v = vT[0, jj]
-        p = exp2(fma(c0, uu, -L2h) - L2l)
+        p = exp2(sub(sub(mul(c0, uu), L2h), L2l))
         s += p * ((g0 * u + g1 * uu + g2 * v + g3 * (u * v)) - tbar) * (uu - r0)
     acc[0] += s
 
@@ -275,7 +277,7 @@ def _span_grad(q, i, kT, vT, c2, L2h, L2l, G, tbar, r, ja, jb, U, x, t, acc):
     nt = jb - ja
     _span_scores(q, i, kT, c2, ja, jb, U, x)
     for j in range(nt):
-        x[j] = exp2((x[j] - L2h) - L2l)
+        x[j] = exp2(sub(sub(x[j], L2h), L2l))
         t[j] = -tbar
     k = 0
     for f in range(d):

@@ -19,11 +19,15 @@ How the work is laid out:
   times faster than parallel ones.
 - Scores in log2 units. With ``c2_j = -(w_j / 2) * log2(e)`` the weight
   ``exp(s_ij - shift)`` is ``2**(c2_j * d_ij^2 - shift)``, one polynomial
-  ``exp2`` (``numba_exp``) per pair, which LLVM vectorises. The argument is
-  always one ``fma(c2_j, d_ij^2, -shift)`` from the same ``c2_j`` and
-  ``d_ij^2``: the backward's ``2**(c2 d^2 - lse)`` then reproduces the
-  forward's weights to rounding even where ``|c2 d^2|`` is huge (a query far
-  from every key), which a product rounded before the subtraction would not.
+  ``exp2`` (``numba_exp``) per pair, which LLVM vectorises. Every pass
+  computes a weight as ``_weight``: the score ``c2_j * d_ij^2`` rounded once,
+  then the shift subtracted, with operations (``numba_exp.mul``, ``sub``)
+  the compiler may neither fuse into an FMA nor regroup. The row's largest
+  score minus the row maximum is then exactly 0 even where ``|c2 d^2|`` is
+  ~1e13 (a query far from every key; a fused ``c2 d^2 - max`` would leave the
+  product's rounding error, up to half an ulp of the score, in the exponent),
+  and the backward's ``(score - lse_high) - lse_low`` reproduces the forward's
+  weights to rounding.
 - The shift. With w >= 0 every score is <= 0, so a shift of 0 is safe from
   overflow and no row maximum is needed (one exp2 and ~6 flops a pair). A row
   whose sum comes out tiny (< 2**-60: a query far from all keys, a huge w) or
@@ -46,7 +50,7 @@ import torch
 from numba import njit
 
 from . import blocks, distance_shift, per_key
-from .numba_exp import exp2, fma, fmax
+from .numba_exp import exp2, fma, fmax, mul, sub
 from .workers import parallel as _parallel
 
 LOG2E = 1.4426950408889634
@@ -74,6 +78,12 @@ UNDERFLOW = 2.0**-60
 # The rows-layout dw is summed over rows in this many fixed chunks (partials
 # summed afterwards in order), independent of the thread count.
 DW_CHUNKS = 32
+# A float64 lse holds a row's log-sum only to about u64 |lse|. Past these
+# magnitudes (log2 units) that would cost the backward's weights more than
+# 2**7 float64 ulps, or 2**-26 relative in float32: a query far from every
+# key, a huge w. The backward and the tangent then recompute such a row's
+# shift exactly, in the forward's own arithmetic (``_exact_shifts``).
+EXACT_SHIFT_ABOVE = {torch.float64: 2.0**6, torch.float32: 2.0**26}
 
 # Fast math without nnan/ninf, so NaN and inf propagate as in the reference;
 # reassoc lets LLVM vectorise the sums. error_model="numpy": x / 0 is inf/NaN.
@@ -84,6 +94,13 @@ _jit = functools.partial(njit, fastmath=_FLAGS, error_model="numpy", cache=True,
 # negative-index wraparound, so LLVM emits plain vector loads, and no array
 # views are made per tile (each view costs atomic refcounts).
 _u = np.uint64
+
+
+@_jit(inline="always")
+def _weight(c2, sq, hi, lo):
+    """2**((c2 * sq - hi) - lo): the score and both shifts rounded once each,
+    in that order, in every pass (see the module docstring)."""
+    return exp2(sub(sub(mul(c2, sq), hi), lo))
 
 
 # ------------------------------------------------------------- tile pieces
@@ -112,7 +129,7 @@ def _tile_max(x, c2, j0, ja, jb):
     """max of c2_(j0+j) x_j over j in [ja, jb)."""
     mx = x.dtype.type(-np.inf)
     for j in range(ja, jb):
-        mx = fmax(mx, c2[_u(j0 + j)] * x[j])
+        mx = fmax(mx, mul(c2[_u(j0 + j)], x[j]))
     return mx
 
 
@@ -120,11 +137,12 @@ def _tile_max(x, c2, j0, ja, jb):
 def _tile_exp2(x, c2, j0, ja, jb, shift):
     """x[j] <- 2**(c2_(j0+j) x_j - shift) in place over [ja, jb); returns the
     sum (float64, from blocked sums in the dtype)."""
+    zero = x.dtype.type(0)
     total = 0.0
     for b0 in range(ja, jb, SUM_BLOCK):
-        s = x.dtype.type(0)
+        s = zero
         for j in range(b0, min(b0 + SUM_BLOCK, jb)):
-            e = exp2(fma(c2[_u(j0 + j)], x[j], -shift))
+            e = _weight(c2[_u(j0 + j)], x[j], shift, zero)
             x[j] = e
             s += e
         total += s
@@ -186,7 +204,7 @@ def _sweep_11(q0, k0, v0, c2, ja, jb):
     for j in range(ja, jb):
         jj = _u(j)
         diff = q0 - k0[jj]
-        e = exp2(fma(c2[jj], diff * diff, zero))
+        e = _weight(c2[jj], diff * diff, zero, zero)
         s += e
         a += e * v0[jj]
     return s, a
@@ -246,6 +264,15 @@ def _pool_row(q, i, kT, vT, c2, skip, spans, s0, s1, x, acc, nonpos, out, lse):
     lse[i] = (M + math.log2(total)) * LN2
 
 
+@_jit
+def _shift_row(q, i, kT, vT, c2, skip, spans, s0, s1, x, acc, high, low):
+    """high[i] = row i's maximum score, exact, and low[i] = log2 of its sum of
+    2**(s_ij - high[i]): the forward's own shift, which the lse rounds."""
+    M, total = _row_sums(q, i, kT, vT, c2, skip, spans, s0, s1, x, acc, True)
+    high[i] = M
+    low[i] = math.log2(total)
+
+
 # ---------------------------------------------------------- shared keys
 
 
@@ -302,13 +329,31 @@ def _forward_general(lo, hi, q, kT, vT, c2, nonpos, skip, ptr, spans, rows, only
 
 
 @_jit
+def _exact_shift_items(lo, hi, q, kT, vT, c2, skip, ptr, spans, rows, only, high, low):
+    """``_shift_row`` for the rows with only[b, i] != 0."""
+    n = q.shape[1]
+    items = (n + rows - 1) // rows
+    x = np.empty(TILE, q.dtype)
+    acc = np.empty(vT.shape[1], np.float64)
+    for item in range(lo, hi):
+        b = item // items
+        i0 = (item % items) * rows
+        s0, s1 = ptr[item], ptr[item + 1]
+        for i in range(i0, min(i0 + rows, n)):
+            if only[b, i]:
+                _shift_row(
+                    q[b], i, kT[b], vT[b], c2[b], skip[b, i], spans, s0, s1, x, acc, high[b], low[b]
+                )
+
+
+@_jit
 def _dq_sweep_11(q0, g0, di, Lh, Ll, k0, v0, w, c2, ja, jb):
     """d = c = 1 in one sweep: sum_j t_j w_j (k_j - q0) over keys [ja, jb)."""
     s = k0.dtype.type(0)
     for j in range(ja, jb):
         jj = _u(j)
         diff = k0[jj] - q0
-        p = exp2(fma(c2[jj], diff * diff, -Lh) - Ll)
+        p = _weight(c2[jj], diff * diff, Lh, Ll)
         s += p * (g0 * v0[jj] - di) * w[jj] * diff
     return s
 
@@ -358,7 +403,7 @@ def _dq_general(lo, hi, q, g, delta, L2h, L2l, kT, vT, w, c2, skip, ptr, spans, 
                     _tile_gv(gb, i, vTb, j0, nt, t)
                     for j in range(nt):  # t_ij w_j
                         jj = _u(j0 + j)
-                        t[j] = exp2(fma(c2b[jj], x[j], -Lh) - Ll) * (t[j] - di) * wb[jj]
+                        t[j] = _weight(c2b[jj], x[j], Lh, Ll) * (t[j] - di) * wb[jj]
                     for ja, jb in _pieces(j0, nt, skip[b, i]):
                         for f in range(d):
                             acc[f] += _tile_dot_diff(t, ja, jb, kTb, f, j0, qb[i, f])
@@ -377,7 +422,7 @@ def _dkv_sweep_11(k0, v0, cj, q, g, delta, L2h, L2l, shift, ia, ib, acc):
         ii = _u(i)
         diff = q[ii] - k0
         sq = diff * diff
-        p = exp2(fma(cj, sq, -L2h[ii]) - L2l[ii])
+        p = _weight(cj, sq, L2h[ii], L2l[ii])
         gi = g[ii]
         t = p * (gi * v0 - delta[ii])
         sv += p * gi
@@ -447,7 +492,7 @@ def _dkv_general(
                     _tile_gv(vb, j, gTb, i0, nt, t)
                     for i in range(nt):
                         ii = _u(i0 + i)
-                        pi = exp2(fma(cj, sq[0, i], -L2hb[ii]) - L2lb[ii])
+                        pi = _weight(cj, sq[0, i], L2hb[ii], L2lb[ii])
                         p[i] = pi
                         t[i] = pi * (t[i] - deltab[ii])
                         sq[0, i] -= shiftb[ii]
@@ -507,7 +552,7 @@ def _tangent_items(
                             jj = _u(j0 + j)
                             ds[j] -= wb[jj] * (qf - kTb[f, jj]) * (dqf - dkTb[f, jj])
                     for j in range(nt):
-                        x[j] = exp2(fma(c2b[_u(j0 + j)], x[j], -Lh) - Ll)
+                        x[j] = _weight(c2b[_u(j0 + j)], x[j], Lh, Ll)
                     for ja, jb in _pieces(j0, nt, skip[b, i]):
                         for ch in range(c):
                             yc = y[b, i, ch]
@@ -564,6 +609,21 @@ def _forward_rows_general(lo, hi, q, K, V, c2, nonpos, rows, only, out, lse):
 
 
 @_jit
+def _exact_shift_rows_items(lo, hi, q, K, V, c2, rows, only, high, low):
+    """``_shift_row`` of the rows layout, for the rows with only[i] != 0."""
+    n, m = K.shape
+    x = np.empty(TILE, q.dtype)
+    acc = np.empty(1, np.float64)
+    spans = np.empty((1, 2), np.int64)
+    spans[0, 0] = 0
+    spans[0, 1] = m
+    for item in range(lo, hi):
+        for i in range(item * rows, min(item * rows + rows, n)):
+            if only[i]:
+                _shift_row(q, i, K[i : i + 1], V[i : i + 1], c2, -1, spans, 0, 1, x, acc, high, low)
+
+
+@_jit
 def _backward_rows_items(lo, hi, q, K, V, w, c2, g, delta, L2h, L2l, shift, dq, dK, dV, dw_part):
     """Chunks [lo, hi) of rows: one sweep per row gives dq_i = -sum_j dK_ij
     and, where dK / dV have rows (they are (n, 0) when not wanted), the dK and
@@ -586,7 +646,7 @@ def _backward_rows_items(lo, hi, q, K, V, w, c2, g, delta, L2h, L2l, shift, dq, 
                     jj = _u(j0 + j)
                     diff = qi - Ki[jj]
                     sq = diff * diff
-                    p = exp2(fma(c2[jj], sq, -Lh) - Ll)
+                    p = _weight(c2[jj], sq, Lh, Ll)
                     t = p * (gi * Vi[jj] - di)
                     dkj = t * w[jj] * diff
                     s += dkj
@@ -615,7 +675,7 @@ def _tangent_rows_items(lo, hi, q, dq, K, dK, V, dV, w, dw, c2, y, L2h, L2l, row
                     jj = _u(j0 + j)
                     diff = qi - K[i, jj]
                     sq = diff * diff
-                    p = exp2(fma(c2[jj], sq, -Lh) - Ll)
+                    p = _weight(c2[jj], sq, Lh, Ll)
                     ds = -0.5 * dw[jj] * sq - w[jj] * diff * (dqi - dK[i, jj])
                     t += p * (dV[i, jj] + ds * (V[i, jj] - yi))
                 acc += t
@@ -639,13 +699,43 @@ def _log2_scale(w):
     return _np((w.double() * (-0.5 * LOG2E)).to(w.dtype))
 
 
-def _lse_log2(lse, dtype):
+def _lse_log2(lse, dtype, exact):
     """lse in log2 units as a (high, low) pair of dtype arrays: the backward's
-    2**((c2 d^2 - high) - low) keeps the weights of the nearest keys exact to
-    rounding even where |lse| is large (a query far from every key)."""
+    2**((s - high) - low) keeps the weights of the nearest keys exact to
+    rounding. Rows past EXACT_SHIFT_ABOVE get theirs from
+    ``exact(rows, high, low)``, rows a (..., n) uint8 mask."""
     lse2 = lse.double() * LOG2E
     high = lse2.to(dtype)
-    return _np(high), _np((lse2 - high.double()).to(dtype))
+    high, low = _np(high), _np((lse2 - high.double()).to(dtype))
+    far = (lse2.abs() > EXACT_SHIFT_ABOVE[dtype]).numpy()
+    if far.any():
+        exact(far.astype(np.uint8), high, low)
+    return high, low
+
+
+def _exact_shifts(plan, q, k, v, c2, skip):
+    """``_lse_log2``'s ``exact`` for shared keys: q, k, v in the plan's order."""
+
+    def exact(rows, high, low):
+        _parallel(
+            _exact_shift_items, len(plan.key_ptr) - 1, plan.pairs, _np(q), _feature_major(k),
+            _feature_major(v), c2, skip, plan.key_ptr, plan.key_spans, plan.q_block, rows, high,
+            low,
+        )  # fmt: skip
+
+    return exact
+
+
+def _exact_row_shifts(query, keys, values, c2):
+    """``_lse_log2``'s ``exact`` for the rows layout."""
+    n, m = keys.shape
+    rows = _rows_per_item(m)
+
+    def exact(only, high, low):
+        args = (_np(query[:, None]), _np(keys), _np(values), c2, rows, only, high, low)
+        _parallel(_exact_shift_rows_items, -(-n // rows), n * m, *args)
+
+    return exact
 
 
 def _delta_of(grad_out, out):
@@ -729,9 +819,10 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     k, v, w_keys = blocks.keys_in_order(plan, key, value, per_key(w, m))
     skip, skipped_by = blocks.skips(plan, diagonal, B, n, m)
     fused = d == 1 and c == 1
-    # per-query terms of every pass: delta_i = g_i . y_i and the lse pair
-    common = (_np(_delta_of(g, out)), *_lse_log2(lse, dtype))
     c2, wn = _log2_scale(w_keys), _np(w_keys)
+    # per-query terms of every pass: delta_i = g_i . y_i and the lse pair
+    shifts = _lse_log2(lse, dtype, _exact_shifts(plan, q, k, v, c2, skip))
+    common = (_np(_delta_of(g, out)), *shifts)
     dq = dk = dv = dw = None
     if need_q:
         dq = torch.empty(q.shape, dtype=dtype)
@@ -780,6 +871,8 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
         plan, key, dk, value, dv, per_key(w, m), per_key(dw, m)
     )
     skip, _ = blocks.skips(plan, diagonal, B, n, m)
+    c2 = _log2_scale(w)
+    shifts = _lse_log2(lse, query.dtype, _exact_shifts(plan, q, k, v, c2, skip))
     dy = torch.empty(y.shape, dtype=query.dtype)
     _parallel(
         _tangent_items,
@@ -793,9 +886,9 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
         _feature_major(dv),
         _np(w),
         _np(dw),
-        _log2_scale(w),
+        c2,
         _np(y),
-        *_lse_log2(lse, query.dtype),
+        *shifts,
         skip,
         plan.key_ptr,
         plan.key_spans,
@@ -839,6 +932,7 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
     dK = torch.empty((n, m if need_k else 0), dtype=dtype)
     dV = torch.empty((n, m if need_v else 0), dtype=dtype)
     dw_part = torch.empty((min(n, DW_CHUNKS), m), dtype=torch.float64).numpy()
+    c2 = _log2_scale(w_keys)
     _parallel(
         _backward_rows_items,
         dw_part.shape[0],
@@ -847,10 +941,10 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
         _np(keys),
         _np(values),
         _np(w_keys),
-        _log2_scale(w_keys),
+        c2,
         _np(grad_out),
         _np(_delta_of(grad_out[:, None], out[:, None])),
-        *_lse_log2(lse, dtype),
+        *_lse_log2(lse, dtype, _exact_row_shifts(query, keys, values, c2)),
         _np(distance_shift(lse, w, m).to(dtype)),
         dq.numpy(),
         dK.numpy(),
@@ -872,6 +966,8 @@ def tangent_rows(query, keys, values, w, tangents, out, lse):
     w_keys, dw_keys = per_key(w, m), per_key(dw, m)
     dy = torch.empty(n, dtype=query.dtype)
     rows = _rows_per_item(m)
+    c2 = _log2_scale(w_keys)
+    shifts = _lse_log2(lse, query.dtype, _exact_row_shifts(query, keys, values, c2))
     _parallel(
         _tangent_rows_items,
         -(-n // rows),
@@ -884,9 +980,9 @@ def tangent_rows(query, keys, values, w, tangents, out, lse):
         _np(dV),
         _np(w_keys),
         _np(dw_keys),
-        _log2_scale(w_keys),
+        c2,
         _np(out),
-        *_lse_log2(lse, query.dtype),
+        *shifts,
         rows,
         dy.numpy(),
     )

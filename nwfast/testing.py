@@ -14,7 +14,8 @@ with ``||.||`` the 2-norm over the finite entries and
 The first term is the fixed relative error a well-conditioned case meets (1e-5 in
 float32, 1e-12 in float64, 1e-2 in half precision). The second keeps a result
 that cancels, a mean near 0 of values of size 1 say, from failing for the
-condition it has; it is computed, never guessed:
+condition it has; it is computed, never guessed. Where a bound overflows
+float64 (scores near 1e300), NaN/inf placement is what is judged.
 
 * **Outputs** (``check_pool``, ``check_rows``): a rounding-error bound for
   softmax pooling. Computing ``y_i = sum_j p_ij v_j`` with unit roundoff u
@@ -28,6 +29,11 @@ condition it has; it is computed, never guessed:
     ``u * sum_j p_ij (1 + |s_ij|) ||v_j - y_i||``.
 
   ``allowed_i = ROUNDING_FACTOR * u * (both terms)``, in the 2-norm over rows.
+  That is first order in the scores' rounding. Where it is not small
+  (``ROUNDING_FACTOR u |s_ij| >= 1``: a query so far out that its distances to
+  nearby keys round alike in the dtype) any key within that rounding of the
+  best may carry the row, and the row may be off by the largest
+  ``||v_j - y_i||`` among them (``_score_reach``).
   ``ROUNDING_FACTOR = 16`` is the depth of sequential summation the kernels' sums
   stay below (SIMD lanes and tiles cut the rest) with room for the polynomial
   exp (1.3 u) and the lse's rounding; measured errors sit between 0.01 and 0.3
@@ -47,7 +53,11 @@ condition it has; it is computed, never guessed:
   luck where a softmax is exactly one-hot, and an equally accurate kernel
   need not be. ``GRAD_TOLERANCE`` is the floor (1e-10 in float64).
 * **Tangents** (forward mode, ``check_pool_tangent``): likewise, with the
-  rounding bound ``sum_j p_ij (1 + |s_ij|) (||dv_j|| + |ds_ij| ||v_j - y_i||)``.
+  rounding bound ``sum_j p_ij (1 + |s_ij|) (||dv_j|| + |ds_ij| (||v_j - y_i|| +
+  sum_k p_ik ||v_k||))``: the tangent pass takes the forward's rounded y_i, and
+  its error (about u ||y_i||) meets every ds_ij, as delta_i's meets every
+  t_ij in the gradients. That is what a far query's per-key dw tangent costs:
+  ds_ij ~ dw_j d_ij^2 / 2 is huge, and v_j - y_i cancels for the dominant key.
 
 For half-precision inputs the kernels compute in float32: u is float32's and the
 result's own rounding, ``u_half * ||ref||``, is added.
@@ -150,10 +160,21 @@ def _compute_roundoff(dtype):
     return UNIT_ROUNDOFF[F64 if dtype == F64 else torch.float32]
 
 
+def _bound_norm(bound, ref):
+    """||bound|| over the entries whose reference is finite (a NaN or inf row is
+    judged by its placement alone). A bound that overflows float64 there is
+    inf: the rounding that case permits is more than float64 can state (scores
+    near 1e300), and its placement is what is left to judge."""
+    bound, judged = _f64(bound), torch.isfinite(_f64(ref))
+    while judged.dim() > bound.dim():
+        judged = judged.all(-1)
+    return float(torch.where(judged, bound.nan_to_num(nan=0.0), 0.0).norm())
+
+
 def _allowed(ref, bound, dtype, tolerance=TOLERANCE):
     """max(tolerance * ||ref||, ROUNDING_FACTOR * u * ||bound||), plus the
     rounding of a half-precision result."""
-    case = ROUNDING_FACTOR * _compute_roundoff(dtype) * _norm(bound)
+    case = ROUNDING_FACTOR * _compute_roundoff(dtype) * _bound_norm(bound, ref)
     if dtype not in (torch.float32, F64):
         case += UNIT_ROUNDOFF[dtype] * _norm(ref)
     return max(tolerance[dtype] * _norm(ref), case)
@@ -243,6 +264,31 @@ def _lse_bound(pairs):
 # --- outputs and log-sum-exps ----------------------------------------------------
 
 
+def _probe_dtype(dtype):
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _score_reach(pairs):
+    """Per row: where the scores' own rounding, ROUNDING_FACTOR u (1 + |s_ij|),
+    reaches 1 or more (a query so far out that its distances to nearby keys
+    round alike), no first-order bound holds: any key whose score lies within
+    that rounding of the row's best may carry the row. The largest
+    ||v_j - y_i|| among them; 0 for a row in the first-order regime."""
+    slack = ROUNDING_FACTOR * _compute_roundoff(pairs.dtype) * (1 + pairs.scores.abs())
+    best = pairs.scores.nan_to_num(nan=-torch.inf).max(-1, keepdim=True).values
+    best_slack = torch.where(pairs.scores == best, slack, 0.0).max(-1, keepdim=True).values
+    near = pairs.scores + slack + best_slack >= best
+    spread = (pairs.values - pairs.out[..., None, :]).norm(dim=-1)
+    reach = torch.where(near & torch.isfinite(spread), spread, 0.0).max(-1).values
+    return torch.where(best_slack[..., 0] >= 1, reach, 0.0)
+
+
+def _output_allowed(ref, pairs, dtype):
+    """The first-order rounding bound, plus the reach of rows beyond it."""
+    beyond = _bound_norm(_score_reach(pairs), ref)
+    return _allowed(ref, _output_bound(pairs), dtype) + beyond
+
+
 def check_pool(out, query, key, value, w, exclude_self=False, name="out"):
     """Judge a shared-keys result against the float64 reference of its inputs.
 
@@ -252,7 +298,7 @@ def check_pool(out, query, key, value, w, exclude_self=False, name="out"):
     """
     pairs = _shared_pairs(query, key, value, w, exclude_self)
     ref = pairs.out.reshape(out.shape)
-    return compare(out, ref, _allowed(ref, _output_bound(pairs), out.dtype), name)
+    return compare(out, ref, _output_allowed(ref, pairs, out.dtype), name)
 
 
 def check_pool_lse(lse, query, key, value, w, exclude_self=False, dtype=None, name="lse"):
@@ -266,7 +312,7 @@ def check_rows(out, query, keys, values, w, name="out"):
     """Judge a per-query-rows result against the float64 reference of its inputs."""
     pairs = _rows_pairs(query, keys, values, w)
     ref = pairs.out[:, 0]
-    return compare(out, ref, _allowed(ref, _output_bound(pairs), out.dtype), name)
+    return compare(out, ref, _output_allowed(ref, pairs, out.dtype), name)
 
 
 def check_rows_lse(lse, query, keys, values, w, name="lse"):
@@ -285,7 +331,7 @@ def check_gradients(grads, reference_fn, inputs, upstream, names, floors=None, *
     ``floors`` optional rounding bounds (see the module doc), one per input.
     """
     dtype = next(g.dtype for g in grads if g is not None)
-    probe = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    probe = _probe_dtype(dtype)
     exact = _autograd(reference_fn, inputs, upstream, F64, "cpu", kwargs)
     device = next(x.device for x in inputs if isinstance(x, torch.Tensor))
     estimate = _autograd(reference_fn, inputs, upstream, probe, device, kwargs)
@@ -299,12 +345,18 @@ def check_gradients(grads, reference_fn, inputs, upstream, names, floors=None, *
     return verdicts
 
 
+def _probe_error(want, rough, dtype, probe):
+    """TORCH_FACTOR times the probe's error, scaled to dtype's roundoff. Where
+    the probe is NaN or inf and the reference is not, it tells nothing: 0."""
+    diff = _f64(rough.reshape(want.shape)) - _f64(want)
+    error = float(torch.where(torch.isfinite(diff), diff, 0.0).norm())
+    return TORCH_FACTOR * UNIT_ROUNDOFF[dtype] / UNIT_ROUNDOFF[probe] * error
+
+
 def _probe_allowed(want, rough, floor, dtype, probe, tolerance):
     """The larger of TORCH_FACTOR times the probe's error (scaled to dtype) and
     the rounding bound, above the fixed tolerance."""
-    error = float(_f64(rough.reshape(want.shape) - want.to(rough.device)).nan_to_num().norm())
-    scale = UNIT_ROUNDOFF[dtype] / UNIT_ROUNDOFF[probe]
-    allowed = max(tolerance[dtype] * _norm(want), TORCH_FACTOR * scale * error)
+    allowed = max(tolerance[dtype] * _norm(want), _probe_error(want, rough, dtype, probe))
     if floor is not None:
         allowed = max(allowed, _allowed(want * 0, floor, dtype, tolerance))
     return allowed
@@ -344,7 +396,11 @@ def _pair_floors(pairs, upstream, shared_w, roundoff):
         # (d^2 + |r|) off, and r = -2 (lse - log m) / w carries the lse's own
         # error divided by w: that matters where the difference is ~0.
         lse_error = 2 * roundoff * _lse_bound(pairs)[..., None] / pairs.w.abs()
+        # The float64 reference sums t_ij d_ij^2 unshifted: its own error, about
+        # u64 sum |t_ij| d_ij^2, is as far as it can judge (queries ~1e12 out).
+        reference_error = UNIT_ROUNDOFF[F64] / roundoff * dist2
         dist2 = (dist2 - shift).abs() + 4 * roundoff * (dist2 + shift.abs()) + lse_error
+        dist2 = dist2 + reference_error
     pair_q = tau * pairs.w.abs() * dist
     pair_v = pairs.rounding[..., None] * g[..., None, :].abs()
     return pair_q, pair_v, 0.5 * tau * dist2
@@ -405,11 +461,14 @@ def _jvp(fn, inputs, tangents, dtype, device, kwargs):
 def _check_tangent(dout, fn, inputs, tangents, pairs, ds, dv, name, **kwargs):
     """dv: ||dv_j|| for each pair (..., n, m), or 0."""
     dtype = dout.dtype
-    probe = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    probe = _probe_dtype(dtype)
     exact = _jvp(fn, inputs, tangents, F64, "cpu", kwargs)
     rough = _jvp(fn, inputs, tangents, probe, inputs[0].device, kwargs)
+    p = pairs.weights
+    used = p > 0
+    size = torch.where(used, pairs.values.norm(dim=-1), 0.0)
     spread = (pairs.values - pairs.out[..., None, :]).norm(dim=-1)
-    used = pairs.weights > 0
+    spread = spread + (p * size).sum(-1, keepdim=True)
     bound = (pairs.rounding * torch.where(used, dv + ds.abs() * spread, 0.0)).sum(-1)
     allowed = _probe_allowed(exact.reshape(dout.shape), rough, bound, dtype, probe, GRAD_TOLERANCE)
     return compare(dout, exact.reshape(dout.shape), allowed, name)

@@ -226,6 +226,124 @@ def test_huge_w_and_far_queries_give_the_nearest_value(kernel, dtype):
         testing.assert_close(out[0], v[0, nearest], 4 * testing.UNIT_ROUNDOFF[dtype], name)
 
 
+# --- far from every key ----------------------------------------------------------
+# Queries placed independently of the keys: inside the data, and 10, 1e3 and 1e6
+# bandwidths (h = w**-1/2) beyond either end of it, and 1e4 data units away;
+# one key, two, a tie (two keys at one place), many; w from 1e-12 to 1e6 (and
+# 1e300 in float64), shared or per key. Leave-one-out cases hold far outliers
+# among the points, whose rows are then far from every other key. Every score
+# stays finite in the reference (where it would overflow the query is left out).
+
+FAR_W = {torch.float32: [1e-12, 1e-4, 1.0, 1e3, 1e6], torch.float64: [1e-12, 1.0, 1e6, 1e300]}
+FAR_KEYS = [1, 2, 3, 37]
+FAR_BANDWIDTHS = [10.0, 1e3, 1e6]
+
+
+class Far(NamedTuple):
+    dtype: torch.dtype
+    w: float
+    m: int
+    per_key: bool
+    loo: bool
+
+    def __str__(self):
+        kind = "perkey" if self.per_key else "shared"
+        return f"m{self.m}-w{self.w:g}-{kind}{'-loo' if self.loo else ''}-{self.dtype}"
+
+
+FAR_CASES = [
+    Far(dtype, w, m, per_key, loo)
+    for dtype, scales in FAR_W.items()
+    for w in scales
+    for m in FAR_KEYS
+    for per_key in (False, True)
+    for loo in (False, True)
+    if not loo or m >= 3
+]
+
+
+def far_places(w, dtype):
+    """Distances beyond the data ([0, 1]) at which a query is placed: several
+    bandwidths and 1e4; those the dtype cannot tell from the data's edge, or
+    whose scores would overflow the float64 reference, are dropped."""
+    h = w**-0.5
+    places = [b * h for b in FAR_BANDWIDTHS] + [1e4]
+    limit = (torch.finfo(torch.float64).max / 8 / w) ** 0.5
+    eps = torch.finfo(dtype).eps
+    return [x for x in places if 4 * eps < x < limit]
+
+
+def far_inputs(case, device):
+    """(query, key, value, w) of shape (1, n, 1), (1, m, 1), (1, m, 2), (1, m) or (1, 1)."""
+    f64 = torch.float64
+    if case.m == 3:  # a tie: the first two keys share one place
+        keys = torch.rand(2, dtype=f64)[[0, 0, 1]]
+    else:
+        keys = torch.rand(case.m, dtype=f64)
+    places = far_places(case.w, case.dtype)
+    far = torch.tensor([x for d in places for x in (1.0 + d, -d)], dtype=f64)
+    if case.loo:  # the points are the keys, two of them far outliers
+        keys = torch.cat([keys, far[-2:]])
+        queries = keys
+    else:
+        queries = torch.cat([torch.rand(2, dtype=f64), far])
+    m = keys.shape[0]
+    w = torch.full((1,), case.w, dtype=f64)
+    if case.per_key:
+        w = case.w * (0.5 + torch.rand(m, dtype=f64))
+    v = torch.randn(m, 2, dtype=f64)
+    q, k = queries[None, :, None], keys[None, :, None]
+    return [x.to(device, case.dtype) for x in (q, k, v[None], w[None])]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp underflow
+@pytest.mark.parametrize("case", FAR_CASES, ids=str)
+def test_far_queries(kernel, case, poisoned):
+    """Forward, lse, every gradient and the tangent of queries far from every key."""
+    q, k, v, w = far_inputs(case, kernel.device)
+    g = torch.randn(*q.shape[:2], 2, dtype=case.dtype, device=kernel.device)
+    diag = 0 if case.loo else None
+    out, lse, plan = kernel.module.forward(q, k, v, w, diag, 0.0)
+    grads = kernel.module.backward(g, q, k, v, w, out, lse, diag, plan, ALL)
+    tangents = [torch.randn_like(x) for x in (q, k, v, w)]
+    dout = kernel.module.tangent(q, k, v, w, tangents, out, lse, diag, plan)
+    testing.assert_ok(
+        testing.check_pool(out, q, k, v, w, case.loo),
+        testing.check_pool_lse(lse, q, k, v, w, case.loo),
+        *testing.check_pool_gradients(grads, q, k, v, w, g, case.loo),
+        testing.check_pool_tangent(dout, q, k, v, w, tangents, case.loo),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_far_queries_take_the_nearest_keys_values(kernel, dtype):
+    """The textbook's keys, queries 1e3 and 1e4 out on either side: each gets
+    its nearest key's value, a tie the mean of the two; the gradient of the
+    values and the tangent along them follow the same weights. Exact, at every
+    w up to 1e300, where the rounding bound of the family says little."""
+    dev = kernel.device
+    k = torch.linspace(0, 5, 100, dtype=dtype, device=dev)
+    k = torch.cat([k, k[-1:]])[None, :, None]  # the last key twice: a tie beyond 5
+    v = torch.randn(1, 101, 1, dtype=dtype, device=dev)
+    q = torch.tensor([-1e4, 1e4, -1e3, 1e3], dtype=dtype, device=dev)[None, :, None]
+    g = torch.randn(1, 4, 1, dtype=dtype, device=dev)
+    dv_tangent = torch.randn_like(v)
+    # the weights every far query should have: key 0, or the tie at 5 halved
+    p = torch.zeros(4, 101, dtype=dtype, device=dev)
+    p[[0, 2], 0] = 1.0
+    p[[1, 3], 99:] = 0.5
+    for w in [100.0, 1e3, 1e6] + ([1e300] if dtype == torch.float64 else []):
+        w = torch.tensor([[w]], dtype=dtype, device=dev)
+        out, lse, plan = kernel.module.forward(q, k, v, w, None, 0.0)
+        grads = kernel.module.backward(g, q, k, v, w, out, lse, None, plan, (0, 0, 1, 0))
+        tangents = [None, None, dv_tangent, None]
+        dout = kernel.module.tangent(q, k, v, w, tangents, out, lse, None, plan)
+        exact = 4 * testing.UNIT_ROUNDOFF[dtype]
+        testing.assert_close(out[0], p @ v[0], exact, name=f"out, w={float(w)}")
+        testing.assert_close(grads[2][0], p.T @ g[0], exact, name=f"dvalue, w={float(w)}")
+        testing.assert_close(dout[0], p @ dv_tangent[0], exact, name=f"tangent, w={float(w)}")
+
+
 # --- per-query rows ------------------------------------------------------------
 
 
