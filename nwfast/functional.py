@@ -43,8 +43,7 @@ def nw_pool(query, key, value, w, *, exclude_self=False, backend="auto", toleran
     """
     args = prepare_shared(query, key, value, w, exclude_self)
     tolerance = resolve_tolerance(tolerance, args.q.dtype)
-    if backend == "torch" or args.q.numel() == 0 or args.v.shape[-1] == 0:
-        ops.resolve_backend("auto" if backend == "torch" else backend, args.q.device, args.q.dtype)
+    if _reference_path(backend, args, args.q.numel() == 0 or args.v.shape[-1] == 0):
         return reference.pool_and_lse(query, key, value, w, exclude_self)[0]
     out, _ = _pool(args, tolerance, backend)
     return out.reshape(args.out_shape)
@@ -59,12 +58,22 @@ def nw_pool_with_lse(query, key, value, w, *, exclude_self=False, backend="auto"
     """
     args = prepare_shared(query, key, value, w, exclude_self)
     tolerance = resolve_tolerance(tolerance, args.q.dtype)
-    if backend == "torch" or args.q.numel() == 0 or args.v.shape[-1] == 0:
+    if _reference_path(backend, args, args.q.numel() == 0 or args.v.shape[-1] == 0):
         out, lse = reference.pool_and_lse(query, key, value, w, exclude_self)
         return out, lse.detach().double()
     out, lse = _pool(args, tolerance, backend)
     lse_shape = query.shape[:-1] if query.dim() > 1 else query.shape
     return out.reshape(args.out_shape), lse.reshape(lse_shape)
+
+
+def _reference_path(backend, args, empty):
+    """Whether the call runs the torch reference: asked for (it runs wherever
+    torch runs, any device and dtype), or nothing to compute; a fused backend
+    asked for is still checked, so an empty call fails as a full one would."""
+    if backend == "torch":
+        return True
+    ops.resolve_backend(backend, args.q.device, args.q.dtype)
+    return empty
 
 
 def _pool(args, tolerance, backend):
@@ -85,8 +94,7 @@ def nw_pool_rows(query, keys, values, w, *, backend="auto"):
     numbers, so it is memory-bound where the shared layout is compute-bound.
     """
     args = prepare_rows(query, keys, values, w)
-    if backend == "torch" or args.q.numel() == 0:
-        ops.resolve_backend("auto" if backend == "torch" else backend, args.q.device, args.q.dtype)
+    if _reference_path(backend, args, args.q.numel() == 0):
         return reference.rows_and_lse(query, keys, values, w)[0]
     backend = ops.resolve_backend(backend, args.q.device, args.q.dtype)
     function = _Rows if torch.compiler.is_compiling() else _RowsForwardMode
@@ -116,8 +124,7 @@ def pairs_computed(query, key, w, *, exclude_self=False, backend="auto", toleran
     args = prepare_shared(query, key, value, w, exclude_self)
     tolerance = resolve_tolerance(tolerance, args.q.dtype)
     B, n, m = args.q.shape[0], args.q.shape[1], args.k.shape[1]
-    if backend == "torch" or args.q.numel() == 0:
-        ops.resolve_backend("auto" if backend == "torch" else backend, args.q.device, args.q.dtype)
+    if _reference_path(backend, args, args.q.numel() == 0):
         return B * n * m
     kernels = ops.kernel_module(ops.resolve_backend(backend, args.q.device, args.q.dtype))
     diagonal = 0 if args.exclude_self else None

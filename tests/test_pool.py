@@ -253,3 +253,44 @@ def test_the_textbook_leave_one_out_matrices():
             nwfast.nw_pool(x, x, y, w, exclude_self=True, backend=backend), textbook
         )
         testing.assert_close(nwfast.nw_pool_rows(x, keys, values, w, backend=backend), textbook)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_the_torch_backend_runs_wherever_torch_runs(dtype):
+    """backend='torch' is the reference: CPU half precision, which no fused CPU
+    kernel takes, and a device with no fused kernel at all ('meta' here, as MPS
+    or XLA would be) run there without resolving a fused backend first."""
+    q, k, v = (torch.rand(5), torch.rand(7), torch.randn(7))
+    rows = (k[None].expand(5, 7), v[None].expand(5, 7))
+    half = [x.to(dtype) for x in (q, k, v)]
+    out = nwfast.nw_pool(*half, 2.0, backend="torch")
+    lse_out, lse = nwfast.nw_pool_with_lse(*half, 2.0, backend="torch")
+    row_out = nwfast.nw_pool_rows(half[0], *(x.to(dtype) for x in rows), 2.0, backend="torch")
+    expected = reference.nw_pool_broadcast(q.double(), k.double(), v.double(), 2.0)
+    for result in (out, lse_out, row_out):
+        assert result.dtype == dtype
+        testing.assert_close(result, expected.to(dtype), 1e-2)
+    assert nwfast.pairs_computed(*half[:2], 2.0, backend="torch") == 35
+    with pytest.raises(TypeError, match="backend='numba'"):
+        nwfast.nw_pool(*half, 2.0)  # auto: the CPU kernels take float32 and float64
+    meta = [torch.empty(5, 3, device="meta"), torch.empty(7, 3, device="meta")]
+    out = nwfast.nw_pool(*meta, torch.empty(7, 2, device="meta"), 2.0, backend="torch")
+    assert out.device.type == "meta" and out.shape == (5, 2)
+    with pytest.raises(ValueError, match="no fused kernel for meta"):
+        nwfast.nw_pool(*meta, torch.empty(7, 2, device="meta"), 2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_with_lse_returns_the_log_sum_exp_without_a_gradient(backend):
+    """The lse is each row's log-sum-exp (float64), the value the pooled output
+    is; the output carries gradients, the lse none (as the docstring says)."""
+    q, k, v = (torch.randn(9, 2), torch.randn(13, 2), torch.randn(13, 3))
+    w = torch.tensor(1.7, requires_grad=True)
+    q.requires_grad_()
+    out, lse = nwfast.nw_pool_with_lse(q, k, v, w, backend=backend)
+    ref_out, ref_lse = reference.pool_and_lse(q.double(), k.double(), v.double(), w.double())
+    assert lse.dtype == torch.float64 and lse.shape == (9,)
+    assert not lse.requires_grad and out.requires_grad
+    testing.assert_close(out, ref_out.float())
+    testing.assert_close(lse, ref_lse, 1e-6)
+    testing.assert_close(out, nwfast.nw_pool(q, k, v, w, backend=backend), 0.0)

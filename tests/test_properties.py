@@ -1,10 +1,14 @@
 """Property-based tests: hypothesis draws the case, the reference judges it.
 
-Shapes, batch dims, d and c, scalar or per-key w from 1e-8 to 1e4 and
-negative, exclude_self, strided and stride-0 (expanded) inputs, data offset far
-from 0, float32 and float64; forward and every gradient against the float64
-reference through ``nwfast.testing``. A fixed example budget keeps CI in time;
-``NWFAST_EXAMPLES`` runs more (and hypothesis prints any failing case).
+Shapes, batch dims, d and c, scalar or per-key w from 1e-12 to 1e6 (1e300 in
+float64) and negative, exclude_self, strided and stride-0 (expanded) inputs,
+queries among the keys, shifted with them far from 0, or placed apart from
+them up to 1e6 bandwidths away, float32 and float64; forward, every gradient
+and the tangent against the float64 reference through ``nwfast.testing``. The
+scale of w, the number of keys and the queries' placement are strategies of
+their own, so that the shrinker reports a minimal case. A fixed example budget
+keeps ``make test`` in time; ``NWFAST_EXAMPLES`` runs more (``make fuzz``), and
+hypothesis prints any failing case.
 """
 
 import os
@@ -27,17 +31,40 @@ budget = settings(
 BACKENDS = ["numba", "triton"]
 
 
+# log10 of |w|: float32 from 1e-12 to 1e6, float64 up to 1e300.
+LOG_W = {torch.float32: (-12.0, 6.0), torch.float64: (-12.0, 300.0)}
+# Where the queries lie: among the keys (drawn like them), all shifted with the
+# keys by one common offset, or apart from them: 10**1 to 10**6 bandwidths
+# beyond either end of the keys (capped where a score would overflow).
+PLACEMENTS = ["with-keys", "common-offset", "apart"]
+
+
+def log_w(dtype):
+    """|w| as a power of ten, its own strategy so the shrinker can move it alone."""
+    return st.floats(*LOG_W[dtype])
+
+
+def key_counts():
+    return st.integers(1, 24)
+
+
+def placements():
+    return st.tuples(st.sampled_from(PLACEMENTS), st.floats(1.0, 6.0), st.sampled_from([-1, 1]))
+
+
 @st.composite
 def cases(draw):
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
     batch = tuple(draw(st.lists(st.integers(1, 2), max_size=2)))
     n = draw(st.integers(1, 24))
     loo = draw(st.booleans()) and n > 1
-    m = n if loo else draw(st.integers(1, 24))
+    m = n if loo else draw(key_counts())
     d = draw(st.one_of(st.none(), st.integers(1, 4))) if not batch else draw(st.integers(1, 4))
     c = draw(st.one_of(st.none(), st.integers(1, 3))) if not batch else draw(st.integers(1, 3))
     w_kind = draw(st.sampled_from(["float", "one-element", "per-key", "per-key-batch"]))
-    log_w = draw(st.floats(-8, 4))
     negative = draw(st.booleans())
+    # a negative w makes the farthest keys dominate: keep it to modest scales
+    log_w_value = draw(log_w(dtype) if not negative else st.floats(-8.0, 4.0))
     return {
         "batch": batch,
         "n": n,
@@ -46,14 +73,24 @@ def cases(draw):
         "c": c,
         "loo": loo,
         "w_kind": w_kind,
-        "w": (-1 if negative else 1) * 10**log_w,
-        "offset": draw(st.sampled_from([0.0, 1e4])),
+        "w": (-1 if negative else 1) * 10**log_w_value,
+        "placement": draw(placements()),
         "strided": draw(st.booleans()),
         "expanded": draw(st.booleans()),
-        "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
+        "dtype": dtype,
         "backend": draw(st.sampled_from(BACKENDS)),
         "seed": draw(st.integers(0, 2**31 - 1)),
     }
+
+
+def _apart(keys, w, bandwidths, side, dtype):
+    """Query offsets that put every query ``bandwidths`` bandwidths beyond the
+    keys' extent on ``side`` (along every feature), capped so that every score
+    stays finite in the dtype."""
+    h = abs(w) ** -0.5
+    limit = 0.01 * (torch.finfo(dtype).max / abs(w)) ** 0.5
+    extent = keys.abs().max().item() if keys.numel() else 0.0
+    return side * min(extent + bandwidths * h, limit)
 
 
 def build(case):
@@ -68,10 +105,15 @@ def build(case):
     def points(count):
         x = torch.randn(*batch, step * count, *feature, generator=gen, dtype=torch.float64)
         x = x[..., ::step, :] if d is not None else x[::step]
-        return case["offset"] + spread * x
+        return spread * x
 
+    placement, bandwidths, side = case["placement"]
     q = points(n)
     k = q.clone() if case["loo"] else points(m)
+    if placement == "common-offset":
+        q, k = q + 1e4, k + 1e4
+    elif placement == "apart" and not case["loo"]:
+        q = q * 0.01 + _apart(k, case["w"], 10**bandwidths, side, dtype)
     v = torch.randn(*batch, m, *(() if c is None else (c,)), generator=gen, dtype=torch.float64)
     if case["expanded"] and v.dim() >= 2:  # one value row repeated: stride 0
         v = v[..., :1, :].expand(v.shape)
