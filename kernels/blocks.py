@@ -136,7 +136,33 @@ def _worth_planning(query, key, w, tolerance, q_block, k_block):
     if n < 2 * q_block or m < 4 * k_block:
         return False
     finite = torch.isfinite(query).all() and torch.isfinite(key).all() and torch.isfinite(w).all()
-    return bool(finite and (w >= 0).all())
+    if not (finite and (w >= 0).all()):
+        return False
+    return _reach(query, key, w, tolerance, k_block) < 1
+
+
+def _reach(query, key, w, tolerance, k_block):
+    """A cheap forecast, before any sorting, of the fraction of pairs a plan
+    would keep, from the points' extent and the bandwidths: key j is needed
+    within r_j of it, r_j where a block of such keys weighs tolerance *
+    SAFETY of a row's denominator, that denominator taken as uniform density
+    of the narrowest kernel, m * prod_f min(1, h sqrt(2 pi) / D_f), a quarter
+    of it to be safe. The fraction is the mean over keys of
+    prod_f min(1, 2 r_j / D_f); at 1 every block of queries would reach every
+    key and the planning would be spent for nothing. It only decides whether
+    to plan: the plan itself is proven, whatever the data."""
+    points = torch.cat([query, key], dim=1).double()
+    extent = (points.amax(dim=1) - points.amin(dim=1)).amax(dim=0)  # (d,)
+    w = w.double().flatten()
+    if not (extent > 0).all() or not (w > 0).all():
+        return 1.0
+    h = math.sqrt(2 * math.pi / float(w.max()))
+    denominator = max(1.0, 0.25 * key.shape[1] * float((h / extent).clamp(max=1.0).prod()))
+    room = k_block / (tolerance * SAFETY * denominator)
+    if room <= 1:
+        return 0.0
+    r = (2 * math.log(room) / w).sqrt()
+    return float((2 * r[:, None] / extent).clamp(max=1.0).prod(dim=-1).mean())
 
 
 def _same_points(query, key):

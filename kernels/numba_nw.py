@@ -277,33 +277,103 @@ def _shift_row(q, i, kT, vT, c2, skip, spans, s0, s1, x, acc, high, low):
 
 
 @_jit
+def _sweep_41(q0, q1, q2, q3, k0, v0, c2, ja, jb):
+    """Four queries against keys [ja, jb) in one sweep, d = c = 1, shift 0:
+    each key (and its value and c2) is loaded once for four exponentials, and
+    the four rows' sums are independent chains. Returns (s0, a0, ..., s3, a3),
+    s_r = sum_j e_rj, a_r = sum_j e_rj v_j."""
+    zero = k0.dtype.type(0)
+    s0 = s1 = s2 = s3 = a0 = a1 = a2 = a3 = zero
+    for j in range(ja, jb):
+        jj = _u(j)
+        k, v, c = k0[jj], v0[jj], c2[jj]
+        d0, d1, d2, d3 = q0 - k, q1 - k, q2 - k, q3 - k
+        e0 = _weight(c, d0 * d0, zero, zero)
+        e1 = _weight(c, d1 * d1, zero, zero)
+        e2 = _weight(c, d2 * d2, zero, zero)
+        e3 = _weight(c, d3 * d3, zero, zero)
+        s0 += e0
+        s1 += e1
+        s2 += e2
+        s3 += e3
+        a0 += e0 * v
+        a1 += e1 * v
+        a2 += e2 * v
+        a3 += e3 * v
+    return s0, a0, s1, a1, s2, a2, s3, a3
+
+
+@_jit
+def _fused_row(q0, skip, k0, v0, c2, spans, s0, s1, sums):
+    """One query's (total, acc) over the spans, key ``skip`` left out, into
+    sums[0], sums[1] (float64, from blocked sums in the dtype)."""
+    sums[0] = 0.0
+    sums[1] = 0.0
+    for s in range(s0, s1):
+        for j0 in range(spans[s, 0], spans[s, 1], SUM_BLOCK):
+            nt = min(SUM_BLOCK, spans[s, 1] - j0)
+            for ja, jb in _pieces(j0, nt, skip):
+                st, at = _sweep_11(q0, k0, v0, c2, j0 + ja, j0 + jb)
+                sums[0] += st
+                sums[1] += at
+
+
+@_jit
+def _fused_rows4(qb, skipb, i, k0, v0, c2, spans, s0, s1, sums):
+    """Rows i .. i + 3 at once, into sums[r, 0], sums[r, 1]: blocks of keys that
+    hold none of their left-out keys go four rows a sweep (``_sweep_41``), the
+    few that do one row at a time around its left-out key."""
+    sums[:, :] = 0.0
+    q0, q1, q2, q3 = qb[i, 0], qb[i + 1, 0], qb[i + 2, 0], qb[i + 3, 0]
+    for s in range(s0, s1):
+        for j0 in range(spans[s, 0], spans[s, 1], SUM_BLOCK):
+            j1 = min(j0 + SUM_BLOCK, spans[s, 1])
+            clear = True
+            for r in range(4):
+                if j0 <= skipb[i + r] < j1:
+                    clear = False
+            if clear:
+                t = _sweep_41(q0, q1, q2, q3, k0, v0, c2, j0, j1)
+                for r in range(4):
+                    sums[r, 0] += t[2 * r]
+                    sums[r, 1] += t[2 * r + 1]
+            else:
+                for r in range(4):
+                    for ja, jb in _pieces(j0, j1 - j0, skipb[i + r]):
+                        st, at = _sweep_11(qb[i + r, 0], k0, v0, c2, j0 + ja, j0 + jb)
+                        sums[r, 0] += st
+                        sums[r, 1] += at
+
+
+@_jit
 def _forward_fused(lo, hi, q, kT, vT, c2, skip, ptr, spans, rows, out, lse, redo):
-    """d = c = 1 with every w >= 0: one sweep per row with shift 0. Items
-    [lo, hi): rows [t * rows, ...) of batch b for item b * items + t. A row
-    whose sum underflows (or is NaN) is left to ``_forward_general``:
-    redo[b, i] = 1."""
+    """d = c = 1 with every w >= 0: rows swept with shift 0, four at a time
+    (the last few of an item one at a time). Items [lo, hi): rows
+    [t * rows, ...) of batch b for item b * items + t. A row whose sum
+    underflows (or is NaN) is left to ``_forward_general``: redo[b, i] = 1."""
     n = q.shape[1]
     items = (n + rows - 1) // rows
+    sums = np.empty((4, 2), np.float64)
     for item in range(lo, hi):
         b = item // items
         i0 = (item % items) * rows
-        k0, v0, c2b = kT[b, 0], vT[b, 0], c2[b]
+        i1 = min(i0 + rows, n)
+        k0, v0, c2b, qb, skipb = kT[b, 0], vT[b, 0], c2[b], q[b], skip[b]
         s0, s1 = ptr[item], ptr[item + 1]
-        for i in range(i0, min(i0 + rows, n)):
-            total = 0.0
-            acc = 0.0
-            for s in range(s0, s1):
-                for j0 in range(spans[s, 0], spans[s, 1], SUM_BLOCK):
-                    nt = min(SUM_BLOCK, spans[s, 1] - j0)
-                    for ja, jb in _pieces(j0, nt, skip[b, i]):
-                        st, at = _sweep_11(q[b, i, 0], k0, v0, c2b, j0 + ja, j0 + jb)
-                        total += st
-                        acc += at
-            if total >= UNDERFLOW:
-                out[b, i, 0] = acc / total
-                lse[b, i] = math.log(total)
+        for i in range(i0, i1, 4):
+            count = min(4, i1 - i)
+            if count == 4:
+                _fused_rows4(qb, skipb, i, k0, v0, c2b, spans, s0, s1, sums)
             else:
-                redo[b, i] = 1
+                for r in range(count):
+                    _fused_row(qb[i + r, 0], skipb[i + r], k0, v0, c2b, spans, s0, s1, sums[r])
+            for r in range(count):
+                total = sums[r, 0]
+                if total >= UNDERFLOW:
+                    out[b, i + r, 0] = sums[r, 1] / total
+                    lse[b, i + r] = math.log(total)
+                else:
+                    redo[b, i + r] = 1
 
 
 @_jit
@@ -751,8 +821,9 @@ def _dw(dw_keys, w, dtype):
 
 
 def _rows_per_item(length):
-    """Rows (or keys) per dense work item when each sweeps ``length`` points."""
-    return max(1, min(64, ITEM_PAIRS // max(length, 1)))
+    """Rows (or keys) per dense work item when each sweeps ``length`` points:
+    a multiple of 4, which the fused forward sweeps at once."""
+    return 4 * max(1, min(16, ITEM_PAIRS // max(4 * length, 1)))
 
 
 def make_plan(query, key, w, diagonal, tolerance):

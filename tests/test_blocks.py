@@ -242,3 +242,16 @@ def test_pairs_computed_counts_what_the_plan_sweeps(sparse_kernel):
     assert count == plan.pairs == swept < n * n
     for dense in ({"tolerance": 0.0}, {"backend": "torch"}):
         assert nwfast.pairs_computed(q, q, w, exclude_self=True, **dense) == n * n
+
+
+def test_a_plan_that_cannot_pay_is_not_made():
+    """The forecast from the extent and the bandwidth abandons planning where
+    every block of queries would reach every key (a wide kernel on the data),
+    and lets it run where most pairs can go (the skipping goals' cases)."""
+    wide = torch.rand(1, 16384, 1) * 5  # h = 0.5 on [0, 5)
+    assert blocks._reach(wide, wide, torch.tensor([[4.0]]), 2.0**-24, 64) == 1.0
+    assert blocks.plan(wide, wide, torch.tensor([[4.0]]), 2.0**-24, False, 64, 64) is None
+    narrow = torch.rand(1, 2**18, 1) * 5  # h = 0.01: about 2.4% of pairs kept
+    assert blocks._reach(narrow, narrow, torch.tensor([[1e4]]), 2.0**-24, 64) < 0.05
+    square = torch.rand(1, 2**18, 2)  # the unit square, h = 0.01
+    assert blocks._reach(square, square, torch.tensor([[1e4]]), 2.0**-24, 64) < 0.05
