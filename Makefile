@@ -10,12 +10,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,bench,peers]"
 	touch $@
 
-.PHONY: bench test demo lint
+# Examples per property for `make fuzz` (the suite's default is 40).
+EXAMPLES ?= 2000
+
+.PHONY: bench test fuzz demo lint
 bench: $(VENV)/.installed
 	$(PY) -m bench sweep --quick
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# The property tests with many more examples: hypothesis draws shapes, w from
+# 1e-12 to 1e6 (1e300 in float64), queries placed far from the keys, and shrinks
+# any failure to a minimal case it prints.
+fuzz: $(VENV)/.installed
+	NWFAST_EXAMPLES=$(EXAMPLES) $(PY) -m pytest tests/test_properties.py -q
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/nwfast demo
