@@ -181,3 +181,19 @@ def test_cold_start_rows(tmp_path):
     # The filled cache spares the compilation.
     assert warm["first_backward_s"] < empty["first_backward_s"]
     assert doc["header"]["goals"][0]["value"] == empty["median_s"]
+
+
+def test_the_attention_peer_computes_the_same_softmax():
+    """torch-sdpa (scale w, key bias -(w/2)||k||^2) against the float64
+    reference, on CPU tensors though the sweep runs it on CUDA only."""
+    from bench.peers import _sdpa
+    from nwfast import reference, testing
+
+    n, m, d = 40, 70, 32
+    case = Case("torch-sdpa", "shared", "forward", "float32", "cpu", n, m, d, w_kind="scalar")
+    x = {"query": torch.rand(n, d), "key": torch.rand(m, d), "value": torch.randn(m, 3)}
+    x["w"] = torch.tensor([3.0])
+    out = _sdpa(case, x)()
+    ref = reference.nw_pool_broadcast(*(x[k].double() for k in ("query", "key", "value", "w")))
+    assert testing.relative_error(out, ref) < 1e-5
+    assert PEERS["torch-sdpa"].unsupported(case) == "the tensor-core route: CUDA only"
