@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bench import check, schema  # noqa: E402
-from bench.cases import PRESETS, Case, grad_leaves, make_inputs, plan  # noqa: E402
+from bench.cases import POOL_OPS, PRESETS, Case, grad_leaves, make_inputs, plan  # noqa: E402
 from bench.cli import parse_sizes  # noqa: E402
 from bench.peers import PEERS  # noqa: E402
 from bench.worker import timed_calls  # noqa: E402
@@ -197,3 +197,17 @@ def test_the_attention_peer_computes_the_same_softmax():
     ref = reference.nw_pool_broadcast(*(x[k].double() for k in ("query", "key", "value", "w")))
     assert testing.relative_error(out, ref) < 1e-5
     assert PEERS["torch-sdpa"].unsupported(case) == "the tensor-core route: CUDA only"
+
+
+@pytest.mark.parametrize("name", [name for name, p in PEERS.items() if p.module == "nwfast"])
+def test_nwfast_variants_run_every_operation_they_take(name):
+    """A variant's options suit every operation it builds; the others say why not."""
+    peer = PEERS[name]
+    for op in POOL_OPS:
+        case = Case(name, op, "forward", "float32", "cpu", 64, 64)
+        why = peer.unsupported(case)
+        if why:
+            assert op not in peer.builds and why
+            continue
+        out = peer.build(case, make_inputs(case))()
+        assert out.shape == (64,) and torch.isfinite(out).all()
