@@ -13,9 +13,18 @@ $(VENV)/.installed: pyproject.toml
 # Examples per property for `make fuzz` (the suite's default is 40).
 EXAMPLES ?= 2000
 
-.PHONY: bench test fuzz demo lint
+.PHONY: bench test fuzz demo lint compare guard
 bench: $(VENV)/.installed
 	$(PY) -m bench sweep --quick
+
+# This tree against another revision, timed alternately: make compare BASE=v0.1.0
+compare: $(VENV)/.installed
+	$(if $(BASE),,$(error make compare BASE=<revision>: the commit, tag or branch to compare with))
+	$(PY) -m bench compare --base $(BASE)
+
+# The speed guard: this tree against bench/baseline.txt's commit; fails on a slowdown.
+guard: $(VENV)/.installed
+	$(PY) -m bench compare --guard
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

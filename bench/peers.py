@@ -42,7 +42,8 @@ class Peer:
     # ns per pair of one call, to predict a call before any smaller size of it
     # has run in this sweep: a forward on "cpu" / "cuda", a whole "fit".
     prior_ns: dict = field(default_factory=dict)
-    why_not: dict = field(default_factory=dict)  # attribute -> reason when unsupported
+    # attribute ("ops" for an operation it does not build) -> why it cannot run a case
+    why_not: dict = field(default_factory=dict)
     # (case, inputs, **options) -> the (query, key) pairs one call computes,
     # for the peers that skip some; None: every pair.
     pairs: Callable | None = None
@@ -50,7 +51,7 @@ class Peer:
     def unsupported(self, case: Case) -> str | None:
         """Why this peer cannot run the case, or None."""
         if case.op not in self.builds:
-            return f"{self.name} has no {case.op} operation"
+            return self.why_not.get("ops", f"{self.name} has no {case.op} operation")
         checks = {
             "devices": case.device,
             "modes": case.mode,
@@ -378,8 +379,9 @@ PEERS = {
             NWFAST,
             name="nwfast-dense",
             label="nwfast with tolerance=0.0: every pair, no block skipping",
-            builds=_pooling(_nwfast),
+            builds={"shared": _nwfast, "shared_loo": _nwfast},
             options={"tolerance": 0.0},
+            why_not={"ops": "nw_pool_rows skips nothing (no tolerance): nwfast's row is dense"},
         ),
         Peer(
             "torch-compile",
