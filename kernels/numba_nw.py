@@ -773,12 +773,13 @@ def _lse_log2(lse, dtype, exact):
     """lse in log2 units as a (high, low) pair of dtype arrays: the backward's
     2**((s - high) - low) keeps the weights of the nearest keys exact to
     rounding. Rows past EXACT_SHIFT_ABOVE get theirs from
-    ``exact(rows, high, low)``, rows a (..., n) uint8 mask."""
+    ``exact(rows, high, low)``, rows a (..., n) uint8 mask, unless ``exact``
+    is None (a shard of a larger softmax: the split lse is all there is)."""
     lse2 = lse.double() * LOG2E
     high = lse2.to(dtype)
     high, low = _np(high), _np((lse2 - high.double()).to(dtype))
     far = (lse2.abs() > EXACT_SHIFT_ABOVE[dtype]).numpy()
-    if far.any():
+    if exact is not None and far.any():
         exact(far.astype(np.uint8), high, low)
     return high, low
 
@@ -891,8 +892,10 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     skip, skipped_by = blocks.skips(plan, diagonal, B, n, m)
     fused = d == 1 and c == 1
     c2, wn = _log2_scale(w_keys), _np(w_keys)
-    # per-query terms of every pass: delta_i = g_i . y_i and the lse pair
-    shifts = _lse_log2(lse, dtype, _exact_shifts(plan, q, k, v, c2, skip))
+    # per-query terms of every pass: delta_i = g_i . y_i and the lse pair. A
+    # shard's lse is the whole problem's: its keys cannot recompute that shift.
+    exact = _exact_shifts(plan, q, k, v, c2, skip) if keys is None else None
+    shifts = _lse_log2(lse, dtype, exact)
     common = (_np(_delta_of(g, out)), *shifts)
     dq = dk = dv = dw = None
     if need_q:
