@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine: `make bench` (the main job) and `make test`.
-# CI (.ci/run) adds `make docs` and `make wheel-smoke`.
+# CI (.ci/run) adds `make guard`, `make docs` and `make wheel-smoke`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -14,9 +14,18 @@ $(VENV)/.installed: pyproject.toml
 # Examples per property for `make fuzz` (the suite's default is 40).
 EXAMPLES ?= 2000
 
-.PHONY: bench test fuzz demo lint docs wheel-smoke
+.PHONY: bench test fuzz demo lint compare guard docs wheel-smoke
 bench: $(VENV)/.installed
 	$(PY) -m bench sweep --quick
+
+# This tree against another revision, timed alternately: make compare BASE=v0.1.0
+compare: $(VENV)/.installed
+	$(if $(BASE),,$(error make compare BASE=<revision>: the commit, tag or branch to compare with))
+	$(PY) -m bench compare --base $(BASE)
+
+# The speed guard: this tree against bench/baseline.txt's commit; fails on a slowdown.
+guard: $(VENV)/.installed
+	$(PY) -m bench compare --guard
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -2,12 +2,16 @@
 
 - ``sweep``: the pooling operators beside every peer, checked against float64;
 - ``fit``: leave-one-out bandwidth selection beside statsmodels and kernelsmooth;
+- ``compare``: this tree against another git revision, alternately in one run
+  (``--guard``: the CI speed guard against bench/baseline.txt);
 - ``plot``, ``report``: figures and tables from the JSON files the runs write;
 - ``gpu``: on a CUDA GPU, the test suite, the GPU sweep and its goals
   (``bench/gpu_suite.sh OUTDIR``).
 
 One job a module: cases (what is computed, the presets) and peers (who computes
 it) are the registry; run (plan, workers, one file) starts worker (one peer's
-cases in a process); check (judging results), machine (the limits), schema (the
-JSON), report (tables), plot (figures), gpu (the GPU suite), cli (the command line).
+cases in a process); compare (two revisions installed apart, timed alternately);
+child (how run and compare start a child process); check (judging results),
+machine (the limits), schema (the JSON), report (tables), plot (figures), gpu
+(the GPU suite), cli (the command line).
 """

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import schema
+from bench import compare, schema
 from bench.cases import DATA, DTYPES, H_RULES, POOL_MODES, POOL_OPS, PRESETS, W_KINDS
 from bench.peers import PEERS, for_ops
 
 EPILOG = """\
 Every run writes one JSON file (bench/schema.py) under bench/results/ unless
---out says otherwise. Micro-benchmarks between revisions stay with
-pytest-benchmark: pytest bench/test_micro.py --benchmark-autosave."""
+--out says otherwise. Two revisions of nwfast, timed alternately in one run:
+python -m bench compare --base REV (the CI speed guard: --guard)."""
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -159,6 +159,42 @@ def parser() -> argparse.ArgumentParser:
     cold.add_argument("--threads", type=int, help="threads (default: cores)")
     cold.add_argument("--out", type=Path, help="results folder (default bench/results)")
 
+    comp = sub.add_parser(
+        "compare",
+        help="this tree against another revision, alternately in one run: ratios and noise",
+        description="Install another revision apart (git archive, pip install --target), time "
+        "this tree and it alternately, each measurement a fresh process, and print per case "
+        "both medians, base / this tree (below 1: this tree is slower) and the noise "
+        "measured (max / min of the per-round ratios).",
+    )
+    comp.add_argument("--base", help="the other revision: a commit, tag or branch")
+    comp.add_argument(
+        "--guard",
+        action="store_true",
+        help="the speed guard: against bench/baseline.txt (unless --base) on "
+        f"{','.join(compare.GUARD_CASES)}; exit 1 when a case is slower than "
+        "max(threshold, noise) x the base, or did not run",
+    )
+    comp.add_argument(
+        "--cases",
+        type=_choices(tuple(compare.CASES)),
+        help=f"of {','.join(compare.CASES)} (default: all; --guard: its own)",
+    )
+    comp.add_argument(
+        "--rounds", type=int, default=compare.ROUNDS, help=f"default {compare.ROUNDS}"
+    )
+    comp.add_argument(
+        "--threshold",
+        type=float,
+        default=compare.THRESHOLD,
+        help=f"slower or faster beyond max(this, noise) x (default {compare.THRESHOLD:g})",
+    )
+    comp.add_argument(
+        "--threads", type=int, default=compare.THREADS, help=f"default {compare.THREADS}"
+    )
+    comp.add_argument("--size", type=int, help="n = m for every case (default: each case's)")
+    comp.add_argument("--out", type=Path, help="results folder (default bench/results)")
+
     plot = sub.add_parser("plot", help="PNG figures from results files")
     plot.add_argument("results", nargs="+", type=Path)
     plot.add_argument("--out", type=Path, help="folder for the PNGs (default bench/results)")
@@ -206,6 +242,25 @@ def main(argv=None) -> int:
             out_dir=args.out or schema.RESULTS,
         )
         return 0
+    if args.command == "compare":
+        from bench.report import console
+
+        if not (args.base or args.guard):
+            raise SystemExit("bench compare: --base REV, or --guard")
+        if args.rounds < 2:
+            raise SystemExit("bench compare: --rounds must be at least 2 (the noise needs two)")
+        names = args.cases or (compare.GUARD_CASES if args.guard else tuple(compare.CASES))
+        return compare.run(
+            console(),
+            base=args.base,
+            names=list(names),
+            rounds=args.rounds,
+            threshold=args.threshold,
+            threads=args.threads,
+            size=args.size,
+            out_dir=args.out or schema.RESULTS,
+            guard=args.guard,
+        )
     if args.command == "dist":
         from bench import dist
         from bench.report import console

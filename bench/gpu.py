@@ -8,7 +8,9 @@ backward, float32 and bfloat16, shared keys n = m = 4096 ... 2^20, rows layout
 4096 ... 65536 (as far as memory goes), beside torch eager (both forms),
 torch.compile and pykeops where it imports; (3) block skipping: the sparse
 preset's goal cases (n = m = 2^18, h = 0.01, d = 1 and 2, forward and fwd+bwd)
-beside tolerance=0; (4) the goals of both, judged on their rows; (5) the plots.
+beside tolerance=0; (3b) the tensor-core route: d = 32 in bfloat16 beside
+``scaled_dot_product_attention`` with the key bias (the same softmax); (4) the
+goals, judged on their rows; (5) the plots.
 OUTDIR gets the two JSON files (their headers hold the goals), the test log
 and the PNGs.
 
@@ -103,6 +105,22 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         deadline=time.time() + BUDGET_S - 60 - (time.monotonic() - start),
     )
 
+    con.rule("3b. The tensor-core route: d = 32, bfloat16, beside dot-product attention")
+    tensor_path, _, _ = run(
+        con,
+        kind="gpu",
+        preset="gpu",
+        device="cuda",
+        peers=["nwfast", "torch-sdpa", "torch-compile"],
+        out_dir=out,
+        ops=("shared",),
+        modes=("forward",),
+        sizes=(1 << 14, 1 << 16),
+        dims=(32,),
+        dtypes=("bfloat16",),
+        deadline=time.time() + BUDGET_S - 75 - (time.monotonic() - start),
+    )
+
     con.rule("4. Goals")
     head["goals"] = goals.gpu(rows, head["limits"])
     schema.write(path, head, rows)
@@ -114,7 +132,7 @@ def suite(out: Path, skip_tests: bool = False) -> int:
     con.rule("5. Plots")
     from bench.plot import plot_files
 
-    for made in plot_files([path, sparse_path], out):
+    for made in plot_files([path, sparse_path, tensor_path], out):
         con.print(str(made))
     con.print(f"done in {time.monotonic() - start:.0f} s")
     if test_code != 0:

@@ -42,7 +42,8 @@ class Peer:
     # ns per pair of one call, to predict a call before any smaller size of it
     # has run in this sweep: a forward on "cpu" / "cuda", a whole "fit".
     prior_ns: dict = field(default_factory=dict)
-    why_not: dict = field(default_factory=dict)  # attribute -> reason when unsupported
+    # attribute ("ops" for an operation it does not build) -> why it cannot run a case
+    why_not: dict = field(default_factory=dict)
     # (case, inputs, **options) -> the (query, key) pairs one call computes,
     # for the peers that skip some; None: every pair.
     pairs: Callable | None = None
@@ -50,7 +51,7 @@ class Peer:
     def unsupported(self, case: Case) -> str | None:
         """Why this peer cannot run the case, or None."""
         if case.op not in self.builds:
-            return f"{self.name} has no {case.op} operation"
+            return self.why_not.get("ops", f"{self.name} has no {case.op} operation")
         checks = {
             "devices": case.device,
             "modes": case.mode,
@@ -237,6 +238,31 @@ def _pykeops_sparse_pairs(case: Case, x: dict, tolerance: float) -> int:
     return _keops_blocks(q.detach(), k.detach(), x["w"], tolerance)[3]
 
 
+def _sdpa(case: Case, x: dict):
+    """The same softmax as dot-product attention, on tensor cores where the
+    inputs are half precision: -(w/2)||q - k||^2 = w q.k - (w/2)||k||^2 -
+    (w/2)||q||^2, and the last term is one constant per row, which the softmax
+    drops. So scale w and the additive key bias -(w/2)||k_j||^2 (computed in
+    float32). Its logits cancel where the points are far from the origin:
+    the correctness column says what that costs."""
+    import torch.nn.functional as F
+
+    q, k, v, w = x["query"], x["key"], x["value"], x["w"]
+    n, m, d = case.n, case.m, case.d
+    scale = float(w)
+
+    def call():
+        ks = k.reshape(1, m, d)
+        bias = (-0.5 * scale) * ks.float().pow(2).sum(-1)
+        out = F.scaled_dot_product_attention(
+            q.reshape(1, n, d), ks, v.reshape(1, m, -1),
+            attn_mask=bias.to(q.dtype)[:, None, :], scale=scale,
+        )  # fmt: skip
+        return out.reshape(n) if v.dim() == 1 else out[0]
+
+    return call
+
+
 def _numpy_inputs(x: dict):
     """float64 NumPy copies, made once outside the timed calls, and h = w^-1/2."""
     q, k, v, w = (
@@ -353,8 +379,9 @@ PEERS = {
             NWFAST,
             name="nwfast-dense",
             label="nwfast with tolerance=0.0: every pair, no block skipping",
-            builds=_pooling(_nwfast),
+            builds={"shared": _nwfast, "shared_loo": _nwfast},
             options={"tolerance": 0.0},
+            why_not={"ops": "nw_pool_rows skips nothing (no tolerance): nwfast's row is dense"},
         ),
         Peer(
             "torch-compile",
@@ -390,6 +417,21 @@ PEERS = {
                 "w_kinds": "one w for all keys only",
             },
             pairs=_pykeops_sparse_pairs,
+        ),
+        Peer(
+            "torch-sdpa",
+            "torch scaled_dot_product_attention, scale w and key bias -(w/2)||k||^2 "
+            "(the tensor-core route for half precision with d >= 16)",
+            "torch.nn.functional",
+            {"shared": _sdpa},
+            devices=("cuda",),
+            modes=("forward", "backward", "fwd+bwd"),
+            w_kinds=("scalar",),
+            prior_ns={"cuda": 0.0005},
+            why_not={
+                "devices": "the tensor-core route: CUDA only",
+                "w_kinds": "one w for all keys only (a per-key w has no dot-product form)",
+            },
         ),
         Peer(
             "torch-broadcast",

@@ -7,17 +7,12 @@ costs one case (the worker restarts after it). Peak memory is still per case: Li
 resets the peak RSS on request and CUDA's allocator resets its own; where the
 peak cannot be reset, each case gets its own process.
 
-Workers import the *installed* nwfast: they run isolated (``python -I``: no
-script folder, no working directory, no PYTHON* variables on sys.path) from a
-folder outside the repository, with ``bench`` loaded from its own folder. The
-repository root on sys.path would put the source tree's ``nwfast/``, which has
-no ``kernels`` subpackage, before the installed package.
+Workers import the *installed* nwfast: bench.child says how they start.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import queue
 import subprocess
 import sys
@@ -27,44 +22,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import schema
+from bench import child, schema
 from bench.cases import CASE_FIELDS, NOISE, PRESETS, SEED, Case, family, is_goal, plan
 from bench.peers import PEERS
 from bench.worker import ROW_MARK, is_oom, oom_note
 
 POLICY = ("target_s", "min_repeats", "max_repeats", "time_cap_s")  # what workers need
-BENCH = Path(__file__).resolve().parent
-_START_WORKER = (
-    "import importlib.util, sys\n"
-    f"spec = importlib.util.spec_from_file_location('bench', {str(BENCH / '__init__.py')!r},"
-    f" submodule_search_locations=[{str(BENCH)!r}])\n"
-    "sys.modules['bench'] = bench = importlib.util.module_from_spec(spec)\n"
-    "spec.loader.exec_module(bench)\n"
-    "from bench.worker import main\n"
-    "main()\n"
-)
-
-
-def worker_env(threads: int) -> dict:
-    """One thread count for every pool; allocator settings that make RSS honest."""
-    env = dict(os.environ)
-    t = str(threads)
-    env.update(
-        OMP_NUM_THREADS=t,
-        MKL_NUM_THREADS=t,
-        OPENBLAS_NUM_THREADS=t,
-        NUMBA_NUM_THREADS=t,
-        # Inductor compiles in-process: no worker pool fighting for the cores
-        # or for the memory cap.
-        TORCHINDUCTOR_COMPILE_THREADS="1",
-        # A fixed mmap threshold returns every freed buffer above 64 KiB to
-        # the OS at once, so the peak RSS of a timed call is its own and not
-        # the warm-up's leftovers; two arenas bound the address space that
-        # threads reserve.
-        MALLOC_MMAP_THRESHOLD_="65536",
-        MALLOC_ARENA_MAX="2",
-    )
-    return env
 
 
 class Worker:
@@ -73,13 +36,13 @@ class Worker:
     def __init__(self, job: dict, threads: int):
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _START_WORKER],
+            child.command("from bench.worker import main\nmain()"),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
             text=True,
             cwd=tempfile.gettempdir(),
-            env=worker_env(threads),
+            env=child.env(threads),
         )
         self.proc.stdin.write(json.dumps(job))
         self.proc.stdin.close()

@@ -1,6 +1,6 @@
 """The results file: one JSON object per run, defined here and nowhere else.
 
-Every run (``python -m bench sweep``, ``fit``, ``gpu``) writes one file
+Every run (``python -m bench sweep``, ``fit``, ``gpu``, ``compare``, ...) writes one file
 ``<machine>_<date>_<preset>.json``::
 
     {
@@ -45,8 +45,9 @@ RESULTS = Path(__file__).resolve().parent / "results"  # where runs write by def
 HEADER_FIELDS = {
     "created": "ISO 8601 local time the run started",
     "command": "the command line, as typed",
-    "kind": "'sweep', 'fit', 'gpu', 'dist' or 'cold'",
-    "preset": "quick, full, sparse, gpu, fit-quick or fit (bench.cases.PRESETS); dist, cold",
+    "kind": "'sweep', 'fit', 'gpu', 'dist', 'cold' or 'compare'",
+    "preset": "quick, full, sparse, gpu, fit-quick or fit (bench.cases.PRESETS); dist, cold; "
+    "compare or guard (python -m bench compare --guard)",
     "git_revision": "HEAD of the checkout, or null outside git",
     "git_dirty": "true when tracked files differ from HEAD (new results do not count)",
     "device": "'cpu' or 'cuda'",
@@ -63,7 +64,9 @@ HEADER_FIELDS = {
     "peers": "peer name -> what it is, for the peers of this run",
     "peers_unavailable": "peer name -> why it was left out of this run",
     "duration_s": "wall time of the run",
-    "goals": "gpu and sparse runs: each goal, the measured value and pass/fail (bench.goals)",
+    "goals": "gpu and sparse runs: each goal, the measured value and pass/fail (bench.goals); "
+    "compare: per case, this tree's time / the base's at most max(threshold, noise)",
+    "base": "compare: the revision this tree was timed against: rev (as given), commit",
 }
 
 ROW_FIELDS = {
@@ -110,7 +113,8 @@ ROW_FIELDS = {
     "check_worst": "its name, and where it failed",
     "check_rows": "query rows judged (a fixed random subset at large sizes)",
     # Filled by finish_rows from the nwfast row of the same case.
-    "nwfast_speedup": "this peer's median_s / nwfast's median_s (> 1: nwfast faster)",
+    "nwfast_speedup": "this peer's median_s / nwfast's median_s (> 1: nwfast faster); "
+    "compare, on the base's rows: base / this tree (< 1: this tree slower)",
 }
 
 # Measurements only some operations make.
@@ -126,7 +130,7 @@ MEASUREMENTS = {
     "scaling_efficiency": "dist: T(single-process nwfast) / (ranks * median_s)",
     "ring_bytes_per_rank": "dist: bytes each rank hands to its sends in one call, rank order",
     "collective_bytes_per_rank": "dist: bytes each rank hands to collectives in one call",
-    "load_averages": "dist: the 1-minute load average as each round of this row started",
+    "load_averages": "dist, compare: the 1-minute load average as each round of this row started",
     "import_torch_s": "cold: import torch in a fresh interpreter (median over repeats)",
     "import_s": "cold: then import nwfast",
     "first_forward_s": "cold: then the first float32 forward (median_s: the total to here "
@@ -135,6 +139,11 @@ MEASUREMENTS = {
     "first_float64_s": "cold: then a first float64 forward",
     "step_bytes": "dist: one forward ring step's message, a key shard's keys and values",
     "step_transfer_s": "dist: that message's transfer alone, rank to rank (median, slowest)",
+    "compare_case": "compare: the case's name (python -m bench compare --cases)",
+    "revision": "compare: 'tree' (this checkout as it is) or the base's commit",
+    "round_medians_s": "compare: each round's median call, one fresh process per round and side",
+    "round_ratios": "compare, base rows: base / this tree in each round, in order",
+    "noise": "compare, base rows: max / min of round_ratios, the noise measured",
 }
 
 

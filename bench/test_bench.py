@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bench import check, schema  # noqa: E402
-from bench.cases import PRESETS, Case, grad_leaves, make_inputs, plan  # noqa: E402
+from bench.cases import POOL_OPS, PRESETS, Case, grad_leaves, make_inputs, plan  # noqa: E402
 from bench.cli import parse_sizes  # noqa: E402
 from bench.peers import PEERS  # noqa: E402
 from bench.worker import timed_calls  # noqa: E402
@@ -181,3 +181,112 @@ def test_cold_start_rows(tmp_path):
     # The filled cache spares the compilation.
     assert warm["first_backward_s"] < empty["first_backward_s"]
     assert doc["header"]["goals"][0]["value"] == empty["median_s"]
+
+
+def test_the_attention_peer_computes_the_same_softmax():
+    """torch-sdpa (scale w, key bias -(w/2)||k||^2) against the float64
+    reference, on CPU tensors though the sweep runs it on CUDA only."""
+    from bench.peers import _sdpa
+    from nwfast import reference, testing
+
+    n, m, d = 40, 70, 32
+    case = Case("torch-sdpa", "shared", "forward", "float32", "cpu", n, m, d, w_kind="scalar")
+    x = {"query": torch.rand(n, d), "key": torch.rand(m, d), "value": torch.randn(m, 3)}
+    x["w"] = torch.tensor([3.0])
+    out = _sdpa(case, x)()
+    ref = reference.nw_pool_broadcast(*(x[k].double() for k in ("query", "key", "value", "w")))
+    assert testing.relative_error(out, ref) < 1e-5
+    assert PEERS["torch-sdpa"].unsupported(case) == "the tensor-core route: CUDA only"
+
+
+@pytest.mark.parametrize("name", [name for name, p in PEERS.items() if p.module == "nwfast"])
+def test_nwfast_variants_run_every_operation_they_take(name):
+    """A variant's options suit every operation it builds; the others say why not."""
+    peer = PEERS[name]
+    for op in POOL_OPS:
+        case = Case(name, op, "forward", "float32", "cpu", 64, 64)
+        why = peer.unsupported(case)
+        if why:
+            assert op not in peer.builds and why
+            continue
+        out = peer.build(case, make_inputs(case))()
+        assert out.shape == (64,) and torch.isfinite(out).all()
+
+
+def test_compare_against_head(tmp_path):
+    """This tree against HEAD: both sides ran every round, their ratio is near 1, the
+    table and the file have what they promise."""
+    cases = ("forward-dense", "fwd+bwd")
+    cmd = [sys.executable, "-m", "bench", "compare", "--base", "HEAD", "--cases", ",".join(cases)]
+    cmd += ["--rounds", "3", "--size", "1024", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=900)
+    (path,) = tmp_path.glob("*_compare.json")
+    doc = schema.load(path)
+    head, rows = doc["header"], doc["rows"]
+    head_commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert head["kind"] == "compare" and head["base"] == {"rev": "HEAD", "commit": head_commit}
+    assert [(r["compare_case"], r["revision"]) for r in rows] == [
+        (name, side) for name in cases for side in ("tree", head_commit)
+    ]
+    assert all(set(r) == set(schema.empty_row()) for r in rows)
+    assert all(r["status"] == "ok" and len(r["round_medians_s"]) == 3 for r in rows), rows
+    assert all(r["n"] == r["m"] == 1024 for r in rows)
+    base_rows = [r for r in rows if r["revision"] != "tree"]
+    # The same code on both sides: any ratio far from 1 is a bug of the command
+    # (sides or cases mixed up), not noise.
+    assert all(0.5 < r["nwfast_speedup"] < 2 for r in base_rows), base_rows
+    assert all(len(r["round_ratios"]) == 3 and r["noise"] >= 1 for r in base_rows)
+    assert [g["goal"].split(":")[0] for g in head["goals"]] == list(cases)
+    assert "(<1: tree slower)" in done.stdout
+    assert all(name in done.stdout for name in cases)
+
+
+def _side(case, revision, rounds, status="ok", note=None):
+    return schema.empty_row(
+        compare_case=case, revision=revision, round_medians_s=rounds, status=status, note=note
+    )
+
+
+def test_guard_decision():
+    """The guard fails on a slowdown past max(threshold, noise) and on a case that did
+    not run; it passes a slowdown within the noise it measured."""
+    from bench import compare
+
+    base = [0.010, 0.011, 0.010, 0.0105, 0.010]
+
+    def judged(tree, base=base, **tree_row):
+        rows = [_side("forward", "tree", tree, **tree_row), _side("forward", "abc", base)]
+        return compare.goals(rows, 1.3)
+
+    slow = judged([t * 1.6 for t in base])
+    assert [g["passed"] for g in slow] == [False] and compare.guard_code(slow) == 1
+    assert slow[0]["value"] == pytest.approx(1.6)
+    same = judged([t * 1.1 for t in base])
+    assert [g["passed"] for g in same] == [True] and compare.guard_code(same) == 0
+    # 1.4x slower, but the rounds' ratios spread by 1.5x: within the noise.
+    noisy = judged([0.012, 0.018, 0.014, 0.014, 0.014], base=[0.010] * 5)
+    assert noisy[0]["passed"] and noisy[0]["target"] == "≤ 1.5"
+    broken = judged([], status="error", note="the process failed")
+    assert broken[0]["passed"] is None and compare.guard_code(broken) == 1
+
+    v = compare.verdict([0.02] * 3, [0.01] * 3, 1.3)
+    assert v["faster"] and not v["slower"] and v["ratio"] == 2.0 and v["noise"] == 1.0
+
+
+def test_compare_options_and_revisions():
+    """A keyword an older nw_pool lacks is left out and named; an unknown base is a
+    clear error; the baseline names a commit of this clone."""
+    import nwfast
+    from bench import compare
+
+    def older(query, key, value, w, *, exclude_self=False, backend="auto"):
+        return None
+
+    assert compare.accepted(older, {"tolerance": 0.0}) == ({}, ["tolerance"])
+    assert compare.accepted(nwfast.nw_pool, {"tolerance": 0.0}) == ({"tolerance": 0.0}, [])
+    with pytest.raises(SystemExit, match="not a commit of this clone"):
+        compare.resolve("0123456789abcdef0123")
+    assert len(compare.resolve(compare.baseline())) == 40
+    assert set(compare.GUARD_CASES) <= set(compare.CASES)

@@ -71,7 +71,7 @@ def search_log_h(loss_at, loss_and_gradient, log_start, step, max_iter, tol, say
         optimizer.zero_grad()
         log_h = center + u / scale
         loss = loss_and_gradient(u, log_h)
-        say(f"L-BFGS h={format_h(log_h.exp())} loss={float(loss):.6g}")
+        say(f"L-BFGS h={format_h(log_h.exp())} loss={float(loss.detach()):.6g}")
         return loss
 
     if max_iter > 0:

@@ -21,6 +21,7 @@ but a few numbers per pass.
 """
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -68,7 +69,8 @@ def nw_pool(
     let DDP average it as it averages every other parameter, before a step; the
     parts add up to the one-process gradient. Every rank must call backward
     through its output, a rank without queries too, as every rank joins a
-    collective.
+    collective, and before ``destroy_process_group``: the output does not keep the
+    group alive, so that destroying it stops its threads then and there.
     """
     group = group or dist.group.WORLD
     shard, error = _prepare_locally(query, key, value, w, exclude_self, tolerance, backend, group)
@@ -380,7 +382,12 @@ class _Ring:
     def __init__(self, group, table, shard, error):
         _check_table(table, error)
         self.per_key = _per_key_w(table)
-        self.group = group
+        # The ring lives in the output's autograd graph, often to the end of the
+        # script: a strong reference would keep the group, and gloo's threads,
+        # alive past destroy_process_group, to be torn down during interpreter
+        # exit, where it can abort the process ("terminate called without an
+        # active exception"). torch.distributed owns the group until then.
+        self._group = weakref.ref(group)
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.exclude_self = bool(table["exclude_self"][0])
         self.n = table["n"][self.rank]
@@ -399,6 +406,16 @@ class _Ring:
         self.travelling = tuple(name for name in self.key_names if wanted[name])
         self.tolerance, self.backend = shard.tolerance, shard.backend
         self.sum_dtype = torch.promote_types(shard.q.dtype, torch.float32)
+
+    @property
+    def group(self):
+        group = self._group()
+        if group is None:
+            raise RuntimeError(
+                "nwfast.distributed.nw_pool: the process group was destroyed before this "
+                "backward; run the backward before destroy_process_group"
+            )
+        return group
 
     def source(self, step):
         return (self.rank - step) % self.size

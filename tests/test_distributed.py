@@ -6,12 +6,15 @@ test process, which judges them with nwfast.testing against the float64 referenc
 and against single-process ``nwfast.nw_pool`` on the gathered problem: outputs and
 every gradient, uneven and empty shards, exclude_self across shard borders, per-key
 and scalar w, bad inputs (every rank raises, and the group still works after), the
-bandwidth search, and results that do not depend on timing.
+bandwidth search, and results that do not depend on timing. Apart from those: rings
+torn down and started again, in processes that must exit cleanly.
 """
 
 import datetime
 import math
+import os
 import time
+import weakref
 import zlib
 from dataclasses import dataclass
 
@@ -317,24 +320,24 @@ def ran(tmp_path_factory):
         if world not in done:
             folder = tmp_path_factory.mktemp(f"world{world}")
             cases = all_cases(world)
-            context = mp.start_processes(
-                _worker,
-                args=(world, str(folder / "store"), cases, str(folder)),
-                nprocs=world,
-                join=False,
-                start_method="spawn",
-            )
-            deadline = time.monotonic() + SPAWN_TIMEOUT_S
-            while not context.join(timeout=5):
-                if time.monotonic() > deadline:
-                    for process in context.processes:
-                        process.kill()
-                    pytest.fail(f"{world} ranks did not finish within {SPAWN_TIMEOUT_S} s")
+            _spawn(_worker, (world, str(folder / "store"), cases, str(folder)), world)
             results = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(world)]
             done[world] = {case.name: case for case in cases}, results
         return done[world]
 
     return run
+
+
+def _spawn(worker, args, world):
+    """worker(rank, *args) in ``world`` fresh processes; raises where one raised,
+    exited with a code other than 0 or died of a signal."""
+    context = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{world} ranks did not finish within {SPAWN_TIMEOUT_S} s")
 
 
 def _failed(results, name):
@@ -449,3 +452,54 @@ def _same(a, b):
 def test_needs_an_initialised_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         nwfast.distributed.nw_pool(torch.rand(3), torch.rand(3), torch.rand(3), 1.0)
+
+
+# --- teardown ----------------------------------------------------------------------
+
+TEARDOWN_CYCLES = 3
+# What each rank's rings returned, kept to the end of its process as a script keeps
+# its variables: whatever their graphs hold is torn down at interpreter exit.
+_KEPT = []
+
+
+def _teardown_worker(rank, world, folder, cycles):
+    # C++ reports an abort ("terminate called ...") on file descriptor 2: keep this rank's.
+    with open(f"{folder}/rank{rank}.err", "w") as err:
+        os.dup2(err.fileno(), 2)
+    torch.set_num_threads(1)
+    freed, refused = [], []
+    for cycle in range(cycles):
+        dist.init_process_group(
+            "gloo", init_method=f"file://{folder}/store{cycle}", rank=rank, world_size=world
+        )
+        gen = torch.Generator().manual_seed(cycle * world + rank)
+        q, k = (torch.randn(20 + 7 * rank, 2, generator=gen).requires_grad_() for _ in "qk")
+        v = torch.randn(20 + 7 * rank, 3, generator=gen).requires_grad_()
+        out = nwfast.distributed.nw_pool(q, k, v, 0.8)
+        out.square().sum().backward()
+        never_differentiated = nwfast.distributed.nw_pool(q, k, v, 0.8)
+        group = weakref.ref(dist.group.WORLD)
+        dist.destroy_process_group()
+        # The outputs' graphs do not keep the group, and gloo's threads, alive.
+        freed.append(group() is None)
+        try:
+            never_differentiated.sum().backward()
+        except RuntimeError as error:
+            refused.append(str(error))
+        _KEPT.extend([out, never_differentiated])
+    torch.save({"freed": freed, "refused": refused}, f"{folder}/rank{rank}.pt")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_teardown_is_clean(tmp_path, world):
+    """A group started, used for a forward and a backward and destroyed, again and
+    again in the same processes: every rank exits with 0 and reports no abort,
+    and destroy_process_group frees the group though the outputs live on."""
+    _spawn(_teardown_worker, (world, str(tmp_path), TEARDOWN_CYCLES), world)
+    for rank in range(world):
+        err = (tmp_path / f"rank{rank}.err").read_text()
+        assert "terminate called" not in err, f"rank {rank}: {err[-2000:]}"
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["freed"] == [True] * TEARDOWN_CYCLES, f"rank {rank}: {result}"
+        assert len(result["refused"]) == TEARDOWN_CYCLES, f"rank {rank}: {result}"
+        assert all("destroyed before this backward" in m for m in result["refused"])
