@@ -18,7 +18,7 @@ __all__ = [
     "pairs_computed",
     "reference",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 _ESTIMATORS = ("LocalLinearRegression", "NadarayaWatson")
 
