@@ -102,6 +102,20 @@ def _ensure_numba_cache():
 _ensure_numba_cache()
 
 
+# The shift of a row's softmax. With every w >= 0 each score is <= 0, so a
+# shift of 0 is safe from overflow and needs no row maximum. A zero-shift sum
+# below UNDERFLOW (a query far from every key, a huge w) may have lost weights
+# flushed to 0 (each < 2**-126, and the largest weight is >= total / m), so
+# such a row is redone against its own maximum.
+UNDERFLOW = 2.0**-60
+# A float64 lse holds a row's log-sum only to about u64 |lse|. Past these
+# magnitudes (log2 units; by the accumulator dtype) that would cost the
+# backward's weights more than 2**7 float64 ulps, or 2**-26 relative in
+# float32: a query far from every key, a huge w. The backward and the tangent
+# then recompute such a row's shift exactly, in the forward's own arithmetic.
+EXACT_SHIFT_ABOVE = {torch.float64: 2.0**6, torch.float32: 2.0**26}
+
+
 def per_key(w, m):
     """w (..., 1) or (..., m) -> (..., m) contiguous: every kernel reads one w per key."""
     return w.expand(*w.shape[:-1], m).contiguous()

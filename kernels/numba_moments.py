@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from . import UNDERFLOW
 from .numba_exp import exp2, fma, fmax, mul, sub
 from .workers import parallel
 
@@ -54,9 +55,6 @@ LN2 = 0.6931471805599453
 TILE = 256
 # A parallel work item is a run of query rows worth about this many pairs.
 ITEM_PAIRS = 1 << 15
-# With shift 0 the largest weight is >= total / m; below this total (a query
-# far from every key, a huge w) flushed weights could matter: redo the row.
-UNDERFLOW = 2.0**-60
 
 _FLAGS = {"contract", "reassoc", "nsz", "arcp"}
 _jit = functools.partial(njit, fastmath=_FLAGS, error_model="numpy", cache=True, nogil=True)

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from . import blocks, distance_shift, per_key
+from . import EXACT_SHIFT_ABOVE, UNDERFLOW, blocks, distance_shift, per_key
 from .numba_exp import exp2, fma, fmax, mul, sub
 from .workers import parallel as _parallel
 
@@ -72,18 +72,9 @@ ITEM_PAIRS = 1 << 15
 # depth of a float32 sum, and so its worst error, stays bounded whatever m,
 # even where one dominant weight makes a lane drop the sub-ulp terms after it.
 SUM_BLOCK = 256
-# Zero-shift sums below this are redone against the row maximum: weights
-# flushed to zero (each < 2**-126) cannot matter above it.
-UNDERFLOW = 2.0**-60
 # The rows-layout dw is summed over rows in this many fixed chunks (partials
 # summed afterwards in order), independent of the thread count.
 DW_CHUNKS = 32
-# A float64 lse holds a row's log-sum only to about u64 |lse|. Past these
-# magnitudes (log2 units) that would cost the backward's weights more than
-# 2**7 float64 ulps, or 2**-26 relative in float32: a query far from every
-# key, a huge w. The backward and the tangent then recompute such a row's
-# shift exactly, in the forward's own arithmetic (``_exact_shifts``).
-EXACT_SHIFT_ABOVE = {torch.float64: 2.0**6, torch.float32: 2.0**26}
 
 # Fast math without nnan/ninf, so NaN and inf propagate as in the reference;
 # reassoc lets LLVM vectorise the sums. error_model="numpy": x / 0 is inf/NaN.

@@ -15,8 +15,18 @@ float32 and half inputs) and the running sums in float64. Scores are in log2
 units for float32 (one ``exp2`` per pair) and natural units for float64 (a float
 literal for log2(e) would be rounded to float32); the host converts the lse.
 A removed or padded key enters as exact zeros (its u and v are replaced, not only
-its weight), so a NaN there reaches no sum. The backward recomputes the weights
-from the lse, split into a (high, low) pair by the host.
+its weight), so a NaN there reaches no sum.
+
+A score is a chain of explicit ``tl.fma``, one a feature, so it is rounded once
+at the end in the GPU's arithmetic as in the interpreter's (a GPU would fuse a
+product and a following difference by itself, the interpreter does not): the
+row maximum subtracted from the top key's score leaves exactly 0 however large
+the score (a query far from every key, ~1e13), and the backward, which builds
+the scores in the same way, recomputes the forward's. It recomputes the weights
+as ``(s - high) - low`` with the lse split into a (high, low) pair, or, for rows
+whose |lse| passes ``EXACT_SHIFT_ABOVE`` (a float64 lse cannot hold their
+shift), with the forward's own maximum and log-sum; ``_moments_shift_kernel``
+makes both.
 
 Checked under ``TRITON_INTERPRET=1`` against the float64 reference; the block
 sizes for a GPU are a first choice, not yet tuned on hardware.
@@ -28,9 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import accumulator_dtype
+from . import EXACT_SHIFT_ABOVE, accumulator_dtype
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 # (owned queries, streamed keys) per program; the interpreter's cost is per
 # block step, so it takes one large tile.
@@ -66,7 +77,7 @@ def _tile(Q, K, C2, q_rows, offs_n, start_m, m, EXCLUDE_SELF: tl.constexpr, D: t
     s = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for f in tl.static_range(D):
         u = _offset(K, Q, k_rows, q_rows, keep, f, D, ACC)
-        s += tl.load(C2 + f).to(ACC) * (u * u)
+        s = tl.fma(tl.load(C2 + f).to(ACC), u * u, s)
     return k_rows, keep, tl.where(keep, s, float("-inf"))
 
 
@@ -80,18 +91,19 @@ def _exp(x, USE_EXP2: tl.constexpr):
 
 
 @triton.jit
-def _moments_fwd_kernel(
-    Q, K, V, C2, Mom, Lse, n, m,
+def _moments_sums(
+    Q, K, V, C2, q_rows, offs_n, m, active,
     EXCLUDE_SELF: tl.constexpr, D: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
-    ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, MOMENTS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    q_rows = tl.minimum(offs_n, n - 1).to(tl.int64)  # padded rows are never stored
+    # The online softmax of the owned queries: their maximum score m_i, sum of
+    # weights l_i and (if MOMENTS) weighted moments acc; no keys where not
+    # ``active``.
     m_i = tl.full([BLOCK_N], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_N], tl.float64)
     acc = tl.zeros([BLOCK_P, BLOCK_N], tl.float64)
-    for start_m in range(0, m, BLOCK_M):
+    for start_m in range(0, tl.where(active, m, 0), BLOCK_M):
         k_rows, keep, s = _tile(Q, K, C2, q_rows, offs_n, start_m, m, EXCLUDE_SELF, D, ACC,
                                 BLOCK_N, BLOCK_M)  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -100,25 +112,50 @@ def _moments_fwd_kernel(
         alpha = _exp(m_i - m_safe, USE_EXP2).to(tl.float64)
         p = _exp(s - m_safe[None, :], USE_EXP2)
         l_i = l_i * alpha + tl.sum(p, axis=0).to(tl.float64)
-        acc = acc * alpha[None, :]
-        for f in tl.static_range(D):
-            uf = _offset(K, Q, k_rows, q_rows, keep, f, D, ACC)
-            pu = p * uf
-            acc = _place_row(acc, tl.sum(pu, axis=0).to(tl.float64), f, BLOCK_P)
-            for g in tl.static_range(f, D):
-                ug = _offset(K, Q, k_rows, q_rows, keep, g, D, ACC)
-                k2 = D + f * D - f * (f - 1) // 2 + (g - f)
-                acc = _place_row(acc, tl.sum(pu * ug, axis=0).to(tl.float64), k2, BLOCK_P)
+        if MOMENTS:
+            acc = acc * alpha[None, :]
+            for f in tl.static_range(D):
+                uf = _offset(K, Q, k_rows, q_rows, keep, f, D, ACC)
+                pu = p * uf
+                acc = _place_row(acc, tl.sum(pu, axis=0).to(tl.float64), f, BLOCK_P)
+                for g in tl.static_range(f, D):
+                    ug = _offset(K, Q, k_rows, q_rows, keep, g, D, ACC)
+                    k2 = D + f * D - f * (f - 1) // 2 + (g - f)
+                    acc = _place_row(acc, tl.sum(pu * ug, axis=0).to(tl.float64), k2, BLOCK_P)
+                for ch in tl.static_range(C):
+                    vc = tl.where(keep, tl.load(V + k_rows * C + ch).to(ACC)[:, None], 0.0)
+                    kv = P - D * C + f * C + ch
+                    acc = _place_row(acc, tl.sum(pu * vc, axis=0).to(tl.float64), kv, BLOCK_P)
             for ch in tl.static_range(C):
                 vc = tl.where(keep, tl.load(V + k_rows * C + ch).to(ACC)[:, None], 0.0)
-                kv = P - D * C + f * C + ch
-                acc = _place_row(acc, tl.sum(pu * vc, axis=0).to(tl.float64), kv, BLOCK_P)
-        for ch in tl.static_range(C):
-            vc = tl.where(keep, tl.load(V + k_rows * C + ch).to(ACC)[:, None], 0.0)
-            k1 = P - D * C - C + ch
-            acc = _place_row(acc, tl.sum(p * vc, axis=0).to(tl.float64), k1, BLOCK_P)
+                k1 = P - D * C - C + ch
+                acc = _place_row(acc, tl.sum(p * vc, axis=0).to(tl.float64), k1, BLOCK_P)
         m_i = m_new
+    return m_i, l_i, acc
 
+
+@triton.jit
+def _log(x, USE_EXP2: tl.constexpr):
+    if USE_EXP2:
+        y = tl.log2(x)
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _moments_fwd_kernel(
+    Q, K, V, C2, Mom, Lse, n, m,
+    EXCLUDE_SELF: tl.constexpr, D: tl.constexpr, C: tl.constexpr, P: tl.constexpr,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    q_rows = tl.minimum(offs_n, n - 1).to(tl.int64)  # padded rows are never stored
+    m_i, l_i, acc = _moments_sums(
+        Q, K, V, C2, q_rows, offs_n, m, True, EXCLUDE_SELF, D, C, P, ACC, USE_EXP2, True,
+        BLOCK_P, BLOCK_N, BLOCK_M,
+    )  # fmt: skip
     rows = offs_n.to(tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
     tl.store(
@@ -127,11 +164,34 @@ def _moments_fwd_kernel(
         mask=(offs_p[:, None] < P) & (offs_n < n)[None, :],
     )
     # In the scores' units (log2 for float32); the host converts.
-    if USE_EXP2:
-        lse = m_i.to(tl.float64) + tl.log2(l_i)
-    else:
-        lse = m_i + tl.log(l_i)
-    tl.store(Lse + rows, lse, mask=offs_n < n)
+    tl.store(Lse + rows, m_i.to(tl.float64) + _log(l_i, USE_EXP2), mask=offs_n < n)
+
+
+@triton.jit
+def _moments_shift_kernel(
+    Q, K, C2, Lse, Lh, Ll, n, m,
+    EXCLUDE_SELF: tl.constexpr, D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+    SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    EXACT_ABOVE: tl.constexpr,
+):  # fmt: skip
+    # The backward's shift (Lh, Ll) in the scores' units: the lse (natural
+    # log) split in two, or, for the rows whose |lse| passes EXACT_ABOVE, the
+    # forward's own, Lh = its maximum score and Ll = log(its sum of weights),
+    # recomputed as the forward computes them.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    q_rows = tl.minimum(offs_n, n - 1).to(tl.int64)
+    lse = tl.load(Lse + q_rows)
+    far = (offs_n < n) & (tl.abs(lse) > EXACT_ABOVE)
+    active = tl.max(far.to(tl.int32), axis=0) > 0
+    m_i, l_i, _ = _moments_sums(
+        Q, K, K, C2, q_rows, offs_n, m, active, EXCLUDE_SELF, D, 1, 1, ACC, USE_EXP2, False,
+        1, BLOCK_N, BLOCK_M,
+    )  # fmt: skip
+    high = (lse * SCALE).to(ACC)
+    low = (lse * SCALE - high.to(tl.float64)).to(ACC)
+    log_sum = _log(tl.where(far, l_i, 1.0), USE_EXP2).to(ACC)
+    tl.store(Lh + q_rows, tl.where(far, m_i, high), mask=offs_n < n)
+    tl.store(Ll + q_rows, tl.where(far, log_sum, low), mask=offs_n < n)
 
 
 @triton.jit
@@ -228,14 +288,20 @@ def backward(grad, query, key, value, w, lse, second, tbar, exclude_self):
     n, d = query.shape
     m, c = value.shape
     acc = accumulator_dtype(query.dtype)
-    scaled = lse * _scale(query.dtype)
-    high = scaled.to(acc)
-    grad_w = torch.empty((n, d), dtype=torch.float64, device=query.device)
+    c2 = _c2(w, query.dtype)
     blocks = _blocks()
-    _moments_bwd_kernel[(triton.cdiv(n, blocks["BLOCK_N"]),)](
-        query, key, value, _c2(w, query.dtype), grad.to(acc).contiguous(),
-        tbar.to(acc), second.to(acc), high, (scaled - high.double()).to(acc), grad_w, n, m,
-        bool(exclude_self), d, c, grad.shape[1], **_meta(query.dtype),
-        BLOCK_D=triton.next_power_of_2(d), **blocks,
+    grid = (triton.cdiv(n, blocks["BLOCK_N"]),)
+    # The weights 2**((s - high) - low).
+    high, low = (torch.empty(n, dtype=acc, device=query.device) for _ in range(2))
+    _moments_shift_kernel[grid](
+        query, key, c2, lse.contiguous(), high, low, n, m, bool(exclude_self), d,
+        **_meta(query.dtype), SCALE=_scale(query.dtype),
+        EXACT_ABOVE=EXACT_SHIFT_ABOVE[acc] * LN2, **blocks,
+    )  # fmt: skip
+    grad_w = torch.empty((n, d), dtype=torch.float64, device=query.device)
+    _moments_bwd_kernel[grid](
+        query, key, value, c2, grad.to(acc).contiguous(), tbar.to(acc), second.to(acc),
+        high, low, grad_w, n, m, bool(exclude_self), d, c, grad.shape[1],
+        **_meta(query.dtype), BLOCK_D=triton.next_power_of_2(d), **blocks,
     )  # fmt: skip
     return grad_w

@@ -5,15 +5,15 @@ over keys applied to the values. The interface is described in
 ``kernels/__init__.py``; block-sparse plans in ``kernels/blocks.py``.
 
 Shared keys follow FlashAttention: a program owns one block of queries of one
-batch element and streams tiles of keys through an online softmax (running
-max, rescale, running sum, accumulator), then stores the log-sum-exp. The
-keys it streams are its plan's spans: everything for a dense pass, the runs
-of key blocks its bound keeps for a block-sparse one. The backward recomputes
-the probabilities from the log-sum-exp in two passes, one program per query
-block for ``dq`` and one per key block for ``dk``, ``dv`` and ``dw`` (over the
-transposed spans); the tangent (forward-mode AD) is a third query-side pass.
-Every output element is owned by exactly one program and summed in a fixed
-order, so there are no atomics and results repeat bit for bit.
+batch element and streams tiles of keys, summing weights and weighted values,
+then stores the log-sum-exp. The keys it streams are its plan's spans:
+everything for a dense pass, the runs of key blocks its bound keeps for a
+block-sparse one. The backward recomputes the probabilities from the
+log-sum-exp in two passes, one program per query block for ``dq`` and one per
+key block for ``dk``, ``dv`` and ``dw`` (over the transposed spans); the
+tangent (forward-mode AD) is a third query-side pass. Every output element is
+owned by exactly one program and summed in a fixed order, so there are no
+atomics and results repeat bit for bit.
 
 Why the code is shaped the way it is:
 
@@ -22,11 +22,31 @@ Why the code is shaped the way it is:
   and only the ragged end of a span or a tile holding a row's left-out key
   pays for them. A left-out pair is removed from every sum with ``where``,
   NaN or not.
-* Exponent arguments are one ``fma(d_ij^2, -c_j, -shift)`` everywhere: the
-  backward's ``2**(c d^2 - lse)`` then reproduces the forward's weights even
-  where ``|c d^2|`` is huge (a query far from every key); a product rounded
-  before the subtraction would not, and the compiler's own contraction of a
-  product and a difference cannot be relied upon to agree between kernels.
+* The shift. With every w >= 0 each score is <= 0, so the forward shifts by
+  0: one exp per pair, no running maximum, no rescaling. Rows it cannot keep
+  (a sum below ``UNDERFLOW``: a query far from every key, a huge w; NaN; a
+  batch element with some w < 0) it marks with lse = -inf, and a second
+  launch of the same kernel (``ONLINE``) redoes them with an exact online
+  softmax; its programs that hold no such row stream no keys. That launch and
+  the shift kernels below run at one fixed config (``_exact_config``).
+* Exponent arguments where a score can be huge (~1e13 for a query far from
+  every key) must carry no rounding of the score, in the GPU's arithmetic as
+  in the interpreter's: on a GPU Triton fuses a product and a following
+  difference into an FMA (the interpreter does not), so a shift is never
+  subtracted from a rounded product. The zero-shift exponent is the product
+  ``c_j d_ij^2`` alone. Elsewhere an exponent is an explicit
+  ``tl.fma(d^2, c, -high) - low`` with the shift a (high, low) pair: the
+  online softmax keeps high = the largest rounded score and low = the
+  largest ``fma(d^2, c, -high)``, the exact residual of the top keys
+  (rounding is monotonic), so the top key's exponent is ``low - low = 0``.
+  A maximum of rounded scores subtracted from exact ones would leave the
+  product's rounding error, up to half an ulp of the score, in the exponent
+  (inf or 0, then NaN). The backward and the tangent take (high, low) from
+  the lse split in two; for rows whose |lse| passes ``EXACT_SHIFT_ABOVE`` (a
+  float64 lse cannot hold their shift) ``_shift_kernel`` recomputes the
+  forward's own pair, and the row's 1 / sum, which ``low`` (the residual of a
+  huge score) may be too coarse to absorb, scales g (so every gradient) and
+  the tangent instead.
   float32 works in log2 units, log2(e) folded into the per-key constant, so a
   pair costs one ``ex2.approx``; float64 keeps natural units.
 * Shared layout, compute-bound: one exp and a handful of FMAs per pair. For
@@ -58,9 +78,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import accumulator_dtype, blocks, distance_shift, per_key
+from . import EXACT_SHIFT_ABOVE, UNDERFLOW, accumulator_dtype, blocks, distance_shift, per_key
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# The least zero-shift sum the forward keeps (see UNDERFLOW).
+ZERO_SHIFT_MIN = tl.constexpr(UNDERFLOW)
 
 # Queries and keys a program owns in a block-sparse pass: the plan's blocks.
 SPARSE_BLOCK = 128
@@ -88,6 +111,20 @@ INTERPRET_CONFIGS = {
 
 def _cfg(warps, **blocks_):
     return triton.Config(blocks_, num_warps=warps, num_stages=2)
+
+
+def _exact_config(side):
+    """Blocks and warps of the passes that redo rows exactly (the forward's
+    ``ONLINE`` launch, the shift kernels): one fixed config, since their work
+    depends on the data (most programs stream nothing) and timing them would
+    tune nothing. A sparse pass owns the plan's blocks."""
+    if _interpreting():
+        return INTERPRET_CONFIGS[side]
+    blocks_ = {
+        "query": {"BLOCK_N": SPARSE_BLOCK, "BLOCK_M": 16},
+        "rows_fwd": {"BLOCK_R": 4, "BLOCK_M": 512},
+    }
+    return {**blocks_[side], "num_warps": 4, "num_stages": 2}
 
 
 # Owned extent >= 32 * num_warps in every shared-layout config (see above):
@@ -156,13 +193,42 @@ def _exp(x, USE_EXP2: tl.constexpr):
 
 
 @triton.jit
-def _split_lse(lse, SCALE: tl.constexpr, ACC: tl.constexpr):
-    # The float64 lse in the scores' units as a (high, low) pair: (s - high) -
-    # low keeps the weight of the nearest keys exact to rounding even where
-    # |lse| is large.
-    scaled = lse * SCALE
-    high = scaled.to(ACC)
-    return high, (scaled - high.to(tl.float64)).to(ACC)
+def _store_shift(Lh, Ll, Scale, rows, stored, lse, far, hi, lo, l_i, ACC: tl.constexpr):
+    # (Lh, Ll, Scale) of the shift kernels: the lse (scores' units) split in
+    # two, or where ``far`` the exact pair (hi, lo) and 1 / l_i.
+    high = lse.to(ACC)
+    low = (lse - high.to(tl.float64)).to(ACC)
+    tl.store(Lh + rows, tl.where(far, hi, high), mask=stored)
+    tl.store(Ll + rows, tl.where(far, lo, low), mask=stored)
+    tl.store(Scale + rows, 1.0 / tl.where(far, l_i, 1.0), mask=stored)
+
+
+@triton.jit
+def _pair_shift(hi, lo, dist2, c2, keep, AXIS: tl.constexpr, MASK: tl.constexpr,
+                USE_EXP2: tl.constexpr):  # fmt: skip
+    # One step of the exact online softmax over a tile whose keys run along
+    # AXIS. The shift is the pair (hi, lo): hi the largest rounded score
+    # c2 d^2, lo the largest fma(d^2, c2, -hi), the exact residual of the top
+    # keys (rounding is monotonic). Returns the new pair, the factor (float64)
+    # that rescales what was summed against the old one, and the tile's
+    # exponents fma(d^2, c2, -hi) - lo: the top key's is 0 to rounding however
+    # large its score, and no rounding of a product can reach it (explicit fma:
+    # a GPU would fuse a product and a following difference by itself).
+    s = dist2 * c2
+    if MASK:
+        s = tl.where(keep, s, float("-inf"))
+    hi_new = tl.maximum(hi, tl.max(s, axis=AXIS))
+    # While every score so far is -inf (all left out) shift by 0:
+    # (-inf) - (-inf) would be NaN. lo then stays 0.
+    hi_safe = tl.where(hi_new == float("-inf"), 0.0, hi_new)
+    x = tl.fma(dist2, c2, -tl.expand_dims(hi_safe, AXIS))
+    if MASK:
+        x = tl.where(keep, x, float("-inf"))
+    lo_tile = tl.max(x, axis=AXIS)
+    lo_new = tl.where(hi_new == hi, tl.maximum(lo, lo_tile), lo_tile)
+    f64 = tl.float64
+    step = (hi.to(f64) - hi_safe.to(f64)) + (lo.to(f64) - lo_new.to(f64))
+    return hi_new, lo_new, _exp(step, USE_EXP2), x - tl.expand_dims(lo_new, AXIS)
 
 
 @triton.jit
@@ -323,14 +389,15 @@ def _masked(x, keep, MASK: tl.constexpr):
 
 
 @triton.jit
-def _store_owned(ptr, acc, offs, count, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
-    # acc (BLOCK, owned) into rows offs of a row-major (count, WIDTH) matrix.
+def _store_owned(ptr, acc, offs, stored, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+    # acc (BLOCK, owned) into rows offs of a row-major (*, WIDTH) matrix, where
+    # ``stored``.
     cols = tl.arange(0, BLOCK)
     rows = offs.to(tl.int64)
     tl.store(
         ptr + rows[None, :] * WIDTH + cols[:, None],
         acc,
-        mask=(cols[:, None] < WIDTH) & (offs < count)[None, :],
+        mask=(cols[:, None] < WIDTH) & stored[None, :],
     )
 
 
@@ -341,11 +408,12 @@ def _store_owned(ptr, acc, offs, count, WIDTH: tl.constexpr, BLOCK: tl.constexpr
 
 @triton.jit
 def _fwd_tile(
-    m_i, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq, start, end,
+    hi, lo, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq, start, end,
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, MASK: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, ONLINE: tl.constexpr,
+    VALUES: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
     offs_m, k_rows = _stream(start, end, MASK, BLOCK_M)
     if USE_DOT_QK:
@@ -355,76 +423,140 @@ def _fwd_tile(
         dist2, _ = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
     # One constant per key: log2(e) * w_j / 2 (or w_j / 2 in float64).
     c2 = (tl.load(w_ptr + k_rows).to(ACC) * (-0.5 * SCALE))[:, None]
-    s = dist2 * c2
     keep = _keep(offs_m, end, skip, HAS_SKIP)
-    if MASK:
-        s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=0))
-    # A query whose keys are all left out so far keeps max -inf; subtracting 0
-    # instead avoids (-inf) - (-inf) = NaN and leaves its sums at 0.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = _exp(m_i - m_safe, USE_EXP2)
-    p = _masked(_exp(tl.fma(dist2, c2, -m_safe[None, :]), USE_EXP2), keep, MASK)
-    alpha = alpha.to(tl.float64)
-    l_i = l_i * alpha + _sum64(p)
-    acc = acc * alpha[None, :]
-    if USE_DOT_PV and not (MASK and HAS_SKIP):
-        v_t = _load_tile_t(v_ptr, k_rows, C, BLOCK_C).to(tl.float32)
-        acc += tl.dot(v_t, p, input_precision=DOT_PREC).to(tl.float64)
+    if ONLINE:
+        hi, lo, alpha, x = _pair_shift(hi, lo, dist2, c2, keep, 0, MASK, USE_EXP2)
+        l_i = l_i * alpha
+        acc = acc * alpha[None, :]
     else:
-        for ch in range(C):
-            vc = tl.load(v_ptr + k_rows * C + ch).to(ACC)
-            acc = _place_row(acc, _sum64(_masked(p * vc[:, None], keep, MASK)), ch, BLOCK_C)
-    return m_new, l_i, acc
+        x = dist2 * c2  # <= 0: shift 0
+    p = _masked(_exp(x, USE_EXP2), keep, MASK)
+    l_i += _sum64(p)
+    if VALUES:
+        if USE_DOT_PV and not (MASK and HAS_SKIP):
+            v_t = _load_tile_t(v_ptr, k_rows, C, BLOCK_C).to(tl.float32)
+            acc += tl.dot(v_t, p, input_precision=DOT_PREC).to(tl.float64)
+        else:
+            for ch in range(C):
+                vc = tl.load(v_ptr + k_rows * C + ch).to(ACC)
+                acc = _place_row(acc, _sum64(_masked(p * vc[:, None], keep, MASK)), ch, BLOCK_C)
+    return hi, lo, l_i, acc
 
 
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, W, Skip, Ptr, Spans, Out, Lse, n, m,
-    D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
-    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
-    USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+def _fwd_sums(
+    Ptr, Spans, pid, active, m, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, skip_lo, skip_hi,
+    D: tl.constexpr, C: tl.constexpr, SPARSE: tl.constexpr, ACC: tl.constexpr,
+    USE_EXP2: tl.constexpr, SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr,
+    USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_SKIP: tl.constexpr, ONLINE: tl.constexpr, VALUES: tl.constexpr,
 ):  # fmt: skip
-    pid, b, offs_n, q_rows = _owner(n, BLOCK_N)
-    q_ptr, k_ptr, v_ptr, w_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, W + b * m
-    skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
+    # The owned queries' shift pair (hi, lo), sum of weights l_i and weighted
+    # values acc over the program's spans of keys; none where not ``active``.
     if USE_DOT_QK:
         q_t = _load_tile_t(q_ptr, q_rows, D, BLOCK_D)
         qq = _sq_norm(q_t, 0, ACC)
     else:
         q_t = 0
         qq = 0
-
+    if ONLINE:
+        hi = tl.full([BLOCK_N], float("-inf"), ACC)
+    else:
+        hi = tl.zeros([BLOCK_N], ACC)
+    lo = tl.zeros([BLOCK_N], ACC)
     # Sums across tiles in float64: a float32 running sum over m / BLOCK_M
     # tiles would drop the sub-ulp weights after a dominant one.
-    m_i = tl.full([BLOCK_N], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_N], tl.float64)
     acc = tl.zeros([BLOCK_C, BLOCK_N], tl.float64)
     s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
-    for s in range(s_lo, s_hi):
-        lo, hi = _span(Spans, s, m, SPARSE)
-        for start in range(lo, hi, BLOCK_M):
-            if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
-                m_i, l_i, acc = _fwd_tile(
-                    m_i, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq,
-                    start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
-                    DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, True,
+    for s in range(s_lo, tl.where(active, s_hi, s_lo)):
+        lo_m, hi_m = _span(Spans, s, m, SPARSE)
+        for start in range(lo_m, hi_m, BLOCK_M):
+            if _needs_mask(start, hi_m, skip_lo, skip_hi, BLOCK_M):
+                hi, lo, l_i, acc = _fwd_tile(
+                    hi, lo, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq,
+                    start, hi_m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
+                    DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, ONLINE, VALUES, True,
                 )  # fmt: skip
             else:
-                m_i, l_i, acc = _fwd_tile(
-                    m_i, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq,
-                    start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
-                    DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, False,
+                hi, lo, l_i, acc = _fwd_tile(
+                    hi, lo, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq,
+                    start, hi_m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
+                    DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, ONLINE, VALUES, False,
                 )  # fmt: skip
+    return hi, lo, l_i, acc
 
-    # l_i == 0 only if every score is -inf; 0 / 0 = NaN is what the reference
-    # softmax gives there too.
-    _store_owned(Out + b * n * C, acc / l_i[None, :], offs_n, n, C, BLOCK_C)
-    # float64: the backward needs exp(s - lse) exact where |lse| is large.
-    lse = m_i.to(tl.float64) * (1.0 / SCALE) + tl.log(l_i)
-    tl.store(Lse + b * n + offs_n.to(tl.int64), lse, mask=offs_n < n)
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, W, Bounded, Skip, Ptr, Spans, Out, Lse, n, m,
+    D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
+    USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, ONLINE: tl.constexpr,
+):  # fmt: skip
+    # ONLINE False: shift 0 where every w of the batch element is >= 0
+    # (Bounded[b]). A row it cannot keep (a sum below ZERO_SHIFT_MIN, NaN, or
+    # some w < 0) gets lse = -inf, which marks it for ONLINE True: the exact
+    # pair shift, in programs that hold such a row.
+    pid, b, offs_n, q_rows = _owner(n, BLOCK_N)
+    q_ptr, k_ptr, v_ptr, w_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, W + b * m
+    skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
+    stored = offs_n < n
+    if ONLINE:
+        stored = stored & (tl.load(Lse + b * n + q_rows) == float("-inf"))
+        active = tl.max(stored.to(tl.int32), axis=0) > 0
+    else:
+        active = tl.load(Bounded + b) != 0
+    hi, lo, l_i, acc = _fwd_sums(
+        Ptr, Spans, pid, active, m, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, skip_lo,
+        skip_hi, D, C, SPARSE, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC,
+        BLOCK_D, BLOCK_C, BLOCK_N, BLOCK_M, HAS_SKIP, ONLINE, True,
+    )  # fmt: skip
+    if ONLINE:
+        # l_i == 0 only if every score is -inf; 0 / 0 = NaN is what the
+        # reference softmax gives there too. Rows not stored divide by 1.
+        l_i = tl.where(stored, l_i, 1.0)
+        # float64: the backward needs exp(s - lse) exact where |lse| is large.
+        lse = (hi.to(tl.float64) + lo.to(tl.float64)) * (1.0 / SCALE) + tl.log(l_i)
+    else:
+        kept = l_i >= ZERO_SHIFT_MIN
+        l_i = tl.where(kept, l_i, 1.0)
+        lse = tl.where(kept, tl.log(l_i), float("-inf"))
+    _store_owned(Out + b * n * C, acc / l_i[None, :], offs_n, stored, C, BLOCK_C)
+    tl.store(Lse + b * n + offs_n.to(tl.int64), lse, mask=stored)
+
+
+@triton.jit
+def _shift_kernel(
+    Q, K, W, Skip, Ptr, Spans, Lse, Lh, Ll, Scale, n, m,
+    D: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr, ACC: tl.constexpr,
+    USE_EXP2: tl.constexpr, SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, EXACT_ABOVE: tl.constexpr,
+):  # fmt: skip
+    # The backward's weights Scale_i 2**(fma(d^2, c, -Lh) - Ll) (scores' units,
+    # the accumulator dtype): (Lh, Ll) the lse split in two, Scale 1; for the
+    # rows whose |lse| passes EXACT_ABOVE (natural log), where it cannot hold
+    # the forward's shift, that shift recomputed as the forward's ONLINE launch
+    # computes it, (Lh, Ll) = (hi, lo), and Scale = 1 / l_i. The sum stays
+    # apart: lo, the residual of a huge score, may be too coarse to hold
+    # log(l_i) as well (a tie of two keys, say).
+    pid, b, offs_n, q_rows = _owner(n, BLOCK_N)
+    q_ptr, k_ptr, w_ptr = Q + b * n * D, K + b * m * D, W + b * m
+    skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
+    lse = tl.load(Lse + b * n + q_rows)
+    far = (offs_n < n) & (tl.abs(lse) > EXACT_ABOVE)
+    active = tl.max(far.to(tl.int32), axis=0) > 0
+    hi, lo, l_i, _ = _fwd_sums(
+        Ptr, Spans, pid, active, m, q_ptr, k_ptr, k_ptr, w_ptr, q_rows, skip, skip_lo,
+        skip_hi, D, 1, SPARSE, ACC, USE_EXP2, SCALE, USE_DOT_QK, False, DOT_PREC,
+        BLOCK_D, 1, BLOCK_N, BLOCK_M, HAS_SKIP, True, False,
+    )  # fmt: skip
+    rows = b * n + offs_n.to(tl.int64)
+    _store_shift(Lh, Ll, Scale, rows, offs_n < n, lse * SCALE, far, hi, lo, l_i, ACC)
 
 
 # ---------------------------------------------------------------------------
@@ -496,7 +628,7 @@ def _dq_tile(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, W, G, Lse, Delta, Skip, Ptr, Spans, DQ, n, m,
+    Q, K, V, W, G, Lh, Ll, Delta, Skip, Ptr, Spans, DQ, n, m,
     D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
     ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
     USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -507,7 +639,7 @@ def _dq_kernel(
     q_ptr, k_ptr, v_ptr, w_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, W + b * m
     g_ptr = G + b * n * C
     skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
-    lse_hi, lse_lo = _split_lse(tl.load(Lse + b * n + q_rows), SCALE, ACC)
+    lse_hi, lse_lo = tl.load(Lh + b * n + q_rows), tl.load(Ll + b * n + q_rows)
     delta = tl.load(Delta + b * n + q_rows).to(ACC)
     if USE_DOT_QK:
         q_t = _load_tile_t(q_ptr, q_rows, D, BLOCK_D)
@@ -542,7 +674,7 @@ def _dq_kernel(
                 )  # fmt: skip
     if USE_DOT_QK:
         dq_t -= a_sum[None, :] * q_t.to(tl.float64)
-    _store_owned(DQ + b * n * D, dq_t, offs_n, n, D, BLOCK_D)
+    _store_owned(DQ + b * n * D, dq_t, offs_n, offs_n < n, D, BLOCK_D)
 
 
 @triton.jit
@@ -583,7 +715,7 @@ def _tangent_tile(
 
 @triton.jit
 def _tangent_kernel(
-    Q, K, V, W, DQ, DK, DV, DW, Y, Lse, Skip, Ptr, Spans, DY, n, m,
+    Q, K, V, W, DQ, DK, DV, DW, Y, Lh, Ll, Scale, Skip, Ptr, Spans, DY, n, m,
     D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
     ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -593,7 +725,7 @@ def _tangent_kernel(
     dq_ptr, dk_ptr, dv_ptr, dw_ptr = DQ + b * n * D, DK + b * m * D, DV + b * m * C, DW + b * m
     y_ptr = Y + b * n * C
     skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
-    lse_hi, lse_lo = _split_lse(tl.load(Lse + b * n + q_rows), SCALE, ACC)
+    lse_hi, lse_lo = tl.load(Lh + b * n + q_rows), tl.load(Ll + b * n + q_rows)
     acc = tl.zeros([BLOCK_C, BLOCK_N], tl.float64)
     s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
     for s in range(s_lo, s_hi):
@@ -611,7 +743,8 @@ def _tangent_kernel(
                     q_rows, skip, lse_hi, lse_lo, start, hi, D, C, ACC, USE_EXP2, SCALE,
                     BLOCK_M, BLOCK_C, HAS_SKIP, False,
                 )  # fmt: skip
-    _store_owned(DY + b * n * C, acc, offs_n, n, C, BLOCK_C)
+    acc = acc * tl.load(Scale + b * n + q_rows).to(tl.float64)[None, :]
+    _store_owned(DY + b * n * C, acc, offs_n, offs_n < n, C, BLOCK_C)
 
 
 # ---------------------------------------------------------------------------
@@ -622,8 +755,8 @@ def _tangent_kernel(
 
 @triton.jit
 def _dkv_tile(
-    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr, delta_ptr, shift_ptr,
-    skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, start, end,
+    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr, delta_ptr,
+    shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, start, end,
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
     DOT_PREC: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
@@ -631,7 +764,7 @@ def _dkv_tile(
     BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
     offs_n, q_rows = _stream(start, end, MASK, BLOCK_N)
-    lse_hi, lse_lo = _split_lse(tl.load(lse_ptr + q_rows), SCALE, ACC)
+    lse_hi, lse_lo = tl.load(lh_ptr + q_rows), tl.load(ll_ptr + q_rows)
     if USE_DOT_QK:
         q = _load_tile(q_ptr, q_rows, D, BLOCK_D)
         dist2 = _sq_dist_dot(q, _sq_norm(q, 1, ACC), k_t, kk, DOT_PREC)
@@ -702,7 +835,7 @@ def _dkv_tile(
 
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, W, G, Lse, Delta, Shift, Skip, SkippedBy, Ptr, Spans, DK, DV, DW, n, m,
+    Q, K, V, W, G, Lh, Ll, Delta, Shift, Skip, SkippedBy, Ptr, Spans, DK, DV, DW, n, m,
     D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
     ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
     USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -712,8 +845,9 @@ def _dkv_kernel(
 ):  # fmt: skip
     pid, b, offs_m, k_rows = _owner(m, BLOCK_M)
     q_ptr, k_ptr, v_ptr, g_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, G + b * n * C
-    lse_ptr, delta_ptr, shift_ptr, skip_ptr = (
-        Lse + b * n,
+    lh_ptr, ll_ptr, delta_ptr, shift_ptr, skip_ptr = (
+        Lh + b * n,
+        Ll + b * n,
         Delta + b * n,
         Shift + b * n,
         Skip + b * n,
@@ -743,7 +877,7 @@ def _dkv_kernel(
         for start in range(lo, hi, BLOCK_N):
             if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_N):
                 dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-                    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr,
+                    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
                     delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t,
                     start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
                     DOT_PREC, NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C,
@@ -751,7 +885,7 @@ def _dkv_kernel(
                 )  # fmt: skip
             else:
                 dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-                    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lse_ptr,
+                    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
                     delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t,
                     start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
                     DOT_PREC, NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C,
@@ -761,9 +895,10 @@ def _dkv_kernel(
     if NEED_DK:
         if USE_DOT_QK:
             dk_t -= t_sum[None, :] * k_t.to(tl.float64)
-        _store_owned(DK + b * m * D, dk_t * w.to(tl.float64)[None, :], offs_m, m, D, BLOCK_D)
+        dk_t = dk_t * w.to(tl.float64)[None, :]
+        _store_owned(DK + b * m * D, dk_t, offs_m, offs_m < m, D, BLOCK_D)
     if NEED_DV:
-        _store_owned(DV + b * m * C, dv_t, offs_m, m, C, BLOCK_C)
+        _store_owned(DV + b * m * C, dv_t, offs_m, offs_m < m, C, BLOCK_C)
     if NEED_DW:
         tl.store(DW + b * m + offs_m.to(tl.int64), -0.5 * dw_acc, mask=offs_m < m)
 
@@ -774,47 +909,99 @@ def _dkv_kernel(
 
 
 @triton.jit
-def _rows_fwd_kernel(
-    Q, K, V, W, Out, Lse, n, m,
-    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+def _rows_sums(
+    q, K, V, W, row_base, m, active,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, ONLINE: tl.constexpr, VALUES: tl.constexpr,
 ):  # fmt: skip
+    # The rows' shift pair (hi, lo), sum of weights and of weighted values, as
+    # ``_fwd_sums`` for shared keys; none where not ``active``.
+    if ONLINE:
+        hi = tl.full([BLOCK_R], float("-inf"), ACC)
+    else:
+        hi = tl.zeros([BLOCK_R], ACC)
+    lo = tl.zeros([BLOCK_R], ACC)
+    l_i = tl.zeros([BLOCK_R], tl.float64)
+    acc = tl.zeros([BLOCK_R], tl.float64)
+    for start in range(0, tl.where(active, m, 0), BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        c_mask = offs_m < m
+        mask = c_mask[None, :]
+        k = tl.load(K + row_base + offs_m[None, :], mask=mask, other=0.0).to(ACC)
+        c2 = (tl.load(W + offs_m, mask=c_mask, other=0.0).to(ACC) * (-0.5 * SCALE))[None, :]
+        diff = q[:, None] - k
+        dist2 = diff * diff
+        if ONLINE:
+            hi, lo, alpha, x = _pair_shift(hi, lo, dist2, c2, mask, 1, True, USE_EXP2)
+            l_i = l_i * alpha
+            acc = acc * alpha
+        else:
+            x = dist2 * c2  # <= 0: shift 0
+        p = tl.where(mask, _exp(x, USE_EXP2), 0.0)
+        l_i += tl.sum(p, axis=1).to(tl.float64)
+        if VALUES:
+            v = tl.load(V + row_base + offs_m[None, :], mask=mask, other=0.0).to(ACC)
+            acc += tl.sum(p * v, axis=1).to(tl.float64)
+    return hi, lo, l_i, acc
+
+
+@triton.jit
+def _rows_fwd_kernel(
+    Q, K, V, W, Bounded, Out, Lse, n, m,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, ONLINE: tl.constexpr,
+):  # fmt: skip
+    # Two launches, as ``_fwd_kernel``: shift 0 where every w >= 0, then the
+    # exact pair shift for the rows marked lse = -inf.
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     # Padded rows read row n - 1 (finite work, never stored), so only the
     # ragged last column block needs a mask.
     rows = tl.minimum(offs_r, n - 1).to(tl.int64)
     q = tl.load(Q + rows).to(ACC)
     row_base = rows[:, None] * m  # int64: n * m may pass 2^31
+    stored = offs_r < n
+    if ONLINE:
+        stored = stored & (tl.load(Lse + rows) == float("-inf"))
+        active = tl.max(stored.to(tl.int32), axis=0) > 0
+    else:
+        active = tl.load(Bounded) != 0
+    hi, lo, l_i, acc = _rows_sums(
+        q, K, V, W, row_base, m, active, ACC, USE_EXP2, SCALE, BLOCK_R, BLOCK_M, ONLINE, True
+    )
+    if ONLINE:
+        l_i = tl.where(stored, l_i, 1.0)
+        lse = (hi.to(tl.float64) + lo.to(tl.float64)) * (1.0 / SCALE) + tl.log(l_i)
+    else:
+        kept = l_i >= ZERO_SHIFT_MIN
+        l_i = tl.where(kept, l_i, 1.0)
+        lse = tl.where(kept, tl.log(l_i), float("-inf"))
+    tl.store(Out + offs_r, acc / l_i, mask=stored)
+    tl.store(Lse + offs_r, lse, mask=stored)
 
-    m_i = tl.full([BLOCK_R], float("-inf"), ACC)
-    l_i = tl.zeros([BLOCK_R], tl.float64)
-    acc = tl.zeros([BLOCK_R], tl.float64)
-    for start in range(0, m, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        c_mask = offs_m < m
-        mask = c_mask[None, :]
-        k = tl.load(K + row_base + offs_m[None, :], mask=mask, other=0.0).to(ACC)
-        v = tl.load(V + row_base + offs_m[None, :], mask=mask, other=0.0).to(ACC)
-        c2 = (tl.load(W + offs_m, mask=c_mask, other=0.0).to(ACC) * (-0.5 * SCALE))[None, :]
-        diff = q[:, None] - k
-        dist2 = diff * diff
-        s = tl.where(mask, dist2 * c2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = _exp(m_i - m_safe, USE_EXP2).to(tl.float64)
-        p = tl.where(mask, _exp(tl.fma(dist2, c2, -m_safe[:, None]), USE_EXP2), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1).to(tl.float64)
-        acc = acc * alpha + tl.sum(p * v, axis=1).to(tl.float64)
-        m_i = m_new
-    r_mask = offs_r < n
-    tl.store(Out + offs_r, acc / l_i, mask=r_mask)
-    lse = m_i.to(tl.float64) * (1.0 / SCALE) + tl.log(l_i)
-    tl.store(Lse + offs_r, lse, mask=r_mask)
+
+@triton.jit
+def _rows_shift_kernel(
+    Q, K, W, Lse, Lh, Ll, Scale, n, m,
+    ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, EXACT_ABOVE: tl.constexpr,
+):  # fmt: skip
+    # ``_shift_kernel`` for the rows layout.
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.minimum(offs_r, n - 1).to(tl.int64)
+    q = tl.load(Q + rows).to(ACC)
+    lse = tl.load(Lse + rows)
+    far = (offs_r < n) & (tl.abs(lse) > EXACT_ABOVE)
+    active = tl.max(far.to(tl.int32), axis=0) > 0
+    hi, lo, l_i, _ = _rows_sums(
+        q, K, K, W, rows[:, None] * m, m, active, ACC, USE_EXP2, SCALE, BLOCK_R, BLOCK_M,
+        True, False,
+    )  # fmt: skip
+    _store_shift(Lh, Ll, Scale, offs_r, offs_r < n, lse * SCALE, far, hi, lo, l_i, ACC)
 
 
 @triton.jit
 def _rows_bwd_kernel(
-    Q, K, V, W, G, Out, Lse, Shift, DK, DV, DQ_PART, DW_PART, n, m, rows_per_group,
+    Q, K, V, W, G, Out, Lh, Ll, Shift, DK, DV, DQ_PART, DW_PART, n, m, rows_per_group,
     ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
     NEED_DQ: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
     NEED_DW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -842,7 +1029,8 @@ def _rows_bwd_kernel(
         q = tl.load(Q + offs_r, mask=r_mask, other=0.0).to(ACC)
         g = tl.load(G + offs_r, mask=r_mask, other=0.0).to(ACC)
         y = tl.load(Out + offs_r, mask=r_mask, other=0.0).to(ACC)
-        lse_hi, lse_lo = _split_lse(tl.load(Lse + offs_r, mask=r_mask, other=0.0), SCALE, ACC)
+        lse_hi = tl.load(Lh + offs_r, mask=r_mask, other=0.0)
+        lse_lo = tl.load(Ll + offs_r, mask=r_mask, other=0.0)
         mask = r_mask[:, None] & c_mask[None, :]
         idx = offs_r[:, None] * m + offs_m[None, :]
         k = tl.load(K + idx, mask=mask, other=0.0).to(ACC)
@@ -871,7 +1059,7 @@ def _rows_bwd_kernel(
 
 @triton.jit
 def _rows_tangent_kernel(
-    Q, K, V, W, DQ, DK, DV, DW, Y, Lse, DY, n, m,
+    Q, K, V, W, DQ, DK, DV, DW, Y, Lh, Ll, Scale, DY, n, m,
     ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -882,7 +1070,7 @@ def _rows_tangent_kernel(
     q = tl.load(Q + rows).to(ACC)
     dq = tl.load(DQ + rows).to(ACC)
     y = tl.load(Y + rows).to(ACC)
-    lse_hi, lse_lo = _split_lse(tl.load(Lse + rows), SCALE, ACC)
+    lse_hi, lse_lo = tl.load(Lh + rows), tl.load(Ll + rows)
     row_base = rows[:, None] * m
     acc = tl.zeros([BLOCK_R], tl.float64)
     for start in range(0, m, BLOCK_M):
@@ -901,7 +1089,7 @@ def _rows_tangent_kernel(
         p = _exp(tl.fma(dist2, w * (-0.5 * SCALE), -lse_hi[:, None]) - lse_lo[:, None], USE_EXP2)
         ds = -0.5 * dw * dist2 - w * diff * (dq[:, None] - dk)
         acc += tl.sum(tl.where(mask, p * (dv + ds * (v - y[:, None])), 0.0), axis=1).to(tl.float64)
-    tl.store(DY + offs_r, acc, mask=offs_r < n)
+    tl.store(DY + offs_r, acc * tl.load(Scale + rows).to(tl.float64), mask=offs_r < n)
 
 
 # Autotuned twins for the GPU; the interpreter calls the plain kernels with
@@ -967,10 +1155,11 @@ def _meta(dtype, d, c):
     }
 
 
-def _launch(kernel, side, count, args, meta, sparse_items=None):
+def _launch(kernel, side, count, args, meta, sparse_items=None, exact=False):
     """Run ``kernel`` over blocks of ``count`` points (per batch element) with
-    the interpreter's fixed config for ``side``, else autotuned. A sparse pass
-    has one program per plan item."""
+    the interpreter's fixed config for ``side``, else autotuned; ``exact``: a
+    pass that redoes rows, at ``_exact_config``. A sparse pass has one program
+    per plan item."""
     owned = "BLOCK_M" if side == "key" else "BLOCK_N"
     batch = args[0].shape[0]
 
@@ -979,11 +1168,49 @@ def _launch(kernel, side, count, args, meta, sparse_items=None):
             sparse_items if sparse_items is not None else batch * triton.cdiv(count, cfg[owned]),
         )
 
-    if _interpreting():
-        cfg = INTERPRET_CONFIGS[side]
-        kernel[grid(cfg)](*args, **{**meta, **cfg})
+    if exact or _interpreting():
+        cfg = _exact_config(side) if exact else INTERPRET_CONFIGS[side]
+        kernel[grid(cfg)](*args, **meta, **cfg)
     else:
         _TUNED[kernel][lambda cfg: grid(cfg)](*args, **meta)
+
+
+def _bounded(w):
+    """True per batch element where every w >= 0, so every score is <= 0 and
+    the forward may shift by 0."""
+    return (w >= 0).all(-1)
+
+
+def _empty_shifts(lse, dtype):
+    acc = accumulator_dtype(dtype)
+    return [torch.empty(lse.shape, dtype=acc, device=lse.device) for _ in range(3)]
+
+
+def _shifts(q, k, w, lse, spans, dtype, d):
+    """(high, low, scale), each (B, n), of the weights scale_i 2**(fma(d^2, c,
+    -high) - low) that the backward and the tangent recompute (``_shift_kernel``).
+    The passes that take g fold scale into it (and so into delta)."""
+    B, n = lse.shape
+    meta = _meta(dtype, d, 1)
+    high, low, scale = _empty_shifts(lse, dtype)
+    _launch(
+        _shift_kernel,
+        "query",
+        n,
+        (q, k, w, spans.skip, spans.key_ptr, spans.key_spans, lse, high, low, scale)
+        + (n, k.shape[1]),
+        {
+            **{key: meta[key] for key in ("ACC", "USE_EXP2", "SCALE", "USE_DOT_QK", "DOT_PREC")},
+            "BLOCK_D": meta["BLOCK_D"],
+            "D": d,
+            "HAS_SKIP": spans.has_skip,
+            "SPARSE": spans.sparse,
+            "EXACT_ABOVE": EXACT_SHIFT_ABOVE[accumulator_dtype(dtype)] * LN2,
+        },
+        spans.items("query"),
+        exact=True,
+    )
+    return high, low, scale
 
 
 def _plan_blocks():
@@ -1043,14 +1270,20 @@ def forward(query, key, value, w, diagonal, tolerance):
     spans = _Spans(plan, diagonal, B, n, m, query.device)
     out = torch.empty((B, n, c), dtype=query.dtype, device=query.device)
     lse = torch.empty((B, n), dtype=torch.float64, device=query.device)
-    _launch(
-        _fwd_kernel,
-        "query",
-        n,
-        (q, k, v, w, spans.skip, spans.key_ptr, spans.key_spans, out, lse, n, m, d, c),
-        {**_meta(query.dtype, d, c), "HAS_SKIP": spans.has_skip, "SPARSE": spans.sparse},
-        spans.items("query"),
-    )
+    args = (q, k, v, w, _bounded(w), spans.skip, spans.key_ptr, spans.key_spans, out, lse)
+    meta = {**_meta(query.dtype, d, c), "HAS_SKIP": spans.has_skip, "SPARSE": spans.sparse}
+    # Shift 0 where every w >= 0, then the exact online softmax for the rows
+    # that is not enough for (their programs alone stream keys).
+    for online in (False, True):
+        _launch(
+            _fwd_kernel,
+            "query",
+            n,
+            args + (n, m, d, c),
+            {**meta, "ONLINE": online},
+            spans.items("query"),
+            exact=online,
+        )
     out, lse = blocks.queries_back(plan, out, lse)
     return out, lse, blocks.pack(plan, B, n, m)
 
@@ -1065,6 +1298,8 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     k, v, w_keys = blocks.keys_in_order(plan, key, value, per_key(w, m))
     spans = _Spans(plan, diagonal, B, n, m, device)
     acc = accumulator_dtype(dtype)
+    lse_hi, lse_lo, scale = _shifts(q, k, w_keys, lse, spans, dtype, d)
+    g = (g * scale[..., None].to(dtype)).contiguous()
     # delta_i = g_i . y_i, the per-query term of t_ij; O(n c), done once here
     # so neither pass has to rebuild it.
     delta = (g.to(acc) * out.to(acc)).sum(-1).contiguous()
@@ -1076,8 +1311,8 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
             _dq_kernel,
             "query",
             n,
-            (q, k, v, w_keys, g, lse, delta, spans.skip, spans.key_ptr, spans.key_spans, dq)
-            + (n, m, d, c),
+            (q, k, v, w_keys, g, lse_hi, lse_lo, delta, spans.skip, spans.key_ptr)
+            + (spans.key_spans, dq, n, m, d, c),
             meta,
             spans.items("query"),
         )
@@ -1093,7 +1328,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
             _dkv_kernel,
             "key",
             m,
-            (q, k, v, w_keys, g, lse, delta, shift, spans.skip, spans.skipped_by)
+            (q, k, v, w_keys, g, lse_hi, lse_lo, delta, shift, spans.skip, spans.skipped_by)
             + (spans.query_ptr, spans.query_spans, dk, dv, dw_keys, n, m, d, c),
             {**meta, "NEED_DK": need_k, "NEED_DV": need_v, "NEED_DW": need_w},
             spans.items("key"),
@@ -1116,13 +1351,14 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
         plan, key, dk, value, dv, per_key(w, m), per_key(dw, m)
     )
     spans = _Spans(plan, diagonal, B, n, m, query.device)
+    lse_hi, lse_lo, scale = _shifts(q, k, w, lse, spans, query.dtype, d)
     dy = torch.empty_like(y)
     _launch(
         _tangent_kernel,
         "query",
         n,
-        (q, k, v, w, dq, dk, dv, dw, y, lse, spans.skip, spans.key_ptr, spans.key_spans, dy)
-        + (n, m, d, c),
+        (q, k, v, w, dq, dk, dv, dw, y, lse_hi, lse_lo, scale, spans.skip, spans.key_ptr)
+        + (spans.key_spans, dy, n, m, d, c),
         {
             **_scalar_meta(query.dtype),
             "BLOCK_C": triton.next_power_of_2(c),
@@ -1139,12 +1375,30 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
 # ---------------------------------------------------------------------------
 
 
-def _launch_rows(kernel, name, rows, args, meta):
-    if _interpreting():
-        cfg = INTERPRET_CONFIGS[name]
-        kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](*args, **{**meta, **cfg})
+def _launch_rows(kernel, name, rows, args, meta, exact=False):
+    if exact or _interpreting():
+        cfg = _exact_config(name) if exact else INTERPRET_CONFIGS[name]
+        kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](*args, **meta, **cfg)
     else:
         _TUNED[kernel][lambda cfg: (triton.cdiv(rows, cfg["BLOCK_R"]),)](*args, **meta)
+
+
+def _row_shifts(query, keys, w, lse):
+    """``_shifts`` for the rows layout (w per key)."""
+    n, m = keys.shape
+    high, low, scale = _empty_shifts(lse, query.dtype)
+    _launch_rows(
+        _rows_shift_kernel,
+        "rows_fwd",
+        n,
+        (query, keys, w, lse, high, low, scale, n, m),
+        {
+            **_scalar_meta(query.dtype),
+            "EXACT_ABOVE": EXACT_SHIFT_ABOVE[accumulator_dtype(query.dtype)] * LN2,
+        },
+        exact=True,
+    )
+    return high, low, scale
 
 
 def forward_rows(query, keys, values, w):
@@ -1152,13 +1406,16 @@ def forward_rows(query, keys, values, w):
     w = per_key(w, m)
     out = torch.empty((n,), dtype=query.dtype, device=query.device)
     lse = torch.empty((n,), dtype=torch.float64, device=query.device)
-    _launch_rows(
-        _rows_fwd_kernel,
-        "rows_fwd",
-        n,
-        (query, keys, values, w, out, lse, n, m),
-        _scalar_meta(query.dtype),
-    )
+    # As ``forward``: shift 0, then the rows that needs redone exactly.
+    for online in (False, True):
+        _launch_rows(
+            _rows_fwd_kernel,
+            "rows_fwd",
+            n,
+            (query, keys, values, w, _bounded(w), out, lse, n, m),
+            {**_scalar_meta(query.dtype), "ONLINE": online},
+            exact=online,
+        )
     return out, lse
 
 
@@ -1168,11 +1425,14 @@ def tangent_rows(query, keys, values, w, tangents, out, lse):
         torch.zeros_like(x) if t is None else t for t, x in zip(tangents, (query, keys, values, w))
     )
     dy = torch.empty_like(out)
+    w = per_key(w, m)
+    lse_hi, lse_lo, scale = _row_shifts(query, keys, w, lse)
     _launch_rows(
         _rows_tangent_kernel,
         "rows_fwd",
         n,
-        (query, keys, values, per_key(w, m), dq, dK, dV, per_key(dw, m), out, lse, dy, n, m),
+        (query, keys, values, w, dq, dK, dV, per_key(dw, m), out, lse_hi, lse_lo, scale, dy)
+        + (n, m),
         _scalar_meta(query.dtype),
     )
     return dy
@@ -1217,7 +1477,10 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
         "NEED_DW": need_w,
         "BLOCK_M": block_m,
     }
-    args = (query, keys, values, w_keys, grad_out, out, lse, distance_shift(lse, w, m).to(acc))
+    lse_hi, lse_lo, scale = _row_shifts(query, keys, w_keys, lse)
+    grad_out = grad_out * scale.to(dtype)
+    args = (query, keys, values, w_keys, grad_out, out, lse_hi, lse_lo)
+    args += (distance_shift(lse, w, m).to(acc),)
     args += (
         dk if need_k else keys,
         dv if need_v else values,

@@ -358,6 +358,17 @@ def _reference_weights(q, k, w, exclude_self):
     return u, scores, removed
 
 
+def _reference_terms(u, value):
+    """phi_ij (n, m, P), the layout's terms of each pair, whose weighted sums are
+    the moments; u (n, m, d), value (m, c)."""
+    n, m, d = u.shape
+    rows, cols = torch.triu_indices(d, d, device=u.device)
+    v = value[None].expand(n, m, -1)
+    return torch.cat(
+        [u, u[..., rows] * u[..., cols], v, (u[..., :, None] * v[..., None, :]).flatten(2)], -1
+    )
+
+
 def moments_reference(query, key, value, w, exclude_self=False):
     """The moments of the layout and the lse by dense broadcasting, for the tests.
 
@@ -365,13 +376,7 @@ def moments_reference(query, key, value, w, exclude_self=False):
     """
     u, scores, removed = _reference_weights(query, key, w, exclude_self)
     p = torch.softmax(scores, dim=-1)
-    n, m, d = u.shape
-    rows, cols = torch.triu_indices(d, d, device=u.device)
-    v = value[None].expand(n, m, -1)
-    phi = torch.cat(
-        [u, u[..., rows] * u[..., cols], v, (u[..., :, None] * v[..., None, :]).flatten(2)], -1
-    )
-    terms = p[..., None] * phi
+    terms = p[..., None] * _reference_terms(u, value)
     if removed is not None:  # remove key i from row i (a NaN there must not reach it)
         terms = torch.where(removed[..., None], 0.0, terms)
     return terms.sum(1).double(), torch.logsumexp(scores, dim=-1).double()

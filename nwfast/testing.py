@@ -52,6 +52,13 @@ float64 (scores near 1e300), NaN/inf placement is what is judged.
   distance shift r_i, ``p_ij (1 + |s_ij|) |g_i|`` for dv): torch is exact by
   luck where a softmax is exactly one-hot, and an equally accurate kernel
   need not be. ``GRAD_TOLERANCE`` is the floor (1e-10 in float64).
+* **Local-linear moments** (``check_moments``, ``check_moments_gradient``): the
+  moments are a softmax pooling of the terms phi_ij (``nwfast.local_linear``),
+  judged as outputs are. Their gradient in w_f sums ``t_ij (u_ijf^2 - r_if) / 2``
+  with ``t_ij = p_ij (G_i . phi_ij - tbar_i)`` and r_if the row's mean of
+  u_ijf^2, as the kernels do; its rounding bound is ``tau_ij = p_ij (1 +
+  |s_ij|) (|G_i . phi_ij - tbar_i| + sum_k |G_ik phi_ijk| + |tbar_i|)`` times
+  that factor, as for dw above.
 * **Tangents** (forward mode, ``check_pool_tangent``): likewise, with the
   rounding bound ``sum_j p_ij (1 + |s_ij|) (||dv_j|| + |ds_ij| (||v_j - y_i|| +
   sum_k p_ik ||v_k||))``: the tangent pass takes the forward's rounded y_i, and
@@ -318,6 +325,58 @@ def check_rows(out, query, keys, values, w, name="out"):
 def check_rows_lse(lse, query, keys, values, w, name="lse"):
     pairs = _rows_pairs(query, keys, values, w)
     return compare(lse, pairs.lse, _allowed(pairs.lse * 0, _lse_bound(pairs), query.dtype), name)
+
+
+def _moment_pairs(query, key, value, w, exclude_self):
+    """The local-linear moments as a pooling: values phi_ij, outputs the moments."""
+    from nwfast import local_linear
+
+    q, k, v, w = _as_f64(query, key, value, w)
+    out, lse = local_linear.moments_reference(q, k, v, w, exclude_self)
+    u, scores, _ = local_linear._reference_weights(q, k, w, exclude_self)
+    phi = local_linear._reference_terms(u, v)
+    return _Pairs(-u, scores, phi, w, out, lse, query.dtype)
+
+
+def check_moments(moments, lse, query, key, value, w, exclude_self=False):
+    """Judge the local-linear moments (n, P) and their lse (n,) of these inputs
+    (query (n, d), key (m, d), value (m, c), w (d,))."""
+    pairs = _moment_pairs(query, key, value, w, exclude_self)
+    lse_allowed = _allowed(pairs.lse * 0, _lse_bound(pairs), query.dtype)
+    return (
+        compare(moments, pairs.out, _output_allowed(pairs.out, pairs, query.dtype), "moments"),
+        compare(lse, pairs.lse, lse_allowed, "lse"),
+    )
+
+
+def check_moments_gradient(grad_w, query, key, value, w, upstream, exclude_self=False):
+    """Judge the gradient in w (d,) of the moments against upstream (n, P)."""
+    from nwfast import local_linear
+
+    pairs = _moment_pairs(query, key, value, w, exclude_self)
+    roundoff = _compute_roundoff(grad_w.dtype)
+    p = pairs.weights
+    used = p > 0
+    G = _f64(upstream)[:, None, :]
+    a = (G * pairs.values).sum(-1)
+    tbar = (G[:, 0] * pairs.out).sum(-1, keepdim=True)
+    size = (G * pairs.values).abs().sum(-1) + tbar.abs()
+    tau = torch.where(used, pairs.rounding * ((a - tbar).abs() + size), 0.0)
+    u2 = torch.where(used[..., None], pairs.diff**2, 0.0)
+    r = (p[..., None] * u2).sum(-2, keepdim=True)
+    # As for dw: the difference of two rounded numbers, and the float64
+    # reference's own error, which sums t_ij u_ijf^2 unshifted.
+    factor = (u2 - r).abs() + 4 * roundoff * (u2 + r.abs()) + UNIT_ROUNDOFF[F64] / roundoff * u2
+    floor = 0.5 * (tau[..., None] * factor).sum((0, 1))
+    return check_gradients(
+        [None, None, None, grad_w],
+        local_linear.moments_reference,
+        [query, key, value, w],
+        upstream,
+        ("query", "key", "value", "w"),
+        floors=[None, None, None, floor],
+        exclude_self=exclude_self,
+    )
 
 
 # --- gradients and tangents ------------------------------------------------------

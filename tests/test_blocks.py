@@ -195,6 +195,31 @@ def test_sparse_pool_is_exact_to_rounding(sparse_kernel, name, poisoned):
     )
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp underflow
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_sparse_far_queries(sparse_kernel, dtype, poisoned):
+    """Queries far from every key (10 bandwidths to 1e4 data units out) among
+    ordinary ones: the plan still skips, and the rows that need it are redone
+    exactly on their own spans, forward and backward."""
+    h = 0.01
+    k = torch.rand(900, 1, dtype=F64)
+    far = torch.tensor([1 + 10 * h, -10 * h, 1 + 1e3 * h, -1e3 * h, 1 + 1e4, -1e4], dtype=F64)
+    q = torch.cat([torch.rand(700, 1, dtype=F64), far[:, None]])[torch.randperm(706)]
+    v = torch.randn(900, 2, dtype=F64)
+    q, k, v = (x.to(sparse_kernel.device, dtype) for x in (q, k, v))
+    w = torch.tensor(h**-2, dtype=dtype, device=sparse_kernel.device)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, w)]
+    out = nwfast.nw_pool(*leaves, backend=sparse_kernel.name)
+    g = torch.randn_like(out)
+    out.backward(g)
+    args = prepare_shared(q, k, v, w, False)
+    assert sparse_kernel.module.make_plan(args.q, args.k, args.w, None, 2.0**-24) is not None
+    testing.assert_ok(
+        testing.check_pool(out, q, k, v, w),
+        *testing.check_pool_gradients([x.grad for x in leaves], q, k, v, w, g),
+    )
+
+
 def test_a_larger_tolerance_keeps_its_stated_bound(sparse_kernel):
     q, k, w, loo = case_inputs("clusters-2d")
     q, k = q[0].to(sparse_kernel.device), k[0].to(sparse_kernel.device)

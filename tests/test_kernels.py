@@ -344,6 +344,28 @@ def test_far_queries_take_the_nearest_keys_values(kernel, dtype):
         testing.assert_close(dout[0], p @ dv_tangent[0], exact, name=f"tangent, w={float(w)}")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp underflow
+@pytest.mark.parametrize("case", [case for case in FAR_CASES if not case.loo], ids=str)
+def test_far_queries_rows(kernel, case, poisoned):
+    """The family in the rows layout: each query its own keys (those of the
+    shared case, shuffled), forward, lse, gradients and tangent."""
+    q, k, v, w = (x[0] for x in far_inputs(case, kernel.device))
+    n, m = q.shape[0], k.shape[0]
+    order = torch.rand(n, m).argsort(-1).to(kernel.device)
+    q, keys, values = q[:, 0], k[:, 0][order], v[:, 0][order]
+    g = torch.randn(n, dtype=case.dtype, device=kernel.device)
+    out, lse = kernel.module.forward_rows(q, keys, values, w)
+    grads = kernel.module.backward_rows(g, q, keys, values, w, out, lse, ALL)
+    tangents = [torch.randn_like(x) for x in (q, keys, values, w)]
+    dout = kernel.module.tangent_rows(q, keys, values, w, tangents, out, lse)
+    testing.assert_ok(
+        testing.check_rows(out, q, keys, values, w),
+        testing.check_rows_lse(lse, q, keys, values, w),
+        *testing.check_rows_gradients(grads, q, keys, values, w, g),
+        testing.check_rows_tangent(dout, q, keys, values, w, tangents),
+    )
+
+
 # --- per-query rows ------------------------------------------------------------
 
 

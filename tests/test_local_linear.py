@@ -1,11 +1,15 @@
 """local_linear_pool and its moments kernel against plain float64 PyTorch and statsmodels."""
 
+import importlib.util
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 import torch
 
 import nwfast
 from nwfast import local_linear as ll
+from nwfast import testing
 from nwfast.testing import assert_close
 
 DTYPES = [torch.float32, torch.float64]
@@ -147,6 +151,80 @@ def test_underflowing_and_negative_scores(dtype):
         assert torch.isfinite(mom).all()
         assert_close(mom, ref_mom, tolerance=1e-12 if dtype == torch.float64 else 1e-5)
         assert_close(lse, ref_lse, tolerance=1e-12 if dtype == torch.float64 else 1e-6)
+
+
+# --- far from every key -----------------------------------------------------------
+# The kernels' far-query family (tests/test_kernels.py) for the moments, on every
+# backend: queries inside the data and 10, 1e3 and 1e6 bandwidths beyond either
+# end of it along the first feature, and 1e4 data units away; one key, a tie
+# (two keys at one place), many; w from 1e-12 to 1e6 (1e300 in float64), one a
+# feature; leave-one-out with far outliers among the points.
+
+MOMENT_BACKENDS = ["numba"] + (["triton"] if importlib.util.find_spec("triton") else [])
+FAR_W = {torch.float32: [1e-12, 1e-4, 1.0, 1e3, 1e6], torch.float64: [1e-12, 1.0, 1e6, 1e300]}
+
+
+class FarMoments(NamedTuple):
+    dtype: torch.dtype
+    w: float
+    m: int
+    d: int
+    loo: bool
+
+    def __str__(self):
+        return f"m{self.m}-d{self.d}-w{self.w:g}{'-loo' if self.loo else ''}-{self.dtype}"
+
+
+FAR_CASES = [
+    FarMoments(dtype, w, m, d, loo)
+    for dtype, scales in FAR_W.items()
+    for w in scales
+    for m in (1, 3, 37)
+    for d in (1, 2)
+    for loo in (False, True)
+    if not loo or m == 37
+]
+
+
+def far_moment_inputs(case, device):
+    """(query (n, d), key (m, d), value (m, 2), w (d,)) of ``case``; places the
+    dtype cannot tell from the data's edge, or whose scores would overflow the
+    float64 reference, are dropped."""
+    f64 = torch.float64
+    keys = torch.rand(case.m, case.d, dtype=f64)
+    if case.m == 3:  # a tie: the first two keys share one place
+        keys = keys[[0, 0, 1]]
+    h = case.w**-0.5
+    limit = (torch.finfo(f64).max / 8 / case.w / case.d) ** 0.5
+    places = [x for x in (10 * h, 1e3 * h, 1e6 * h, 1e4) if 4 * torch.finfo(case.dtype).eps < x]
+    far = torch.tensor([y for x in places if x < limit for y in (1.0 + x, -x)], dtype=f64)
+    points = torch.rand(len(far), case.d, dtype=f64)
+    points[:, 0] = far
+    if case.loo:  # the points are the keys, some far outliers among them
+        keys = torch.cat([keys, points])
+        queries = keys
+    else:
+        queries = torch.cat([torch.rand(2, case.d, dtype=f64), points])
+    w = case.w * (0.5 + torch.rand(case.d, dtype=f64))
+    v = torch.randn(keys.shape[0], 2, dtype=f64)
+    return [x.to(device, case.dtype) for x in (queries, keys, v, w)]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp underflow
+@pytest.mark.parametrize("backend", MOMENT_BACKENDS)
+@pytest.mark.parametrize("case", FAR_CASES, ids=str)
+def test_far_queries_moments(case, backend):
+    """Moments, lse and the gradient in w of queries far from every key."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    q, k, v, w = far_moment_inputs(case, device)
+    leaf = w.clone().requires_grad_()
+    mom, lse = ll.moments(q, k, v, leaf, exclude_self=case.loo, backend=backend)
+    upstream = torch.randn(mom.shape, dtype=torch.float64, device=device)
+    (mom * upstream).sum().backward()
+    testing.assert_ok(
+        *testing.check_moments(mom, lse, q, k, v, w, case.loo),
+        *testing.check_moments_gradient(leaf.grad, q, k, v, w, upstream, case.loo),
+    )
 
 
 def test_nan_propagates_and_the_removed_key_does_not():
