@@ -1186,10 +1186,12 @@ def _empty_shifts(lse, dtype):
     return [torch.empty(lse.shape, dtype=acc, device=lse.device) for _ in range(3)]
 
 
-def _shifts(q, k, w, lse, spans, dtype, d):
+def _shifts(q, k, w, lse, spans, dtype, d, exact=True):
     """(high, low, scale), each (B, n), of the weights scale_i 2**(fma(d^2, c,
     -high) - low) that the backward and the tangent recompute (``_shift_kernel``).
-    The passes that take g fold scale into it (and so into delta)."""
+    The passes that take g fold scale into it (and so into delta). ``exact``
+    False: a shard of a larger softmax, whose lse (the whole problem's) its own
+    keys cannot recompute; the split lse is all there is."""
     B, n = lse.shape
     meta = _meta(dtype, d, 1)
     high, low, scale = _empty_shifts(lse, dtype)
@@ -1205,7 +1207,9 @@ def _shifts(q, k, w, lse, spans, dtype, d):
             "D": d,
             "HAS_SKIP": spans.has_skip,
             "SPARSE": spans.sparse,
-            "EXACT_ABOVE": EXACT_SHIFT_ABOVE[accumulator_dtype(dtype)] * LN2,
+            "EXACT_ABOVE": EXACT_SHIFT_ABOVE[accumulator_dtype(dtype)] * LN2
+            if exact
+            else float("inf"),
         },
         spans.items("query"),
         exact=True,
@@ -1298,7 +1302,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     k, v, w_keys = blocks.keys_in_order(plan, key, value, per_key(w, m))
     spans = _Spans(plan, diagonal, B, n, m, device)
     acc = accumulator_dtype(dtype)
-    lse_hi, lse_lo, scale = _shifts(q, k, w_keys, lse, spans, dtype, d)
+    lse_hi, lse_lo, scale = _shifts(q, k, w_keys, lse, spans, dtype, d, exact=keys is None)
     g = (g * scale[..., None].to(dtype)).contiguous()
     # delta_i = g_i . y_i, the per-query term of t_ij; O(n c), done once here
     # so neither pass has to rebuild it.

@@ -431,3 +431,31 @@ def test_rows_nan_stays_in_its_row(kernel, where):
         testing.check_rows(out, q, keys, values, w),
         *testing.check_rows_gradients(grads, q, keys, values, w, g),
     )
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("case", [c for c in FAR_CASES if c.m == 37 and not c.loo][::3], ids=str)
+def test_shards_share_the_gradients_of_far_queries(kernel, case):
+    """The backward of each half of the keys, given the whole problem's out and
+    lse (as ``nwfast.distributed`` calls it), gives that half's share: the
+    halves' dq summed, and their dk, dv, dw side by side, are the gradients;
+    far rows too, whose shift a shard cannot recompute from its own keys."""
+    q, k, v, w = far_inputs(case, kernel.device)
+    g = torch.randn(*q.shape[:2], 2, dtype=case.dtype, device=kernel.device)
+    out, lse, _ = kernel.module.forward(q, k, v, w, None, 0.0)
+    m = k.shape[1]
+    halves = [slice(0, m // 2), slice(m // 2, m)]
+    parts = []
+    for part in halves:
+        wp = w[:, part] if w.shape[-1] == m else w
+        dense = kernel.module.forward(q, k[:, part], v[:, part], wp, None, 0.0)[2]
+        parts.append(
+            kernel.module.backward(
+                g, q, k[:, part], v[:, part], wp, out, lse, None, dense, ALL, keys=m
+            )
+        )
+    dq = parts[0][0] + parts[1][0]
+    dk = torch.cat([p[1] for p in parts], 1)
+    dv = torch.cat([p[2] for p in parts], 1)
+    dw = torch.cat([p[3] for p in parts], 1) if w.shape[-1] == m else parts[0][3] + parts[1][3]
+    testing.assert_ok(*testing.check_pool_gradients([dq, dk, dv, dw], q, k, v, w, g))
