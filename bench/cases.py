@@ -68,11 +68,11 @@ DATA = {"uniform": _uniform, "unit": _unit, "normal": _normal, "clustered": _clu
 
 
 def _silverman(key, value) -> float:
-    """Silverman's normal-reference rule, sigma (4 / ((d + 2) m))^(1 / (d + 4)),
-    sigma the features' mean standard deviation (1.06 sigma m^-1/5 for d = 1)."""
-    x = key.double().reshape(key.shape[0], -1)
-    m, d = x.shape
-    return float(x.std(0).mean()) * (4 / ((d + 2) * m)) ** (1 / (d + 4))
+    """Silverman's rule as the estimators apply it (``nwfast.bandwidth``), the
+    features' mean when there are several."""
+    from nwfast.bandwidth import rule_of_thumb
+
+    return float(rule_of_thumb(key.reshape(key.shape[0], -1).cpu()).mean())
 
 
 LOO_SAMPLE = 1 << 14

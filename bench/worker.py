@@ -390,7 +390,7 @@ def main() -> None:
         emit(probe(job))
         return
     if job["job"] == "dist":
-        from bench.dist import rank_main
+        from bench.dist_rank import rank_main
 
         emit(rank_main(job))
         return

@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 from nwfast import ops
 from nwfast._checks import _flag, prepare_shared, resolve_tolerance
 from nwfast._search import search_log_h
+from nwfast.bandwidth import from_spread
 
 __all__ = ["LooBandwidth", "loo_bandwidth", "nw_pool"]
 
@@ -731,9 +732,9 @@ def _leave_one_out(X, Y, h, group, backend):
 
 
 def _silverman(X, n, group):
-    """``nwfast.estimator.rule_of_thumb(X, "silverman")`` of every rank's rows of X."""
+    """``nwfast.bandwidth.rule_of_thumb(X, "silverman")`` of every rank's rows of X."""
     X = X.double()
-    features = X.shape[1]
+
     mean = _all_ranks(X.sum(0), group).sum(0) / n
     std = (_all_ranks(((X - mean) ** 2).sum(0), group).sum(0) / (n - 1)).sqrt()
     # Quartiles interpolated between order statistics, as NumPy's default does.
@@ -742,10 +743,7 @@ def _silverman(X, n, group):
     above = [min(b + 1, n - 1) for b in below]
     order = _order_statistics(X, below + above, group)
     q25, q75 = (order[i] + (positions[i] - below[i]) * (order[i + 2] - order[i]) for i in range(2))
-    iqr = (q75 - q25) / 1.349
-    spread = torch.where(iqr > 0, torch.minimum(std, iqr), std)
-    spread = torch.where(spread > 0, spread, torch.ones_like(spread))
-    return 0.9 * spread * n ** (-1.0 / (features + 4))
+    return from_spread(std, q75 - q25, n, "silverman")
 
 
 _MAGNITUDE = 0x7FFFFFFFFFFFFFFF  # the bits of a float64 below its sign

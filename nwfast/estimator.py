@@ -18,6 +18,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from nwfast._checks import resolve_tolerance
 from nwfast._search import search_log_h
+from nwfast.bandwidth import RULES, rule_of_thumb
 from nwfast.functional import nw_pool, nw_pool_with_lse
 from nwfast.local_linear import (
     local_linear_pool,
@@ -30,7 +31,6 @@ from nwfast.local_linear import (
 
 __all__ = ["LocalLinearRegression", "NadarayaWatson", "expected_failed_checks", "rule_of_thumb"]
 
-RULES = ("scott", "silverman")
 # Points in the pilot search that starts a "loo" search on large data.
 PILOT_POINTS = 1 << 14
 # The "loo" search's passes may skip keys worth this much of a row's softmax mass
@@ -169,43 +169,6 @@ def _back(t, is_torch, like):
     float64 predictions, as scikit-learn expects, whatever ``dtype`` is)."""
     t = t.to(dtype=like.dtype, device=like.device)
     return t if is_torch else t.numpy()
-
-
-# --- bandwidths ----------------------------------------------------------------------
-
-
-def rule_of_thumb(X, rule="silverman"):
-    """Per-feature rule-of-thumb bandwidths for X ``(n, d)`` (a tensor), shape ``(d,)``.
-
-    ``A_f = min(std_f, IQR_f / 1.349)`` (the robust spread; ``std`` alone where the
-    IQR is 0) and ``h_f = c * A_f * n**(-1 / (d + 4))`` with ``c = 0.9`` (Silverman)
-    or ``1.059`` (Scott). For d = 1 these are statsmodels' ``bw_silverman`` and
-    ``bw_scott``. A constant feature gets ``h_f = 1``: its distances are all zero.
-    """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if X.dim() == 1:
-        X = X[:, None]
-    n, d = X.shape
-    if n < 2:
-        raise ValueError(f"a rule of thumb needs at least 2 points, got X of shape {(n, d)}")
-    X = X.double()
-    std = X.std(dim=0)
-    iqr = (_quantile(X, 0.75) - _quantile(X, 0.25)) / 1.349
-    spread = torch.where(iqr > 0, torch.minimum(std, iqr), std)
-    spread = torch.where(spread > 0, spread, torch.ones_like(spread))
-    c = 0.9 if rule == "silverman" else 1.059
-    return c * spread * n ** (-1.0 / (d + 4))
-
-
-def _quantile(X, q):
-    """Per-column quantile with NumPy's default linear interpolation (torch.quantile
-    refuses inputs of more than 2**24 elements)."""
-    ordered = X.sort(dim=0).values
-    position = q * (X.shape[0] - 1)
-    below = math.floor(position)
-    above = min(below + 1, X.shape[0] - 1)
-    return ordered[below] + (position - below) * (ordered[above] - ordered[below])
 
 
 def _is_number(x, types):
