@@ -6,12 +6,31 @@ traces its shapes through the fake implementation and never breaks the graph.
 
 The ops are defined with ``torch.library.Library`` and a kernel per device
 rather than with ``torch.library.custom_op``, whose wrapper imports
-``torch._dynamo`` on the first call (over a second of a cold start). Their
-reverse-mode autograd is registered here too, so that the ops are
-differentiable on their own; ``nwfast.functional`` wraps them once more in an
-``autograd.Function`` that adds forward mode and vmap.
+``torch._dynamo`` on the first call (over a second of a cold start).
+
+How a call travels, and why each piece exists:
+
+- ``nwfast.functional.nw_pool`` checks the arguments (``nwfast._checks``),
+  resolves the backend once (``resolve_backend``) and calls an
+  ``autograd.Function``. That Function is there for what an op's registered
+  autograd cannot give: forward mode (its ``jvp`` calls ``pool_tangent``) and
+  torch.func's transforms (``generate_vmap_rule`` with the vmap rules below).
+- The Function's forward calls the op (``pool``); the dispatcher picks its
+  kernel by the tensors' device, and the kernel runs the backend's module,
+  imported once (``kernel_module``): Numba on CPU, Triton on CUDA, or Triton's
+  interpreter on CPU when asked for by name (the tests' way to run Triton
+  without a GPU).
+- The derivative is one function, ``pool_gradients``, calling the backward op.
+  The Function's ``backward`` calls it, and so does the reverse-mode autograd
+  registered on the op itself: ``opcheck`` and ``torch.compile`` (which traces
+  the op, not the Function, where it cannot trace a forward-mode rule) need
+  the op to be differentiable on its own.
+- Ops return tensors, never None: an unneeded gradient crosses the op boundary
+  as an empty tensor and becomes None again on the other side; the block plan
+  crosses it packed into an int64 tensor (``kernels.blocks.pack``).
 """
 
+import functools
 import importlib
 import os
 
@@ -60,7 +79,9 @@ def resolve_backend(backend, device, dtype):
 _KERNEL_MODULES = {"numba": "nwfast.kernels.numba_nw", "triton": "nwfast.kernels.triton_nw"}
 
 
+@functools.cache
 def kernel_module(backend):
+    """The backend's kernel module, imported on first use and kept."""
     try:
         return importlib.import_module(_KERNEL_MODULES[backend])
     except ModuleNotFoundError as error:
