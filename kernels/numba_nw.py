@@ -5,13 +5,20 @@ The contract (shapes, dtypes, what each function returns) is in
 
 How the work is laid out:
 
-- Work items. A work item is a run of query rows (forward, dq) or of keys
-  (dk, dv, dw) with its own list of *spans* of the other side: [start, end)
-  ranges of keys (or queries) that it sweeps. The dense pass gives every item
-  one span covering everything; a block-sparse plan (``kernels.blocks``) gives
-  each item the spans its bound keeps. Every output element is summed by one
-  item in a fixed order, so results repeat bit for bit whatever the number of
-  threads.
+- Work items. A work item is a run of query rows (forward, dq, tangent) or of
+  keys (dk, dv, dw) with its own list of *spans* of the other side: [start,
+  end) ranges of keys (or queries) that it sweeps. The dense pass gives every
+  item one span covering everything; a block-sparse plan (``kernels.blocks``)
+  gives each item the spans its bound keeps. Every output element is summed
+  by one item in a fixed order, so results repeat bit for bit whatever the
+  number of threads.
+- One loop, specialised per d. For d <= FUSED_DIMS features and c <=
+  FUSED_CHANNELS value channels every pass is a set of parts on the loop of
+  ``numba_sweep``: its argument structure (``Pool``, ``Shift``, ``QueryGrad``,
+  ``KeyGrad``, ``Tangent``) carries d and c in its type, so Numba compiles the
+  pass once per (d, c, dtype) with the features and channels in registers and
+  one fused sweep over the other side's points, no buffer. Larger d or c take
+  the general kernels, which build tiles of squared distances in buffers.
 - Threads. Items run on a small pool of Python threads calling ``nogil``
   kernels (``workers.parallel``), not on Numba's OpenMP/TBB layer: a process that has
   called nwfast can fork (DataLoader workers), several Python threads can call
@@ -20,37 +27,40 @@ How the work is laid out:
 - Scores in log2 units. With ``c2_j = -(w_j / 2) * log2(e)`` the weight
   ``exp(s_ij - shift)`` is ``2**(c2_j * d_ij^2 - shift)``, one polynomial
   ``exp2`` (``numba_exp``) per pair, which LLVM vectorises. Every pass
-  computes a weight as ``_weight``: the score ``c2_j * d_ij^2`` rounded once,
-  then the shift subtracted, with operations (``numba_exp.mul``, ``sub``)
-  the compiler may neither fuse into an FMA nor regroup. The row's largest
-  score minus the row maximum is then exactly 0 even where ``|c2 d^2|`` is
-  ~1e13 (a query far from every key; a fused ``c2 d^2 - max`` would leave the
-  product's rounding error, up to half an ulp of the score, in the exponent),
-  and the backward's ``(score - lse_high) - lse_low`` reproduces the forward's
-  weights to rounding.
+  computes a weight as ``numba_sweep.weight``: the score ``c2_j * d_ij^2``
+  rounded once, then the shift subtracted, with operations (``numba_exp.mul``,
+  ``sub``) the compiler may neither fuse into an FMA nor regroup. The row's
+  largest score minus the row maximum is then exactly 0 even where
+  ``|c2 d^2|`` is ~1e13 (a query far from every key; a fused ``c2 d^2 - max``
+  would leave the product's rounding error, up to half an ulp of the score, in
+  the exponent), and the backward's ``(score - lse_high) - lse_low``
+  reproduces the forward's weights to rounding. ``d_ij^2`` is rounded alike
+  everywhere too (``numba_sweep.sqdist`` and ``_tile_sq``: the first square,
+  then one FMA a feature).
 - The shift. With w >= 0 every score is <= 0, so a shift of 0 is safe from
   overflow and no row maximum is needed (one exp2 and ~6 flops a pair). A row
   whose sum comes out tiny (< 2**-60: a query far from all keys, a huge w) or
-  NaN is redone against its running maximum (online softmax); negative w
-  takes that path from the start.
-- Inner loops run along keys on unit-stride rows, so keys and values are
-  passed feature-major, (d, m) and (c, m); for d = c = 1 each pass is one
-  fused sweep with no buffer. Sums over SUM_BLOCK keys are in the input dtype
-  (SIMD lanes) and go into float64, so float32 error does not grow with m.
+  NaN is redone against its maximum; negative w takes the maximum from the
+  start.
+- Inner loops run along the swept side's points on unit-stride rows, so that
+  side is passed feature-major, (d, m) and (c, m). Sums over SUM_BLOCK points
+  are in the input dtype (SIMD lanes) and go into float64, so float32 error
+  does not grow with m.
 - The backward recomputes ``p_ij = 2**(c2_j d_ij^2 - lse_i log2(e))`` with the
   lse as a (high, low) pair of the input dtype. ``dq`` is a sweep over key
   spans per query; ``dk``, ``dv``, ``dw`` a sweep over query spans per key.
 """
 
-import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from numba import njit
 
 from . import EXACT_SHIFT_ABOVE, UNDERFLOW, blocks, distance_shift, per_key
-from .numba_exp import exp2, fma, fmax, mul, sub
+from . import numba_sweep as sweep
+from .numba_exp import fma, fmax, mul
+from .numba_sweep import SUM_BLOCK, axpy, column, dot, minus, part, row, splat, weight
 from .workers import parallel as _parallel
 
 LOG2E = 1.4426950408889634
@@ -59,27 +69,22 @@ LN2 = 0.6931471805599453
 # Queries and keys per block of a block-sparse plan. Small blocks bound
 # tightly; the kernels sweep runs of adjacent kept blocks as one span.
 BLOCK = 64
-# Keys per tile. Each tile pays ~25 cycles of loop set-up and reductions;
-# at 2048 that is ~1% and a float32 score buffer (8 KiB) still sits in L1
-# next to the tile's keys and values.
+# The passes on ``numba_sweep``'s loop, compiled per (d, c): up to these.
+FUSED_DIMS = 4
+FUSED_CHANNELS = 8
+# Keys per tile of the general kernels. Each tile pays ~25 cycles of loop
+# set-up and reductions; at 2048 that is ~1% and a float32 score buffer (8 KiB)
+# still sits in L1 next to the tile's keys and values.
 TILE = 2048
 # A dense work item is a run of rows worth about this many pairs: enough to
 # amortise its set-up, few enough rows that a handful of queries over many
 # keys still spreads over the cores.
 ITEM_PAIRS = 1 << 15
-# Sums run in the input dtype over at most SUM_BLOCK keys, SIMD lanes each
-# adding SUM_BLOCK / lanes terms (16 to 32), and then go into float64: the
-# depth of a float32 sum, and so its worst error, stays bounded whatever m,
-# even where one dominant weight makes a lane drop the sub-ulp terms after it.
-SUM_BLOCK = 256
 # The rows-layout dw is summed over rows in this many fixed chunks (partials
 # summed afterwards in order), independent of the thread count.
 DW_CHUNKS = 32
 
-# Fast math without nnan/ninf, so NaN and inf propagate as in the reference;
-# reassoc lets LLVM vectorise the sums. error_model="numpy": x / 0 is inf/NaN.
-_FLAGS = {"contract", "reassoc", "nsz", "arcp"}
-_jit = functools.partial(njit, fastmath=_FLAGS, error_model="numpy", cache=True, nogil=True)
+_jit = sweep.jit
 
 # Tile columns are indexed as A[r, _u(j)]: an unsigned index has no
 # negative-index wraparound, so LLVM emits plain vector loads, and no array
@@ -87,11 +92,11 @@ _jit = functools.partial(njit, fastmath=_FLAGS, error_model="numpy", cache=True,
 _u = np.uint64
 
 
-@_jit(inline="always")
-def _weight(c2, sq, hi, lo):
-    """2**((c2 * sq - hi) - lo): the score and both shifts rounded once each,
-    in that order, in every pass (see the module docstring)."""
-    return exp2(sub(sub(mul(c2, sq), hi), lo))
+@_jit
+def _run(lo, hi, work, args):
+    """Work items [lo, hi) of the pass ``args`` (``numba_sweep.run``),
+    compiled and cached here, beside the parts it inlines."""
+    sweep.run(lo, hi, work, args)
 
 
 # ------------------------------------------------------------- tile pieces
@@ -133,7 +138,7 @@ def _tile_exp2(x, c2, j0, ja, jb, shift):
     for b0 in range(ja, jb, SUM_BLOCK):
         s = zero
         for j in range(b0, min(b0 + SUM_BLOCK, jb)):
-            e = _weight(c2[_u(j0 + j)], x[j], shift, zero)
+            e = weight(c2[_u(j0 + j)], x[j], shift, zero)
             x[j] = e
             s += e
         total += s
@@ -195,7 +200,7 @@ def _sweep_11(q0, k0, v0, c2, ja, jb):
     for j in range(ja, jb):
         jj = _u(j)
         diff = q0 - k0[jj]
-        e = _weight(c2[jj], diff * diff, zero, zero)
+        e = weight(c2[jj], diff * diff, zero, zero)
         s += e
         a += e * v0[jj]
     return s, a
@@ -264,115 +269,289 @@ def _shift_row(q, i, kT, vT, c2, skip, spans, s0, s1, x, acc, high, low):
     low[i] = math.log2(total)
 
 
-# ---------------------------------------------------------- shared keys
+# ------------------------------------------------- passes on numba_sweep's loop
+# Arrays are batched: (B, rows, f) row-major for the side whose rows are the
+# work, (B, f, points) feature-major for the swept side. ``dims`` and ``chans``
+# are tuples of d and c zeros: their lengths are part of the type.
 
 
-@_jit
-def _sweep_41(q0, q1, q2, q3, k0, v0, c2, ja, jb):
-    """Four queries against keys [ja, jb) in one sweep, d = c = 1, shift 0:
-    each key (and its value and c2) is loaded once for four exponentials, and
-    the four rows' sums are independent chains. Returns (s0, a0, ..., s3, a3),
-    s_r = sum_j e_rj, a_r = sum_j e_rj v_j."""
-    zero = k0.dtype.type(0)
-    s0 = s1 = s2 = s3 = a0 = a1 = a2 = a3 = zero
+class Pool(NamedTuple):
+    """The forward: out[b, i] = sum_j p_ij v_j, lse[b, i] (natural log)."""
+
+    q: np.ndarray  # (B, n, d)
+    kT: np.ndarray  # (B, d, m)
+    vT: np.ndarray  # (B, c, m)
+    c2: np.ndarray  # (B, m)
+    nonpos: np.ndarray  # (B,) bool: every w >= 0, every score <= 0
+    out: np.ndarray  # (B, n, c)
+    lse: np.ndarray  # (B, n) float64
+    dims: tuple
+    chans: tuple
+
+
+class Shift(NamedTuple):
+    """The forward's exact shift of the rows with only[b, i]: high[b, i] = the
+    row's largest score, low[b, i] = log2 of its sum of 2**(s_ij - high)."""
+
+    q: np.ndarray
+    kT: np.ndarray
+    vT: np.ndarray
+    c2: np.ndarray
+    only: np.ndarray  # (B, n) uint8
+    high: np.ndarray  # (B, n), the input dtype
+    low: np.ndarray
+    dims: tuple
+    chans: tuple
+
+
+def _pool_begin(args, b, r):
+    return row(args.q, b, r, args.dims), args.q.dtype.type(0)
+
+
+def _pool_sweep(args, b, row, ja, jb):
+    """(sum_j e_j, sum_j e_j v_j...) with e_j = 2**(c2_j d_j^2 - shift)."""
+    q, shift = row
+    if shift == 0:  # the common case, with the subtraction of 0 compiled away
+        return _pool_sums(args, b, q, args.q.dtype.type(0), ja, jb)
+    return _pool_sums(args, b, q, shift, ja, jb)
+
+
+@sweep.inner(inline="always")
+def _pool_sums(args, b, q, shift, ja, jb):
+    zero = args.q.dtype.type(0)
+    total = 0.0
+    values = splat(0.0, args.chans)
+    for j0 in range(ja, jb, SUM_BLOCK):
+        s = zero
+        acc = splat(zero, args.chans)
+        for j in range(j0, min(j0 + SUM_BLOCK, jb)):
+            jj = _u(j)
+            sq = sweep.sqdist(q, column(args.kT, b, jj, args.dims))
+            e = weight(args.c2[b, jj], sq, shift, zero)
+            s += e
+            acc = axpy(acc, e, column(args.vT, b, jj, args.chans))
+        total += s
+        values = sweep.add(values, acc)
+    return (total,) + values
+
+
+def _pool_peak(args, b, row, ja, jb):
+    q, _ = row
+    top = args.q.dtype.type(-np.inf)
     for j in range(ja, jb):
         jj = _u(j)
-        k, v, c = k0[jj], v0[jj], c2[jj]
-        d0, d1, d2, d3 = q0 - k, q1 - k, q2 - k, q3 - k
-        e0 = _weight(c, d0 * d0, zero, zero)
-        e1 = _weight(c, d1 * d1, zero, zero)
-        e2 = _weight(c, d2 * d2, zero, zero)
-        e3 = _weight(c, d3 * d3, zero, zero)
-        s0 += e0
-        s1 += e1
-        s2 += e2
-        s3 += e3
-        a0 += e0 * v
-        a1 += e1 * v
-        a2 += e2 * v
-        a3 += e3 * v
-    return s0, a0, s1, a1, s2, a2, s3, a3
+        top = fmax(top, mul(args.c2[b, jj], sweep.sqdist(q, column(args.kT, b, jj, args.dims))))
+    return top
+
+
+def _pool_rebase(args, b, row, shift):
+    return row[0], args.q.dtype.type(shift)
+
+
+for _cls in (Pool, Shift):
+    part(sweep.begin, _cls)(_pool_begin)
+    part(sweep.sweep, _cls)(_pool_sweep)
+    part(sweep.peak, _cls)(_pool_peak)
+    part(sweep.rebase, _cls)(_pool_rebase)
+
+
+@part(sweep.start_at_peak, Pool)
+def _(args, b):
+    return not args.nonpos[b]
+
+
+@part(sweep.redo, Pool)
+def _(args, b, row, sums):
+    return args.nonpos[b] and not sums[0] >= UNDERFLOW
+
+
+@part(sweep.finish, Pool)
+def _(args, b, r, row, sums):
+    for ch in range(len(args.chans)):
+        args.out[b, r, ch] = sums[1 + ch] / sums[0]
+    args.lse[b, r] = (row[1] + math.log2(sums[0])) * LN2
+
+
+@part(sweep.wanted, Shift)
+def _(args, b, r):
+    return args.only[b, r] != 0
+
+
+@part(sweep.start_at_peak, Shift)
+def _(args, b):
+    return True
+
+
+@part(sweep.finish, Shift)
+def _(args, b, r, row, sums):
+    args.high[b, r] = row[1]
+    args.low[b, r] = math.log2(sums[0])
+
+
+class QueryGrad(NamedTuple):
+    """dq_i = sum_j t_ij w_j (k_j - q_i), t_ij = p_ij (g_i . v_j - delta_i)."""
+
+    q: np.ndarray  # (B, n, d)
+    g: np.ndarray  # (B, n, c)
+    delta: np.ndarray  # (B, n), and the lse pair (log2 units) below
+    high: np.ndarray
+    low: np.ndarray
+    kT: np.ndarray  # (B, d, m)
+    vT: np.ndarray  # (B, c, m)
+    w: np.ndarray  # (B, m)
+    c2: np.ndarray
+    dq: np.ndarray  # (B, n, d)
+    dims: tuple
+    chans: tuple
+
+
+@part(sweep.begin, QueryGrad)
+def _(args, b, r):
+    g = row(args.g, b, r, args.chans)
+    return row(args.q, b, r, args.dims), g, args.delta[b, r], args.high[b, r], args.low[b, r]
+
+
+@part(sweep.sweep, QueryGrad)
+def _(args, b, row, ja, jb):
+    q, g, delta, high, low = row
+    zero = args.q.dtype.type(0)
+    total = splat(0.0, args.dims)
+    for j0 in range(ja, jb, SUM_BLOCK):
+        acc = splat(zero, args.dims)
+        for j in range(j0, min(j0 + SUM_BLOCK, jb)):
+            jj = _u(j)
+            diff = minus(column(args.kT, b, jj, args.dims), q)
+            p = weight(args.c2[b, jj], dot(diff, diff), high, low)
+            t = p * (dot(g, column(args.vT, b, jj, args.chans)) - delta) * args.w[b, jj]
+            acc = axpy(acc, t, diff)
+        total = sweep.add(total, acc)
+    return total
+
+
+@part(sweep.finish, QueryGrad)
+def _(args, b, r, row, sums):
+    for f in range(len(args.dims)):
+        args.dq[b, r, f] = sums[f]
+
+
+class KeyGrad(NamedTuple):
+    """Per key j: dv_j = sum_i p_ij g_i, dk_j = w_j sum_i t_ij (q_i - k_j),
+    dw_j = -1/2 sum_i t_ij (||q_i - k_j||^2 - shift_i)."""
+
+    k: np.ndarray  # (B, m, d)
+    v: np.ndarray  # (B, m, c)
+    w: np.ndarray  # (B, m)
+    c2: np.ndarray
+    qT: np.ndarray  # (B, d, n)
+    gT: np.ndarray  # (B, c, n)
+    delta: np.ndarray  # (B, n), the lse pair and the distance shift below
+    high: np.ndarray
+    low: np.ndarray
+    shift: np.ndarray
+    dk: np.ndarray  # (B, m, d)
+    dv: np.ndarray  # (B, m, c)
+    dw: np.ndarray  # (B, m) float64
+    dims: tuple
+    chans: tuple
+
+
+@part(sweep.begin, KeyGrad)
+def _(args, b, r):
+    return row(args.k, b, r, args.dims), row(args.v, b, r, args.chans), args.c2[b, r]
+
+
+@part(sweep.sweep, KeyGrad)
+def _(args, b, row, ja, jb):
+    k, v, c2 = row
+    zero = args.k.dtype.type(0)
+    sums_v, sums_k, sum_w = splat(0.0, args.chans), splat(0.0, args.dims), 0.0
+    for i0 in range(ja, jb, SUM_BLOCK):
+        acc_v, acc_k, acc_w = splat(zero, args.chans), splat(zero, args.dims), zero
+        for i in range(i0, min(i0 + SUM_BLOCK, jb)):
+            ii = _u(i)
+            diff = minus(column(args.qT, b, ii, args.dims), k)
+            sq = dot(diff, diff)
+            p = weight(c2, sq, args.high[b, ii], args.low[b, ii])
+            g = column(args.gT, b, ii, args.chans)
+            t = p * (dot(g, v) - args.delta[b, ii])
+            acc_v = axpy(acc_v, p, g)
+            acc_k = axpy(acc_k, t, diff)
+            acc_w += t * (sq - args.shift[b, ii])
+        sums_v, sums_k, sum_w = sweep.add(sums_v, acc_v), sweep.add(sums_k, acc_k), sum_w + acc_w
+    return sums_v + sums_k + (sum_w,)
+
+
+@part(sweep.finish, KeyGrad)
+def _(args, b, r, row, sums):
+    c = len(args.chans)
+    for ch in range(c):
+        args.dv[b, r, ch] = sums[ch]
+    for f in range(len(args.dims)):
+        args.dk[b, r, f] = args.w[b, r] * sums[c + f]
+    args.dw[b, r] = -0.5 * sums[c + len(args.dims)]
+
+
+class Tangent(NamedTuple):
+    """Forward mode: dy_i = sum_j p_ij (dv_j + ds_ij (v_j - y_i)), ds_ij =
+    -(dw_j / 2) d_ij^2 - w_j (q_i - k_j) . (dq_i - dk_j)."""
+
+    q: np.ndarray  # (B, n, d)
+    dq: np.ndarray
+    y: np.ndarray  # (B, n, c)
+    high: np.ndarray  # (B, n)
+    low: np.ndarray
+    kT: np.ndarray  # (B, d, m)
+    dkT: np.ndarray
+    vT: np.ndarray  # (B, c, m)
+    dvT: np.ndarray
+    w: np.ndarray  # (B, m)
+    dw: np.ndarray
+    c2: np.ndarray
+    dy: np.ndarray  # (B, n, c)
+    dims: tuple
+    chans: tuple
+
+
+@part(sweep.begin, Tangent)
+def _(args, b, r):
+    q, dq = row(args.q, b, r, args.dims), row(args.dq, b, r, args.dims)
+    return q, dq, row(args.y, b, r, args.chans), args.high[b, r], args.low[b, r]
+
+
+@part(sweep.sweep, Tangent)
+def _(args, b, row, ja, jb):
+    q, dq, y, high, low = row
+    zero = args.q.dtype.type(0)
+    total = splat(0.0, args.chans)
+    for j0 in range(ja, jb, SUM_BLOCK):
+        acc = splat(zero, args.chans)
+        for j in range(j0, min(j0 + SUM_BLOCK, jb)):
+            jj = _u(j)
+            diff = minus(q, column(args.kT, b, jj, args.dims))
+            sq = dot(diff, diff)
+            ddiff = minus(dq, column(args.dkT, b, jj, args.dims))
+            ds = -0.5 * args.dw[b, jj] * sq - args.w[b, jj] * dot(diff, ddiff)
+            p = weight(args.c2[b, jj], sq, high, low)
+            v = column(args.vT, b, jj, args.chans)
+            acc = axpy(acc, p, axpy(column(args.dvT, b, jj, args.chans), ds, minus(v, y)))
+        total = sweep.add(total, acc)
+    return total
+
+
+@part(sweep.finish, Tangent)
+def _(args, b, r, row, sums):
+    for ch in range(len(args.chans)):
+        args.dy[b, r, ch] = sums[ch]
+
+
+# --------------------------------------------------------- the general kernels
 
 
 @_jit
-def _fused_row(q0, skip, k0, v0, c2, spans, s0, s1, sums):
-    """One query's (total, acc) over the spans, key ``skip`` left out, into
-    sums[0], sums[1] (float64, from blocked sums in the dtype)."""
-    sums[0] = 0.0
-    sums[1] = 0.0
-    for s in range(s0, s1):
-        for j0 in range(spans[s, 0], spans[s, 1], SUM_BLOCK):
-            nt = min(SUM_BLOCK, spans[s, 1] - j0)
-            for ja, jb in _pieces(j0, nt, skip):
-                st, at = _sweep_11(q0, k0, v0, c2, j0 + ja, j0 + jb)
-                sums[0] += st
-                sums[1] += at
-
-
-@_jit
-def _fused_rows4(qb, skipb, i, k0, v0, c2, spans, s0, s1, sums):
-    """Rows i .. i + 3 at once, into sums[r, 0], sums[r, 1]: blocks of keys that
-    hold none of their left-out keys go four rows a sweep (``_sweep_41``), the
-    few that do one row at a time around its left-out key."""
-    sums[:, :] = 0.0
-    q0, q1, q2, q3 = qb[i, 0], qb[i + 1, 0], qb[i + 2, 0], qb[i + 3, 0]
-    for s in range(s0, s1):
-        for j0 in range(spans[s, 0], spans[s, 1], SUM_BLOCK):
-            j1 = min(j0 + SUM_BLOCK, spans[s, 1])
-            clear = True
-            for r in range(4):
-                if j0 <= skipb[i + r] < j1:
-                    clear = False
-            if clear:
-                t = _sweep_41(q0, q1, q2, q3, k0, v0, c2, j0, j1)
-                for r in range(4):
-                    sums[r, 0] += t[2 * r]
-                    sums[r, 1] += t[2 * r + 1]
-            else:
-                for r in range(4):
-                    for ja, jb in _pieces(j0, j1 - j0, skipb[i + r]):
-                        st, at = _sweep_11(qb[i + r, 0], k0, v0, c2, j0 + ja, j0 + jb)
-                        sums[r, 0] += st
-                        sums[r, 1] += at
-
-
-@_jit
-def _forward_fused(lo, hi, q, kT, vT, c2, skip, ptr, spans, rows, out, lse, redo):
-    """d = c = 1 with every w >= 0: rows swept with shift 0, four at a time
-    (the last few of an item one at a time). Items [lo, hi): rows
-    [t * rows, ...) of batch b for item b * items + t. A row whose sum
-    underflows (or is NaN) is left to ``_forward_general``: redo[b, i] = 1."""
-    n = q.shape[1]
-    items = (n + rows - 1) // rows
-    sums = np.empty((4, 2), np.float64)
-    for item in range(lo, hi):
-        b = item // items
-        i0 = (item % items) * rows
-        i1 = min(i0 + rows, n)
-        k0, v0, c2b, qb, skipb = kT[b, 0], vT[b, 0], c2[b], q[b], skip[b]
-        s0, s1 = ptr[item], ptr[item + 1]
-        for i in range(i0, i1, 4):
-            count = min(4, i1 - i)
-            if count == 4:
-                _fused_rows4(qb, skipb, i, k0, v0, c2b, spans, s0, s1, sums)
-            else:
-                for r in range(count):
-                    _fused_row(qb[i + r, 0], skipb[i + r], k0, v0, c2b, spans, s0, s1, sums[r])
-            for r in range(count):
-                total = sums[r, 0]
-                if total >= UNDERFLOW:
-                    out[b, i + r, 0] = sums[r, 1] / total
-                    lse[b, i + r] = math.log(total)
-                else:
-                    redo[b, i + r] = 1
-
-
-@_jit
-def _forward_general(lo, hi, q, kT, vT, c2, nonpos, skip, ptr, spans, rows, only, out, lse):
+def _forward_general(lo, hi, q, kT, vT, c2, nonpos, skip, ptr, spans, rows, out, lse):
     """Any d and c: tiles of squared distances in a buffer, shift 0 where
     nonpos[b] (every c2[b] <= 0) with a redo against the running maximum for
-    rows that underflow, the running maximum from the start otherwise. Only
-    the rows with only[b, i] != 0, unless ``only`` is empty (all rows)."""
+    rows that underflow, the running maximum from the start otherwise."""
     n = q.shape[1]
     items = (n + rows - 1) // rows
     x = np.empty(TILE, q.dtype)
@@ -383,10 +562,7 @@ def _forward_general(lo, hi, q, kT, vT, c2, nonpos, skip, ptr, spans, rows, only
         qb, kTb, vTb, c2b, skipb, outb, lseb = q[b], kT[b], vT[b], c2[b], skip[b], out[b], lse[b]
         s0, s1 = ptr[item], ptr[item + 1]
         for i in range(i0, min(i0 + rows, n)):
-            if only.size == 0 or only[b, i]:
-                _pool_row(
-                    qb, i, kTb, vTb, c2b, skipb[i], spans, s0, s1, x, acc, nonpos[b], outb, lseb
-                )
+            _pool_row(qb, i, kTb, vTb, c2b, skipb[i], spans, s0, s1, x, acc, nonpos[b], outb, lseb)
 
 
 @_jit
@@ -405,40 +581,6 @@ def _exact_shift_items(lo, hi, q, kT, vT, c2, skip, ptr, spans, rows, only, high
                 _shift_row(
                     q[b], i, kT[b], vT[b], c2[b], skip[b, i], spans, s0, s1, x, acc, high[b], low[b]
                 )
-
-
-@_jit
-def _dq_sweep_11(q0, g0, di, Lh, Ll, k0, v0, w, c2, ja, jb):
-    """d = c = 1 in one sweep: sum_j t_j w_j (k_j - q0) over keys [ja, jb)."""
-    s = k0.dtype.type(0)
-    for j in range(ja, jb):
-        jj = _u(j)
-        diff = k0[jj] - q0
-        p = _weight(c2[jj], diff * diff, Lh, Ll)
-        s += p * (g0 * v0[jj] - di) * w[jj] * diff
-    return s
-
-
-@_jit
-def _dq_fused(lo, hi, q, g, delta, L2h, L2l, kT, vT, w, c2, skip, ptr, spans, rows, dq):
-    """d = c = 1: dq_i = sum_j t_ij w_j (k_j - q_i), t_ij = p_ij (g_i v_j -
-    delta_i), one sweep over the key spans of each query."""
-    n = q.shape[1]
-    items = (n + rows - 1) // rows
-    for item in range(lo, hi):
-        b = item // items
-        i0 = (item % items) * rows
-        k0, v0, wb, c2b = kT[b, 0], vT[b, 0], w[b], c2[b]
-        s0, s1 = ptr[item], ptr[item + 1]
-        for i in range(i0, min(i0 + rows, n)):
-            acc = 0.0
-            q0, g0, di, Lh, Ll = q[b, i, 0], g[b, i, 0], delta[b, i], L2h[b, i], L2l[b, i]
-            for s in range(s0, s1):
-                for j0 in range(spans[s, 0], spans[s, 1], SUM_BLOCK):
-                    nt = min(SUM_BLOCK, spans[s, 1] - j0)
-                    for ja, jb in _pieces(j0, nt, skip[b, i]):
-                        acc += _dq_sweep_11(q0, g0, di, Lh, Ll, k0, v0, wb, c2b, j0 + ja, j0 + jb)
-            dq[b, i, 0] = acc
 
 
 @_jit
@@ -464,65 +606,12 @@ def _dq_general(lo, hi, q, g, delta, L2h, L2l, kT, vT, w, c2, skip, ptr, spans, 
                     _tile_gv(gb, i, vTb, j0, nt, t)
                     for j in range(nt):  # t_ij w_j
                         jj = _u(j0 + j)
-                        t[j] = _weight(c2b[jj], x[j], Lh, Ll) * (t[j] - di) * wb[jj]
+                        t[j] = weight(c2b[jj], x[j], Lh, Ll) * (t[j] - di) * wb[jj]
                     for ja, jb in _pieces(j0, nt, skip[b, i]):
                         for f in range(d):
                             acc[f] += _tile_dot_diff(t, ja, jb, kTb, f, j0, qb[i, f])
             for f in range(d):
                 dq[b, i, f] = acc[f]
-
-
-@_jit
-def _dkv_sweep_11(k0, v0, cj, q, g, delta, L2h, L2l, shift, ia, ib, acc):
-    """d = c = 1 in one sweep over queries [ia, ib): adds the sums of p_i g_i,
-    t_i (q_i - k0) and t_i (||q_i - k0||^2 - shift_i) to acc[0], acc[1], acc[2]."""
-    sv = q.dtype.type(0)
-    sk = q.dtype.type(0)
-    sw = q.dtype.type(0)
-    for i in range(ia, ib):
-        ii = _u(i)
-        diff = q[ii] - k0
-        sq = diff * diff
-        p = _weight(cj, sq, L2h[ii], L2l[ii])
-        gi = g[ii]
-        t = p * (gi * v0 - delta[ii])
-        sv += p * gi
-        sk += t * diff
-        sw += t * (sq - shift[ii])
-    acc[0] += sv
-    acc[1] += sk
-    acc[2] += sw
-
-
-@_jit
-def _dkv_fused(
-    lo, hi, k, v, w, c2, qT, gT, delta, L2h, L2l, shift, skipped_by, ptr, spans, rows, dk, dv, dw
-):
-    """d = c = 1: dv_j = sum_i p_ij g_i, dk_j = w_j sum_i t_ij (q_i - k_j),
-    dw_j = -1/2 sum_i t_ij (||q_i - k_j||^2 - shift_i): one sweep over the
-    query spans of each key. skipped_by[b, j]: the query that leaves key j out
-    (-1: none)."""
-    m = k.shape[1]
-    items = (m + rows - 1) // rows
-    acc = np.empty(3, np.float64)  # sums for dv, dk, dw
-    for item in range(lo, hi):
-        b = item // items
-        j0 = (item % items) * rows
-        q0, g0, deltab, L2hb, L2lb, shiftb = qT[b, 0], gT[b, 0], delta[b], L2h[b], L2l[b], shift[b]
-        s0, s1 = ptr[item], ptr[item + 1]
-        for j in range(j0, min(j0 + rows, m)):
-            acc[:] = 0.0
-            kj, vj, cj = k[b, j, 0], v[b, j, 0], c2[b, j]
-            for s in range(s0, s1):
-                for i0 in range(spans[s, 0], spans[s, 1], SUM_BLOCK):
-                    nt = min(SUM_BLOCK, spans[s, 1] - i0)
-                    for ia, ib in _pieces(i0, nt, skipped_by[b, j]):
-                        _dkv_sweep_11(
-                            kj, vj, cj, q0, g0, deltab, L2hb, L2lb, shiftb, i0 + ia, i0 + ib, acc
-                        )
-            dv[b, j, 0] = acc[0]
-            dk[b, j, 0] = w[b, j] * acc[1]
-            dw[b, j] = -0.5 * acc[2]
 
 
 @_jit
@@ -553,7 +642,7 @@ def _dkv_general(
                     _tile_gv(vb, j, gTb, i0, nt, t)
                     for i in range(nt):
                         ii = _u(i0 + i)
-                        pi = _weight(cj, sq[0, i], L2hb[ii], L2lb[ii])
+                        pi = weight(cj, sq[0, i], L2hb[ii], L2lb[ii])
                         p[i] = pi
                         t[i] = pi * (t[i] - deltab[ii])
                         sq[0, i] -= shiftb[ii]
@@ -613,7 +702,7 @@ def _tangent_items(
                             jj = _u(j0 + j)
                             ds[j] -= wb[jj] * (qf - kTb[f, jj]) * (dqf - dkTb[f, jj])
                     for j in range(nt):
-                        x[j] = _weight(c2b[_u(j0 + j)], x[j], Lh, Ll)
+                        x[j] = weight(c2b[_u(j0 + j)], x[j], Lh, Ll)
                     for ja, jb in _pieces(j0, nt, skip[b, i]):
                         for ch in range(c):
                             yc = y[b, i, ch]
@@ -707,7 +796,7 @@ def _backward_rows_items(lo, hi, q, K, V, w, c2, g, delta, L2h, L2l, shift, dq, 
                     jj = _u(j0 + j)
                     diff = qi - Ki[jj]
                     sq = diff * diff
-                    p = _weight(c2[jj], sq, Lh, Ll)
+                    p = weight(c2[jj], sq, Lh, Ll)
                     t = p * (gi * Vi[jj] - di)
                     dkj = t * w[jj] * diff
                     s += dkj
@@ -736,7 +825,7 @@ def _tangent_rows_items(lo, hi, q, dq, K, dK, V, dV, w, dw, c2, y, L2h, L2l, row
                     jj = _u(j0 + j)
                     diff = qi - K[i, jj]
                     sq = diff * diff
-                    p = _weight(c2[jj], sq, Lh, Ll)
+                    p = weight(c2[jj], sq, Lh, Ll)
                     ds = -0.5 * dw[jj] * sq - w[jj] * diff * (dqi - dK[i, jj])
                     t += p * (dV[i, jj] + ds * (V[i, jj] - yi))
                 acc += t
@@ -779,11 +868,17 @@ def _exact_shifts(plan, q, k, v, c2, skip):
     """``_lse_log2``'s ``exact`` for shared keys: q, k, v in the plan's order."""
 
     def exact(rows, high, low):
-        _parallel(
-            _exact_shift_items, len(plan.key_ptr) - 1, plan.pairs, _np(q), _feature_major(k),
-            _feature_major(v), c2, skip, plan.key_ptr, plan.key_spans, plan.q_block, rows, high,
-            low,
-        )  # fmt: skip
+        d, c = q.shape[-1], v.shape[-1]
+        arrays = (_np(q), _feature_major(k), _feature_major(v), c2)
+        items = len(plan.key_ptr) - 1
+        if _fused(d, c):
+            args = Shift(*arrays, rows, high, low, *_markers(d, c))
+            _parallel(_run, items, plan.pairs, _query_work(plan, skip), args)
+        else:
+            _parallel(
+                _exact_shift_items, items, plan.pairs, *arrays, skip, plan.key_ptr,
+                plan.key_spans, plan.q_block, rows, high, low,
+            )  # fmt: skip
 
     return exact
 
@@ -814,8 +909,26 @@ def _dw(dw_keys, w, dtype):
 
 def _rows_per_item(length):
     """Rows (or keys) per dense work item when each sweeps ``length`` points:
-    a multiple of 4, which the fused forward sweeps at once."""
-    return 4 * max(1, min(16, ITEM_PAIRS // max(4 * length, 1)))
+    at least 8, which share each tile of the points (``numba_sweep.TILE``)."""
+    return max(8, min(64, ITEM_PAIRS // max(length, 1)))
+
+
+def _fused(d, c):
+    """Whether the passes on ``numba_sweep``'s loop serve d features, c channels."""
+    return d <= FUSED_DIMS and c <= FUSED_CHANNELS
+
+
+def _markers(d, c):
+    """The (dims, chans) tuples that carry d and c in a pass's type."""
+    return (0,) * d, (0,) * c
+
+
+def _query_work(plan, skip):
+    return sweep.Work(plan.key_ptr, plan.key_spans, plan.q_block, skip)
+
+
+def _key_work(plan, skipped_by):
+    return sweep.Work(plan.query_ptr, plan.query_spans, plan.k_block, skipped_by)
 
 
 def make_plan(query, key, w, diagonal, tolerance):
@@ -845,28 +958,14 @@ def forward(query, key, value, w, diagonal, tolerance):
     out = torch.empty((B, n, c), dtype=query.dtype)
     lse = torch.empty((B, n), dtype=torch.float64)
     q, kT, vT, c2 = _np(q), _feature_major(k), _feature_major(v), _log2_scale(w)
-    items, spans = len(plan.key_ptr) - 1, (plan.key_ptr, plan.key_spans, plan.q_block)
-    only = np.empty((0, 0), np.uint8)  # every row
-    if d == 1 and c == 1 and nonpos.all():
-        only = np.zeros((B, n), np.uint8)
+    items = len(plan.key_ptr) - 1
+    if _fused(d, c):
+        args = Pool(q, kT, vT, c2, nonpos, out.numpy(), lse.numpy(), *_markers(d, c))
+        _parallel(_run, items, plan.pairs, _query_work(plan, skip), args)
+    else:
         _parallel(
-            _forward_fused,
-            items,
-            plan.pairs,
-            q,
-            kT,
-            vT,
-            c2,
-            skip,
-            *spans,
-            out.numpy(),
-            lse.numpy(),
-            only,
-        )
-    if not only.size or only.any():
-        _parallel(
-            _forward_general, items, plan.pairs, q, kT, vT, c2, nonpos, skip, *spans, only,
-            out.numpy(), lse.numpy(),
+            _forward_general, items, plan.pairs, q, kT, vT, c2, nonpos, skip, plan.key_ptr,
+            plan.key_spans, plan.q_block, out.numpy(), lse.numpy(),
         )  # fmt: skip
     out, lse = blocks.queries_back(plan, out, lse)
     return out, lse, blocks.pack(found, B, n, m)
@@ -881,37 +980,44 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     q, g, out, lse = blocks.queries_in_order(plan, query, grad_out, out, lse)
     k, v, w_keys = blocks.keys_in_order(plan, key, value, per_key(w, m))
     skip, skipped_by = blocks.skips(plan, diagonal, B, n, m)
-    fused = d == 1 and c == 1
+    fused = _fused(d, c)
     c2, wn = _log2_scale(w_keys), _np(w_keys)
     # per-query terms of every pass: delta_i = g_i . y_i and the lse pair. A
     # shard's lse is the whole problem's: its keys cannot recompute that shift.
     exact = _exact_shifts(plan, q, k, v, c2, skip) if keys is None else None
-    shifts = _lse_log2(lse, dtype, exact)
-    common = (_np(_delta_of(g, out)), *shifts)
+    high, low = _lse_log2(lse, dtype, exact)
+    delta = _np(_delta_of(g, out))
     dq = dk = dv = dw = None
     if need_q:
         dq = torch.empty(q.shape, dtype=dtype)
-        _parallel(
-            _dq_fused if fused else _dq_general,
-            len(plan.key_ptr) - 1,
-            plan.pairs,
-            _np(q), _np(g), *common, _feature_major(k), _feature_major(v), wn, c2, skip,
-            plan.key_ptr, plan.key_spans, plan.q_block, dq.numpy(),
-        )  # fmt: skip
+        qn, gn, kT, vT = _np(q), _np(g), _feature_major(k), _feature_major(v)
+        if fused:
+            args = QueryGrad(qn, gn, delta, high, low, kT, vT, wn, c2, dq.numpy(), *_markers(d, c))
+            _parallel(_run, len(plan.key_ptr) - 1, plan.pairs, _query_work(plan, skip), args)
+        else:
+            _parallel(
+                _dq_general, len(plan.key_ptr) - 1, plan.pairs, qn, gn, delta, high, low, kT, vT,
+                wn, c2, skip, plan.key_ptr, plan.key_spans, plan.q_block, dq.numpy(),
+            )  # fmt: skip
         (dq,) = blocks.queries_back(plan, dq)
     if need_k or need_v or need_w:
         dk = torch.empty(k.shape, dtype=dtype)
         dv = torch.empty(v.shape, dtype=dtype)
         dw_keys = torch.empty(w_keys.shape, dtype=torch.float64)
         shift = distance_shift(lse, w, _per_row_keys(skip, m) if keys is None else keys)
-        _parallel(
-            _dkv_fused if fused else _dkv_general,
-            len(plan.query_ptr) - 1,
-            plan.pairs,
-            _np(k), _np(v), wn, c2, _feature_major(q), _feature_major(g), *common,
-            _np(shift.to(dtype)), skipped_by, plan.query_ptr, plan.query_spans, plan.k_block,
-            dk.numpy(), dv.numpy(), dw_keys.numpy(),
-        )  # fmt: skip
+        kn, vn, qT, gT = _np(k), _np(v), _feature_major(q), _feature_major(g)
+        shift, outputs = _np(shift.to(dtype)), (dk.numpy(), dv.numpy(), dw_keys.numpy())
+        if fused:
+            args = KeyGrad(
+                kn, vn, wn, c2, qT, gT, delta, high, low, shift, *outputs, *_markers(d, c)
+            )
+            _parallel(_run, len(plan.query_ptr) - 1, plan.pairs, _key_work(plan, skipped_by), args)
+        else:
+            _parallel(
+                _dkv_general, len(plan.query_ptr) - 1, plan.pairs, kn, vn, wn, c2, qT, gT, delta,
+                high, low, shift, skipped_by, plan.query_ptr, plan.query_spans, plan.k_block,
+                *outputs,
+            )  # fmt: skip
         dk, dv, dw_keys = blocks.keys_back(plan, dk, dv, dw_keys)
         dw = _dw(dw_keys, w, dtype)
     return (
@@ -927,8 +1033,8 @@ def _or_zeros(tangent, like):
 
 
 def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
-    B, n, _ = query.shape
-    m = key.shape[1]
+    B, n, d = query.shape
+    m, c = key.shape[1], value.shape[-1]
     dq, dk, dv, dw = (_or_zeros(t, x) for t, x in zip(tangents, (query, key, value, w)))
     plan = _or_dense(blocks.unpack(packed), B, n, m)
     q, dq, y, lse = blocks.queries_in_order(plan, query, dq, out, lse)
@@ -937,29 +1043,23 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
     )
     skip, _ = blocks.skips(plan, diagonal, B, n, m)
     c2 = _log2_scale(w)
-    shifts = _lse_log2(lse, query.dtype, _exact_shifts(plan, q, k, v, c2, skip))
+    high, low = _lse_log2(lse, query.dtype, _exact_shifts(plan, q, k, v, c2, skip))
     dy = torch.empty(y.shape, dtype=query.dtype)
-    _parallel(
-        _tangent_items,
-        len(plan.key_ptr) - 1,
-        plan.pairs,
-        _np(q),
-        _np(dq),
-        _feature_major(k),
-        _feature_major(dk),
-        _feature_major(v),
-        _feature_major(dv),
-        _np(w),
-        _np(dw),
-        c2,
-        _np(y),
-        *shifts,
-        skip,
-        plan.key_ptr,
-        plan.key_spans,
-        plan.q_block,
-        dy.numpy(),
-    )
+    arrays = (
+        _np(q), _np(dq), _feature_major(k), _feature_major(dk), _feature_major(v),
+        _feature_major(dv), _np(w), _np(dw), c2, _np(y), high, low,
+    )  # fmt: skip
+    if _fused(d, c):
+        qn, dqn, kT, dkT, vT, dvT, wn, dwn, c2, yn, high, low = arrays
+        args = Tangent(
+            qn, dqn, yn, high, low, kT, dkT, vT, dvT, wn, dwn, c2, dy.numpy(), *_markers(d, c)
+        )
+        _parallel(_run, len(plan.key_ptr) - 1, plan.pairs, _query_work(plan, skip), args)
+    else:
+        _parallel(
+            _tangent_items, len(plan.key_ptr) - 1, plan.pairs, *arrays, skip, plan.key_ptr,
+            plan.key_spans, plan.q_block, dy.numpy(),
+        )  # fmt: skip
     return blocks.queries_back(plan, dy)[0]
 
 
