@@ -12,11 +12,17 @@ so a local-linear solve built on these sums cancels nothing the data do not.
 
 The contract, on contiguous tensors of one float dtype (float32 or float64)::
 
-    forward(query (n, d), key (m, d), value (m, c), w (d,), exclude_self)
-        -> moments (n, P) float64, lse (n,) float64 (natural log)
+    forward(query (n, d), key (m, d), value (m, c), w (d,), exclude_self, tolerance)
+        -> moments (n, P) float64, lse (n,) float64 (natural log), plan (packed)
     backward(grad (n, P) float64, query, key, value, w, lse, second (n, d) float64,
-             tbar (n,) float64, exclude_self)
+             tbar (n,) float64, exclude_self, plan)
         -> (n, d) float64: row i holds d/dw_f of grad_i . moments_i
+
+``tolerance`` is ``nw_pool``'s: each query may skip keys holding at most that
+much of its softmax mass, by the bound of ``kernels.blocks`` on the points
+scaled by sqrt(w_f) (where the scores are -(1/2) ||.||^2); the moments are sums
+over the same weights, so they leave out that much mass too. The backward
+sweeps the plan the forward made.
 
 The backward is the derivative of the softmax in w_f:
 d p_ij / d w_f = -(1/2) p_ij (u_ijf^2 - E_i[u_f^2]), where ``second`` holds the
@@ -24,51 +30,260 @@ E_i[u_f^2] the forward returned; the kernel also subtracts ``tbar`` =
 grad_i . moments_i from grad_i . phi_ij (exact, since the centred weights sum to
 0), so neither factor carries a large constant into the sum.
 
-The loops follow ``numba_nw``: scores in log2 units, built and shifted with
-operations the compiler may not fuse or regroup (``numba_exp.mul``, ``sub``,
-``fma``), so the row maximum's own weight is exactly 1; the polynomial ``exp2``,
-float32 (or float64) lanes within a tile of keys and float64 across tiles, a
-shift of 0 when every w_f >= 0 (scores <= 0) with a redo against the row's
-maximum when the sum underflows, no fast-math flag that assumes finite
-numbers, one thread per query row in a fixed order (results repeat bit for
-bit), and key i removed from row i (not weighted 0) with exclude_self.
+For d <= FUSED_DIMS and c <= FUSED_CHANNELS the passes run on ``numba_sweep``'s
+loop, as ``numba_nw``'s do, with the P sums of a row in registers; the general
+kernels below take the rest, dense. Both follow ``numba_nw``: scores in log2
+units, built and shifted with operations the compiler may not fuse or regroup
+(``numba_exp.mul``, ``sub``, ``fma``), so the row maximum's own weight is
+exactly 1; the polynomial ``exp2``, float32 (or float64) lanes within a block of
+keys and float64 across blocks, a shift of 0 when every w_f >= 0 (scores <= 0)
+with a redo against the row's maximum when the sum underflows, the exact shift
+recomputed for rows whose |lse| is too large to carry it, no fast-math flag
+that assumes finite numbers, each query row summed by one work item in a fixed
+order (results repeat bit for bit), and key i removed from row i (not weighted
+0) with exclude_self.
 """
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from numba import njit
 
-from . import UNDERFLOW
+from . import EXACT_SHIFT_ABOVE, UNDERFLOW, blocks
+from . import numba_sweep as sweep
 from .numba_exp import exp2, fma, fmax, mul, sub
+from .numba_sweep import (
+    SUM_BLOCK,
+    axpy,
+    column,
+    dot,
+    minus,
+    outer,
+    part,
+    row,
+    splat,
+    times,
+    upper,
+    weighted_sqnorm,
+)
 from .workers import parallel
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
-# Keys per tile. The tile keeps d + 2 rows of buffers (u per feature, scores,
-# weighted u) in L1 for small d; 256 keys leave the ~30 cycles of set-up per
-# tile and buffer pass below 10% of the work, and bound the depth of every
-# float32 sum (16 to 32 terms a SIMD lane) before it goes into float64.
+# Queries and keys per block of a plan (as numba_nw's).
+BLOCK = 64
+# The passes on numba_sweep's loop: up to these; P = d + d (d + 1) / 2 + c + d c
+# sums a row, 27 at d = c = 4.
+FUSED_DIMS = 4
+FUSED_CHANNELS = 4
+# Keys per tile of the general kernels. The tile keeps d + 2 rows of buffers (u
+# per feature, scores, weighted u) in L1 for small d; 256 keys leave the ~30
+# cycles of set-up per tile and buffer pass below 10% of the work, and bound the
+# depth of every float32 sum (16 to 32 terms a SIMD lane) before it goes into
+# float64.
 TILE = 256
 # A parallel work item is a run of query rows worth about this many pairs.
 ITEM_PAIRS = 1 << 15
 
-_FLAGS = {"contract", "reassoc", "nsz", "arcp"}
-_jit = functools.partial(njit, fastmath=_FLAGS, error_model="numpy", cache=True, nogil=True)
-_ijit = functools.partial(_jit, inline="always")
-
-# Unsigned tile indices: no negative-index wraparound, plain vector loads.
+_jit = sweep.jit
+_ijit = functools.partial(sweep.inner, inline="always")
 _u = np.uint64
 
 
+@_jit
+def _run(lo, hi, work, args):
+    """Work items [lo, hi) of the pass ``args`` (``numba_sweep.run``),
+    compiled and cached here, beside the parts it inlines."""
+    sweep.run(lo, hi, work, args)
+
+
 def _rows_per_item(length):
-    return max(1, min(64, ITEM_PAIRS // max(length, 1)))
+    return max(8, min(64, ITEM_PAIRS // max(length, 1)))
 
 
-# ------------------------------------------------------------- one span of keys
+# ------------------------------------------------- passes on numba_sweep's loop
+# Arrays have a batch dimension of one: (1, rows, f) for the queries, (1, f, m)
+# feature-major for the keys and values, c2 (1, 1, d). ``dims``, ``chans`` and
+# ``phis`` are tuples of d, c and P zeros: their lengths are part of the type.
+
+
+class Moments(NamedTuple):
+    """moments[0, i] = sum_j p_ij phi_ij, lse[0, i] (natural log)."""
+
+    q: np.ndarray  # (1, n, d)
+    kT: np.ndarray  # (1, d, m)
+    vT: np.ndarray  # (1, c, m)
+    c2: np.ndarray  # (1, 1, d): c2_f = -(w_f / 2) log2(e)
+    nonpos: bool  # every w_f >= 0: every score <= 0
+    moments: np.ndarray  # (1, n, P) float64
+    lse: np.ndarray  # (1, n) float64
+    dims: tuple
+    chans: tuple
+    phis: tuple
+
+
+class MomentsShift(NamedTuple):
+    """The forward's exact shift of the rows with only[0, i] (as ``numba_nw.Shift``)."""
+
+    q: np.ndarray
+    kT: np.ndarray
+    vT: np.ndarray
+    c2: np.ndarray
+    only: np.ndarray  # (1, n) uint8
+    high: np.ndarray  # (1, n), the input dtype
+    low: np.ndarray
+    dims: tuple
+    chans: tuple
+    phis: tuple
+
+
+@sweep.inner(inline="always")
+def _phi(u, v):
+    """[u, upper(u u^T), v, u v^T] of one key, in the layout's order."""
+    return u + upper(u) + v + outer(u, v)
+
+
+def _moments_begin(args, b, r):
+    c2 = row(args.c2, 0, 0, args.dims)
+    return row(args.q, 0, r, args.dims), c2, args.q.dtype.type(0)
+
+
+def _moments_sweep(args, b, row, ja, jb):
+    q, c2, shift = row
+    if shift == 0:  # the common case, with the subtraction of 0 compiled away
+        return _moment_sums(args, q, c2, args.q.dtype.type(0), ja, jb)
+    return _moment_sums(args, q, c2, shift, ja, jb)
+
+
+@sweep.inner(inline="always")
+def _moment_sums(args, q, c2, shift, ja, jb):
+    """(sum_j e_j, sum_j e_j phi_j...) with e_j = 2**(s_j - shift), s_j the score
+    in log2 units."""
+    zero = args.q.dtype.type(0)
+    total = 0.0
+    sums = splat(0.0, args.phis)
+    for j0 in range(ja, jb, SUM_BLOCK):
+        s = zero
+        acc = splat(zero, args.phis)
+        for j in range(j0, min(j0 + SUM_BLOCK, jb)):
+            jj = _u(j)
+            u = minus(column(args.kT, 0, jj, args.dims), q)
+            e = exp2(sub(sub(weighted_sqnorm(c2, u), shift), zero))
+            s += e
+            acc = axpy(acc, e, _phi(u, column(args.vT, 0, jj, args.chans)))
+        total += s
+        sums = sweep.add(sums, acc)
+    return (total,) + sums
+
+
+def _moments_peak(args, b, row, ja, jb):
+    q, c2, _ = row
+    top = args.q.dtype.type(-np.inf)
+    for j in range(ja, jb):
+        top = fmax(top, weighted_sqnorm(c2, minus(column(args.kT, 0, _u(j), args.dims), q)))
+    return top
+
+
+def _moments_rebase(args, b, row, shift):
+    return row[0], row[1], args.q.dtype.type(shift)
+
+
+for _cls in (Moments, MomentsShift):
+    part(sweep.begin, _cls)(_moments_begin)
+    part(sweep.sweep, _cls)(_moments_sweep)
+    part(sweep.peak, _cls)(_moments_peak)
+    part(sweep.rebase, _cls)(_moments_rebase)
+
+
+@part(sweep.start_at_peak, Moments)
+def _(args, b):
+    return not args.nonpos
+
+
+@part(sweep.redo, Moments)
+def _(args, b, row, sums):
+    return args.nonpos and not sums[0] >= UNDERFLOW
+
+
+@part(sweep.finish, Moments)
+def _(args, b, r, row, sums):
+    for k in range(len(args.phis)):
+        args.moments[0, r, k] = sums[1 + k] / sums[0]
+    args.lse[0, r] = (row[2] + math.log2(sums[0])) * LN2
+
+
+@part(sweep.wanted, MomentsShift)
+def _(args, b, r):
+    return args.only[0, r] != 0
+
+
+@part(sweep.start_at_peak, MomentsShift)
+def _(args, b):
+    return True
+
+
+@part(sweep.finish, MomentsShift)
+def _(args, b, r, row, sums):
+    args.high[0, r] = row[2]
+    args.low[0, r] = math.log2(sums[0])
+
+
+class MomentsGrad(NamedTuple):
+    """grad_w[0, i, f] = -(1/2) sum_j p_ij (u_ijf^2 - r_if) (G_i . phi_ij - tbar_i)."""
+
+    q: np.ndarray  # (1, n, d)
+    kT: np.ndarray  # (1, d, m)
+    vT: np.ndarray  # (1, c, m)
+    c2: np.ndarray  # (1, 1, d)
+    G: np.ndarray  # (1, n, P)
+    tbar: np.ndarray  # (1, n)
+    r: np.ndarray  # (1, n, d)
+    high: np.ndarray  # (1, n): the lse pair, log2 units
+    low: np.ndarray
+    grad_w: np.ndarray  # (1, n, d) float64
+    dims: tuple
+    chans: tuple
+    phis: tuple
+
+
+@part(sweep.begin, MomentsGrad)
+def _(args, b, r):
+    q, c2 = row(args.q, 0, r, args.dims), row(args.c2, 0, 0, args.dims)
+    G, second = row(args.G, 0, r, args.phis), row(args.r, 0, r, args.dims)
+    return q, c2, G, args.tbar[0, r], second, args.high[0, r], args.low[0, r]
+
+
+@part(sweep.sweep, MomentsGrad)
+def _(args, b, row, ja, jb):
+    q, c2, G, tbar, second, high, low = row
+    zero = args.q.dtype.type(0)
+    total = splat(0.0, args.dims)
+    for j0 in range(ja, jb, SUM_BLOCK):
+        acc = splat(zero, args.dims)
+        for j in range(j0, min(j0 + SUM_BLOCK, jb)):
+            jj = _u(j)
+            u = minus(column(args.kT, 0, jj, args.dims), q)
+            p = exp2(sub(sub(weighted_sqnorm(c2, u), high), low))
+            t = p * (dot(G, _phi(u, column(args.vT, 0, jj, args.chans))) - tbar)
+            acc = axpy(acc, t, minus(times(u, u), second))
+        total = sweep.add(total, acc)
+    return total
+
+
+@part(sweep.finish, MomentsGrad)
+def _(args, b, r, row, sums):
+    for f in range(len(args.dims)):
+        args.grad_w[0, r, f] = -0.5 * sums[f]
+
+
+# ------------------------------------------------------ the general kernels
+# Any d and c, every pair (no plan): tiles of keys in buffers.
+#
+# A span is keys [ja, jb) of a tile; buffers are indexed from 0. A row's keys are
+# its tiles, and with exclude_self the tile holding key i is two spans around it.
 # A span is keys [ja, jb) of a tile; buffers are indexed from 0. A row's keys are
 # its tiles, and with exclude_self the tile holding key i is two spans around it.
 
@@ -121,41 +336,12 @@ def _dot_values(a, ra, vT, ch, ja, nt):
 
 
 @_ijit
-def _span_moments_11(q0, kT, vT, c0, ja, jb, shift, acc):
-    """d = c = 1 in one sweep, no buffers: acc += sums of e_j [1, u, u^2, v, u v]."""
-    s0 = kT.dtype.type(0)
-    s1 = kT.dtype.type(0)
-    s2 = kT.dtype.type(0)
-    sv = kT.dtype.type(0)
-    suv = kT.dtype.type(0)
-    for j in range(ja, jb):
-        jj = _u(j)
-        u = kT[0, jj] - q0
-        e = exp2(sub(mul(c0, u * u), shift))
-        eu = e * u
-        v = vT[0, jj]
-        s0 += e
-        s1 += eu
-        s2 += eu * u
-        sv += e * v
-        suv += eu * v
-    acc[0] += s0
-    acc[1] += s1
-    acc[2] += s2
-    acc[3] += sv
-    acc[4] += suv
-
-
-@_ijit
 def _span_moments(q, i, kT, vT, c2, ja, jb, shift, U, x, eu, acc):
     """acc += sum over the span of e_j [1, u, upper(u u^T), v, u v^T] with
     e_j = 2**(x_j - shift); acc is float64, the span's sums are in the data's
     dtype."""
     d = q.shape[1]
     c = vT.shape[0]
-    if d == 1 and c == 1:
-        _span_moments_11(q[i, 0], kT, vT, c2[0], ja, jb, shift, acc)
-        return
     nt = jb - ja
     _span_scores(q, i, kT, c2, ja, jb, U, x)
     total = x.dtype.type(0)
@@ -221,7 +407,7 @@ def _row_sums(q, i, kT, vT, c2, skip, shift, U, x, eu, acc):
 
 
 @_jit
-def _forward_kernel(lo, hi, q, kT, vT, c2, scores_nonpositive, exclude_self, rows, moments, lse):
+def _forward_general(lo, hi, q, kT, vT, c2, scores_nonpositive, exclude_self, rows, moments, lse):
     """Items [lo, hi) of ``rows`` queries: q (n, d), kT (d, m), vT (c, m), c2 (d,)
     -> moments (n, P), lse (n,)."""
     n, d = q.shape
@@ -250,28 +436,10 @@ def _forward_kernel(lo, hi, q, kT, vT, c2, scores_nonpositive, exclude_self, row
 
 
 @_ijit
-def _span_grad_11(q0, kT, vT, c0, L2h, L2l, G, tbar, r0, ja, jb, acc):
-    """d = c = 1 in one sweep, no buffers."""
-    g0, g1, g2, g3 = G[0], G[1], G[2], G[3]
-    s = kT.dtype.type(0)
-    for j in range(ja, jb):
-        jj = _u(j)
-        u = kT[0, jj] - q0
-        uu = u * u
-        v = vT[0, jj]
-        p = exp2(sub(sub(mul(c0, uu), L2h), L2l))
-        s += p * ((g0 * u + g1 * uu + g2 * v + g3 * (u * v)) - tbar) * (uu - r0)
-    acc[0] += s
-
-
-@_ijit
 def _span_grad(q, i, kT, vT, c2, L2h, L2l, G, tbar, r, ja, jb, U, x, t, acc):
     """acc[f] += sum over the span of p_j (u_jf^2 - r_f) (G . phi_j - tbar)."""
     d = q.shape[1]
     c = vT.shape[0]
-    if d == 1 and c == 1:
-        _span_grad_11(q[i, 0], kT, vT, c2[0], L2h, L2l, G, tbar, r[0], ja, jb, acc)
-        return
     nt = jb - ja
     _span_scores(q, i, kT, c2, ja, jb, U, x)
     for j in range(nt):
@@ -311,7 +479,7 @@ def _span_grad(q, i, kT, vT, c2, L2h, L2l, G, tbar, r, ja, jb, U, x, t, acc):
 
 
 @_jit
-def _backward_kernel(lo, hi, q, kT, vT, c2, G, tbar, r, L2h, L2l, exclude_self, rows, grad_w):
+def _backward_general(lo, hi, q, kT, vT, c2, G, tbar, r, L2h, L2l, exclude_self, rows, grad_w):
     """grad_w[i, f] = -(1/2) sum_j p_ij (u_ijf^2 - r_if) (G_i . phi_ij - tbar_i),
     items [lo, hi) of ``rows`` queries."""
     n, d = q.shape
@@ -348,51 +516,105 @@ def _log2_scale(w):
     return _np((w.double() * (-0.5 * LOG2E)).to(w.dtype))
 
 
-def forward(query, key, value, w, exclude_self):
+def _fused(d, c):
+    return d <= FUSED_DIMS and c <= FUSED_CHANNELS
+
+
+def _markers(d, c):
+    """The (dims, chans, phis) tuples that carry d, c and P in a pass's type."""
+    return (0,) * d, (0,) * c, (0,) * (d + d * (d + 1) // 2 + c + d * c)
+
+
+def make_plan(query, key, w, exclude_self, tolerance):
+    """The block-sparse plan of the softmax with scores -(1/2) sum_f w_f u_f^2,
+    or None for a dense pass: the plan of ``kernels.blocks`` for the points
+    scaled by sqrt(w_f) and w = 1. With exclude_self the queries are the keys
+    (leave-one-out): one order serves both."""
+    d, c = query.shape[1], 0
+    if not _fused(d, c) or not bool((w >= 0).all()):
+        return None
+    scale = w.detach().double().sqrt()
+    q = query.detach().double() * scale
+    same = exclude_self and torch.equal(query, key)
+    k = q if same else key.detach().double() * scale
+    ones = torch.ones(1, 1, dtype=torch.float64)
+    return blocks.plan(q[None], k[None], ones, tolerance, exclude_self, BLOCK, BLOCK)
+
+
+def _or_dense(plan, n, m):
+    return plan or blocks.dense(1, n, m, _rows_per_item(m), _rows_per_item(n))
+
+
+def _ordered(plan, query, key, value, exclude_self):
+    """q (1, n, d), kT (1, d, m), vT (1, c, m) in the plan's order, and the work
+    items over query rows."""
+    n, m = query.shape[0], key.shape[0]
+    (q,) = blocks.queries_in_order(plan, query[None])
+    k, v = blocks.keys_in_order(plan, key[None], value[None])
+    skip, _ = blocks.skips(plan, 0 if exclude_self else None, 1, n, m)
+    work = sweep.Work(plan.key_ptr, plan.key_spans, plan.q_block, skip)
+    return _np(q), _np(k.transpose(1, 2)), _np(v.transpose(1, 2)), work
+
+
+def forward(query, key, value, w, exclude_self, tolerance=0.0):
     n, d = query.shape
-    c = value.shape[1]
+    m, c = key.shape[0], value.shape[1]
     moments = torch.empty((n, d + d * (d + 1) // 2 + c + d * c), dtype=torch.float64)
     lse = torch.empty(n, dtype=torch.float64)
-    rows = _rows_per_item(key.shape[0])
-    parallel(
-        _forward_kernel,
-        -(-n // rows),
-        n * key.shape[0],
-        _np(query),
-        _np(key.T),
-        _np(value.T),
-        _log2_scale(w),
-        bool((w >= 0).all()),
-        bool(exclude_self),
-        rows,
-        moments.numpy(),
-        lse.numpy(),
-    )
-    return moments, lse
+    if not _fused(d, c):
+        rows = _rows_per_item(m)
+        parallel(
+            _forward_general, -(-n // rows), n * m, _np(query), _np(key.T), _np(value.T),
+            _log2_scale(w), bool((w >= 0).all()), bool(exclude_self), rows, moments.numpy(),
+            lse.numpy(),
+        )  # fmt: skip
+        return moments, lse, blocks.pack(None, 1, n, m)
+    found = make_plan(query, key, w, exclude_self, tolerance)
+    plan = _or_dense(found, n, m)
+    q, kT, vT, work = _ordered(plan, query, key, value, exclude_self)
+    c2 = _log2_scale(w)[None, None]
+    args = Moments(
+        q, kT, vT, c2, bool((w >= 0).all()), moments.numpy()[None], lse.numpy()[None],
+        *_markers(d, c),
+    )  # fmt: skip
+    parallel(_run, len(plan.key_ptr) - 1, plan.pairs, work, args)
+    moments, lse = blocks.queries_back(plan, moments[None], lse[None])
+    return moments[0], lse[0], blocks.pack(found, 1, n, m)
 
 
-def backward(grad, query, key, value, w, lse, second, tbar, exclude_self):
+def backward(grad, query, key, value, w, lse, second, tbar, exclude_self, packed=None):
     dtype = query.dtype
-    lse2 = lse * LOG2E
-    L2h = lse2.to(dtype)
+    n, d = query.shape
+    m, c = key.shape[0], value.shape[1]
     grad_w = torch.empty(query.shape, dtype=torch.float64)
-    n, m = query.shape[0], key.shape[0]
-    rows = _rows_per_item(m)
-    parallel(
-        _backward_kernel,
-        -(-n // rows),
-        n * m,
-        _np(query),
-        _np(key.T),
-        _np(value.T),
-        _log2_scale(w),
-        _np(grad.to(dtype)),
-        _np(tbar.to(dtype)),
-        _np(second.to(dtype)),
-        _np(L2h),
-        _np((lse2 - L2h.double()).to(dtype)),
-        bool(exclude_self),
-        rows,
-        grad_w.numpy(),
+    lse2 = lse.double() * LOG2E
+    high = lse2.to(dtype)
+    low = (lse2 - high.double()).to(dtype)
+    if not _fused(d, c):
+        rows = _rows_per_item(m)
+        parallel(
+            _backward_general, -(-n // rows), n * m, _np(query), _np(key.T), _np(value.T),
+            _log2_scale(w), _np(grad.to(dtype)), _np(tbar.to(dtype)), _np(second.to(dtype)),
+            _np(high), _np(low), bool(exclude_self), rows, grad_w.numpy(),
+        )  # fmt: skip
+        return grad_w
+    plan = _or_dense(None if packed is None else blocks.unpack(packed), n, m)
+    q, kT, vT, work = _ordered(plan, query, key, value, exclude_self)
+    G, tbar, second, high, low = blocks.queries_in_order(
+        plan, grad.to(dtype)[None], tbar.to(dtype)[None], second.to(dtype)[None], high[None],
+        low[None],
+    )  # fmt: skip
+    high, low, c2 = _np(high), _np(low), _log2_scale(w)[None, None]
+    far = (lse2.abs() > EXACT_SHIFT_ABOVE[dtype])[None]
+    far = blocks.queries_in_order(plan, far)[0].numpy()
+    if far.any():  # the forward's exact shift for rows whose lse cannot carry it
+        args = MomentsShift(q, kT, vT, c2, far.astype(np.uint8), high, low, *_markers(d, c))
+        parallel(_run, len(plan.key_ptr) - 1, plan.pairs, work, args)
+    out = torch.empty((1, n, d), dtype=torch.float64)
+    args = MomentsGrad(
+        q, kT, vT, c2, _np(G), _np(tbar), _np(second), high, low, out.numpy(), *_markers(d, c)
     )
+    parallel(_run, len(plan.key_ptr) - 1, plan.pairs, work, args)
+    (out,) = blocks.queries_back(plan, out)
+    grad_w.copy_(out[0])
     return grad_w

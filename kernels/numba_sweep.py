@@ -210,6 +210,26 @@ def sqdist(a, b):
 
 
 @intrinsic
+def weighted_sqnorm(typingctx, c, u):
+    """sum_f c_f u_f^2: c_0 (u_0 u_0) rounded on its own (as ``numba_exp.mul``:
+    never fused), then one fused multiply-add a feature."""
+    if not (isinstance(c, types.UniTuple) and isinstance(u, types.UniTuple)):
+        return None
+    if c.count != u.count or c.dtype != u.dtype:
+        return None
+
+    def codegen(context, builder, sig, args):
+        cs, us = _items(builder, args[0], c.count), _items(builder, args[1], u.count)
+        fma = _fma(builder, us[0].type)
+        total = builder.fmul(cs[0], builder.fmul(us[0], us[0]), flags=("arcp",))
+        for cf, uf in zip(cs[1:], us[1:]):
+            total = builder.call(fma, [cf, builder.fmul(uf, uf), total])
+        return total
+
+    return u.dtype(c, u), codegen
+
+
+@intrinsic
 def upper(typingctx, t):
     """t_f t_g for f <= g, row by row (the upper triangle of t t^T)."""
     if not isinstance(t, types.UniTuple):

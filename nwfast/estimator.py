@@ -548,13 +548,13 @@ class LocalLinearRegression(_KernelRegressor):
     )
 
     def _fit_at(self, Xq, Xk, Y, h, exclude_self, tolerance=None):
-        # Local-linear passes compute every pair: no tolerance to use.
         # The fit is invariant to scaling each feature: the points are scaled by the
         # fixed h0 and w_f = (h0_f / h_f)**2 = 1 carries the gradient to h.
         h0 = h.detach()
         return local_linear_pool(
-            Xq / h0, Xk / h0, Y, (h0 / h) ** 2, exclude_self=exclude_self, backend=self.backend
-        )
+            Xq / h0, Xk / h0, Y, (h0 / h) ** 2, exclude_self=exclude_self, backend=self.backend,
+            tolerance=tolerance,
+        )  # fmt: skip
 
     def _fit_and_variance(self, Xq, Xk, Y, squared_residuals, h):
         q, k = Xq / h, Xk / h

@@ -26,6 +26,34 @@ S2_gg), whose diagonal is the fraction of each feature's mean squared offset
 that is spread rather than distance, and a row is thin when R's smallest
 eigenvalue is at most ``thin_tolerance`` (1024 units of rounding of the kernel's dtype):
 below it the sums cannot resolve a slope.
+
+Skipping keys (``tolerance``). The moments are sums over ``nw_pool``'s weights, so
+the block plan's bound carries over: the keys S a query skips hold at most
+eps = sum_{j in S} p_ij <= tolerance of its softmax mass, and the fit is the
+weighted least-squares line through the kept keys K, with weights p_ij / (1 - eps).
+How far that moves the fit follows from two facts. The exact line a + b^T u has
+residuals r_j = v_j - a - b^T u_j that satisfy sum_j p_j r_j (1, u_j) = 0 (its
+normal equations), and the kept fit reproduces any line exactly: its value is
+sum_{j in K} l'_j v_j with weights l'_j = p'_j (1 + gamma'^T (u_j - S1')), which sum
+to 1 and give sum_j l'_j u_j = 0 (gamma' = -C'^-1 S1', primes for the kept keys'
+moments). So the kept fit is a + sum_{j in K} l'_j r_j, and the normal equations
+turn that sum over the kept keys into one over the skipped ones::
+
+    fit' - fit = -1 / (1 - eps) * sum_{j in S} p_j r_j (1 + gamma'^T (u_j - S1'))
+
+By Cauchy-Schwarz in the metric of C'^-1, |gamma'^T (u_j - S1')| <= m_q m_j, with
+m_q = ||S1'|| and m_j = ||u_j - S1'|| measured in C'^-1 (Mahalanobis distances of
+the query and of key j from the kept keys' weighted mean, in their weighted
+covariance). Hence, per query,
+
+    |fit' - fit| <= eps / (1 - eps) * max_{j in S} |r_j| (1 + m_q m_j).
+
+This is where the local design's conditioning enters: a query near the middle of
+its neighbourhood (m_q ~ 0) moves as little as a Nadaraya-Watson value, while at
+the edge of the data, or where the kept keys barely span a direction (C' near
+singular, m large), the solve amplifies the skipped mass by m_q m_j. The bound
+holds for rows fitted by a line both ways; a row that is thin one way and not the
+other changes method (and a row thin both ways takes ``nw_pool``'s bound).
 """
 
 import importlib
@@ -36,7 +64,7 @@ import torch
 from torch import Tensor
 
 from nwfast import ops
-from nwfast._checks import _flag
+from nwfast._checks import _flag, resolve_tolerance
 
 __all__ = [
     "LocalLinearFit",
@@ -152,66 +180,74 @@ def _kernels(backend):
 # --- the fused moments as a custom op ------------------------------------------------
 
 
-def _moments_kernel(q, k, v, w, exclude_self, backend):
+def _moments_kernel(q, k, v, w, exclude_self, tolerance, backend):
     q, k, v, w = (x.contiguous() for x in (q, k, v, w))
-    return _kernels(backend).forward(q, k, v, w, exclude_self)
+    if backend == "numba":
+        return _kernels(backend).forward(q, k, v, w, exclude_self, tolerance)
+    # Triton's moments compute every pair: no plan to pass on.
+    moments_, lse = _kernels(backend).forward(q, k, v, w, exclude_self)
+    return moments_, lse, torch.zeros(0, dtype=torch.int64)
 
 
 _moments_op = ops.define(
     "local_linear_moments(Tensor q, Tensor k, Tensor v, Tensor w, bool exclude_self, "
-    "str backend) -> (Tensor, Tensor)",
+    "float tolerance, str backend) -> (Tensor, Tensor, Tensor)",
     _moments_kernel,
 )
 
 
 @torch.library.register_fake("nwfast::local_linear_moments")
-def _(q, k, v, w, exclude_self, backend):
+def _(q, k, v, w, exclude_self, tolerance, backend):
     size = moment_layout(q.shape[1], v.shape[1]).size
+    plan_size = torch.library.get_ctx().new_dynamic_size()
     return (
         q.new_empty((q.shape[0], size), dtype=torch.float64),
         q.new_empty(q.shape[0], dtype=torch.float64),
+        torch.empty(plan_size, dtype=torch.int64, device="cpu"),
     )
 
 
-def _moments_backward_kernel(grad, q, k, v, w, moments, lse, exclude_self, backend):
+def _moments_backward_kernel(grad, q, k, v, w, moments, lse, plan, exclude_self, backend):
     q, k, v, w = (x.contiguous() for x in (q, k, v, w))
     # What the kernel subtracts: each query's E[u_f^2] and grad . moments.
     second = _unpack(moments, q.shape[1], v.shape[1])[1].diagonal(dim1=1, dim2=2)
     tbar = (grad * moments).sum(1)
-    per_query = _kernels(backend).backward(
-        grad.contiguous(), q, k, v, w, lse.contiguous(), second.contiguous(), tbar, exclude_self
-    )
+    args = (grad.contiguous(), q, k, v, w, lse.contiguous(), second.contiguous(), tbar)
+    if backend == "numba":  # over the keys the forward's plan kept
+        per_query = _kernels(backend).backward(*args, exclude_self, plan)
+    else:
+        per_query = _kernels(backend).backward(*args, exclude_self)
     return per_query.sum(0).to(w.dtype)
 
 
 _moments_backward_op = ops.define(
     "local_linear_moments_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor w, "
-    "Tensor moments, Tensor lse, bool exclude_self, str backend) -> Tensor",
+    "Tensor moments, Tensor lse, Tensor plan, bool exclude_self, str backend) -> Tensor",
     _moments_backward_kernel,
 )
 
 
 @torch.library.register_fake("nwfast::local_linear_moments_backward")
-def _(grad, q, k, v, w, moments, lse, exclude_self, backend):
+def _(grad, q, k, v, w, moments, lse, plan, exclude_self, backend):
     return torch.empty_like(w)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, w, exclude_self, backend = inputs
-    moments, lse = output
-    ctx.save_for_backward(q, k, v, w, moments, lse)
+    q, k, v, w, exclude_self, tolerance, backend = inputs
+    moments, lse, plan = output
+    ctx.save_for_backward(q, k, v, w, moments, lse, plan)
     ctx.exclude_self, ctx.backend = exclude_self, backend
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, plan)
 
 
-def _backward(ctx, grad, _grad_lse):
-    q, k, v, w, moments, lse = ctx.saved_tensors
+def _backward(ctx, grad, _grad_lse, _grad_plan):
+    q, k, v, w, moments, lse, plan = ctx.saved_tensors
     grad_w = None
     if ctx.needs_input_grad[3]:
         grad_w = _moments_backward_op(
-            grad.double(), q, k, v, w, moments, lse, ctx.exclude_self, ctx.backend
+            grad.double(), q, k, v, w, moments, lse, plan, ctx.exclude_self, ctx.backend
         )
-    return None, None, None, grad_w, None, None
+    return None, None, None, grad_w, None, None, None
 
 
 torch.library.register_autograd(
@@ -219,20 +255,24 @@ torch.library.register_autograd(
 )
 
 
-def moments(query, key, value, w, *, exclude_self=False, backend="auto"):
+def moments(query, key, value, w, *, exclude_self=False, backend="auto", tolerance=None):
     """The weighted moments of every query, ``(n, P)`` float64, and its log-sum-exp.
 
-    Shapes as :func:`local_linear_pool`; the columns follow :func:`moment_layout`.
+    Shapes and ``tolerance`` as :func:`local_linear_pool` (the keys a query skips
+    hold at most ``tolerance`` of its softmax mass, so each moment moves by at most
+    ``2 * tolerance * max_j |phi_ij|``); the columns follow :func:`moment_layout`.
     Differentiable with respect to ``w`` (one pass more in the backward).
     """
     q, k, v, w = _prepare(query, key, value, w, exclude_self)
+    tolerance = resolve_tolerance(tolerance, q.dtype)
     if backend == "torch":
         return moments_reference(q, k, v, w, exclude_self)
     backend = ops.resolve_backend(backend, q.device, q.dtype)
     if q.shape[0] == 0:
         size = moment_layout(q.shape[1], v.shape[1]).size
         return q.new_zeros((0, size), dtype=torch.float64), q.new_zeros(0, dtype=torch.float64)
-    return _moments_op(q, k, v, w, exclude_self, backend)
+    moments_, lse, _ = _moments_op(q, k, v, w, exclude_self, tolerance, backend)
+    return moments_, lse
 
 
 # --- from moments to the local-linear value ------------------------------------------
@@ -313,7 +353,7 @@ def sum_squared_weights(fit, S1, moments_2w, lse_w, lse_2w, d):
     return torch.exp(lse_2w - 2.0 * lse_w) * (mean * mean + spread)
 
 
-def local_linear_pool(query, key, value, w, *, exclude_self=False, backend="auto"):
+def local_linear_pool(query, key, value, w, *, exclude_self=False, backend="auto", tolerance=None):
     """Local-linear regression at each query: the value of the weighted least-squares
     line through the keys and values, weighted by the Gaussian softmax of ``nw_pool``.
 
@@ -326,6 +366,14 @@ def local_linear_pool(query, key, value, w, *, exclude_self=False, backend="auto
         exclude_self: leave-one-out, n == m: key i is removed from query i's fit.
         backend: ``"auto"`` (Numba on CPU, Triton on CUDA), ``"numba"``,
             ``"triton"`` or ``"torch"`` (:func:`local_linear_reference`).
+        tolerance: the most softmax mass a query may skip, as ``nw_pool``'s: by a
+            bound the kernel computes, the keys a query leaves out hold at most
+            ``tolerance`` of its weights (``None``: the dtype's rounding; ``0.0``
+            computes every pair; the Numba kernels skip, d <= 4, c <= 4). Each fit
+            then moves by at most ``tolerance / (1 - tolerance) * max_j |r_j| (1 +
+            m_q m_j)`` over the keys j it skipped (see the module doc: r_j is key
+            j's residual from the exact line, m_q and m_j the Mahalanobis distances
+            of the query and of key j from the kept keys' weighted mean).
 
     Returns:
         The fits in the dtype of the inputs. The fused backends differentiate with
@@ -337,7 +385,9 @@ def local_linear_pool(query, key, value, w, *, exclude_self=False, backend="auto
         q, k, v, w_f = _prepare(query, key, value, w, exclude_self, fused=False)
         fit = local_linear_reference(q, k, v, w_f, exclude_self=exclude_self)
     else:
-        mom, _ = moments(query, key, value, w, exclude_self=exclude_self, backend=backend)
+        mom, _ = moments(
+            query, key, value, w, exclude_self=exclude_self, backend=backend, tolerance=tolerance
+        )
         q, v = _points("query", query), _points("value", value)
         fit = solve_moments(mom, q.shape[1], v.shape[1], thin_tolerance(q.dtype)).value
     fit = fit.to(query.dtype)

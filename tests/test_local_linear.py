@@ -249,7 +249,7 @@ def test_results_repeat_bit_for_bit():
 
 def test_opcheck_and_compile_without_graph_break():
     q, k, v, w = inputs("n40-m70-d2-c3", torch.float64)
-    torch.library.opcheck(ll._moments_op, (q, k, v, w.requires_grad_(), False, "numba"))
+    torch.library.opcheck(ll._moments_op, (q, k, v, w.requires_grad_(), False, 2.0**-53, "numba"))
     x = torch.sort(5 * torch.rand(64)).values
     y = 2 * torch.sin(x) + x**0.8 + 0.5 * torch.randn(64)
 
@@ -308,3 +308,152 @@ def test_matches_statsmodels_local_linear(d):
 def test_bad_input(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         nwfast.local_linear_pool(*args, **kwargs)
+
+
+# --- skipping keys: the bound of the module doc, on data made to strain it ---------
+
+
+def adversarial(name, generator):
+    """(query, key, value, w per feature, exclude_self), float64, of a named family."""
+    f64 = {"dtype": torch.float64, "generator": generator}
+    n = 700
+    if name == "clusters-2d":  # tight clusters with wide gaps, a line through each
+        centres = torch.tensor([[0.0, 0.0], [0.5, 0.2], [1.0, 1.0]], dtype=torch.float64)
+        k = centres[torch.randint(3, (n,), generator=generator)] + 0.05 * torch.randn(n, 2, **f64)
+        return k, k, k @ torch.tensor([[2.0], [-1.0]], dtype=torch.float64), [1e4, 4e3], True
+    if name == "duplicates-1d":  # every point four times: ties everywhere
+        k = torch.rand(n // 4, 1, **f64).repeat(4, 1)
+        return k, k, torch.sin(6 * k) + 0.1 * torch.randn(k.shape, **f64), [4e3], True
+    if name == "outliers-2d":  # far outliers among the keys and the queries
+        k = torch.rand(n, 2, **f64)
+        k[:5] = 30.0 + torch.rand(5, 2, **f64)
+        q = torch.cat([torch.rand(200, 2, **f64), torch.tensor([[-20.0, 0.5], [0.5, 40.0]])])
+        return q, k, torch.randn(n, 1, **f64), [2e3, 5e2], False
+    if name == "nearly-collinear-2d":  # the local design is nearly singular across the line
+        t = torch.rand(n, 1, **f64)
+        k = torch.cat([t, 0.3 * t + 1e-3 * torch.randn(n, 1, **f64)], 1)
+        return k, k, torch.cos(5 * t) + k[:, 1:], [3e3, 3e3], True
+    if name == "clusters-3d":
+        centres = torch.rand(4, 3, **f64)
+        k = centres[torch.randint(4, (n,), generator=generator)] + 0.1 * torch.randn(n, 3, **f64)
+        return k, k, torch.randn(n, 2, **f64), [400.0, 200.0, 800.0], True
+    raise ValueError(name)
+
+
+def kept_keys(plan, n, m):
+    """(n, m) bool: the pairs the plan sweeps, in the caller's order."""
+    kept = torch.zeros(n, m, dtype=torch.bool)
+    perm_q, perm_k = (p[0] for p in plan.order)
+    for item in range(len(plan.key_ptr) - 1):
+        rows = perm_q[item * plan.q_block : (item + 1) * plan.q_block]
+        for start, end in plan.key_spans[plan.key_ptr[item] : plan.key_ptr[item + 1]]:
+            kept[rows[:, None], perm_k[start:end][None, :]] = True
+    return kept
+
+
+def lines_through(q, k, v, w, loo, kept=None):
+    """Per query, the weighted least-squares line (intercept, slope) through the keys
+    (the kept ones), by lstsq: (n, 1 + d, c) float64."""
+    u, scores, removed = ll._reference_weights(q, k, w, loo)
+    root = torch.exp(0.5 * torch.log_softmax(scores, dim=-1))
+    if kept is not None:
+        root = torch.where(kept, root, 0.0)
+    design = torch.cat([torch.ones_like(u[..., :1]), u], -1)
+    target = v[None].expand(q.shape[0], -1, -1)
+    if removed is not None:
+        design = torch.where(removed[..., None], 0.0, design)
+        target = torch.where(removed[..., None], 0.0, target)
+    weighted = root[..., None]
+    return torch.linalg.lstsq(weighted * design, weighted * target, driver="gelsd").solution
+
+
+def skipping_bound(q, k, v, w, loo, kept, line):
+    """Per query and channel, the module doc's bound on how far the fit moves when
+    the keys outside ``kept`` are skipped; ``line`` is the exact one. Also each
+    row's skipped mass and how well its kept keys pose the fit: the smallest
+    eigenvalue of their scaled weighted covariance (R of the module doc) and m_q.
+    Rounding the moments by u moves a fit by up to about u (1 + m_q^2) / smallest
+    times the values' scale (C = S2 - S1 S1^T cancels by 1 + m_q^2)."""
+    u, scores, removed = ll._reference_weights(q, k, w, loo)
+    p = torch.softmax(scores, dim=-1)
+    skipped = torch.where(kept, 0.0, p)
+    if removed is not None:
+        kept, skipped = kept & ~removed, torch.where(removed, 0.0, skipped)
+    eps = skipped.sum(1)
+    design = torch.cat([torch.ones_like(u[..., :1]), u], -1)
+    residual = v[None] - torch.einsum("nmf,nfc->nmc", design, line)
+    pk = torch.where(kept, p, 0.0)
+    pk = pk / pk.sum(1, keepdim=True)
+    S1 = torch.einsum("nm,nmf->nf", pk, u)
+    C = torch.einsum("nm,nmf,nmg->nfg", pk, u, u) - S1[:, :, None] * S1[:, None, :]
+    scale = C.diagonal(dim1=1, dim2=2).clamp_min(1e-300).sqrt()
+    R = C / (scale[:, :, None] * scale[:, None, :])
+    smallest = torch.linalg.eigvalsh(torch.nan_to_num(R)).amin(1)
+    spread = smallest > 1e-8
+    eye = torch.eye(C.shape[1], dtype=C.dtype)
+    Cinv = torch.linalg.inv(torch.where(spread[:, None, None], C, eye))
+    m_q = torch.einsum("nf,nfg,ng->n", S1, Cinv, S1).sqrt()
+    offset = u - S1[:, None]
+    m_j = torch.einsum("nmf,nfg,nmg->nm", offset, Cinv, offset).sqrt()
+    amplified = residual.abs() * (1 + m_q[:, None] * m_j)[..., None]
+    worst = torch.where((skipped > 0)[..., None], amplified, 0.0).amax(1)
+    return (eps / (1 - eps))[:, None] * worst, eps, smallest, m_q
+
+
+def farthest_within(q, k, w, loo, mass):
+    """(n, m) bool: the keys kept when each row skips its farthest keys while
+    their softmax mass stays within ``mass`` (a skip set far heavier than a
+    plan's, whose bounds are loose)."""
+    _, scores, _ = ll._reference_weights(q, k, w, loo)
+    p = torch.softmax(scores, dim=-1)
+    order = scores.argsort(dim=1)  # farthest first
+    within = p.gather(1, order).cumsum(1) <= mass
+    return ~torch.zeros_like(within).scatter(1, order, within)
+
+
+@pytest.mark.parametrize(
+    "name", ["clusters-2d", "duplicates-1d", "outliers-2d", "nearly-collinear-2d", "clusters-3d"]
+)
+def test_skipping_keeps_the_stated_bound(name, monkeypatch, fresh_seed):
+    """On data made to strain it: the fit through the kept keys moves from the
+    exact one by at most the module doc's bound (both fits by lstsq in float64),
+    for the keys a plan skips and for a heavier skip set of mass up to 1e-3 a
+    row; the plan skips at most its tolerance; and the fused kernel computes
+    the fit through the keys its plan kept as closely as its dense pass computes
+    the exact one."""
+    from nwfast.kernels import blocks, numba_moments
+
+    monkeypatch.setattr(blocks, "MIN_PAIRS", 1)  # plans at test sizes, small blocks
+    monkeypatch.setattr(numba_moments, "BLOCK", 16)
+    q, k, v, w, loo = adversarial(name, torch.Generator().manual_seed(fresh_seed))
+    w = torch.tensor(w, dtype=torch.float64)
+    tolerance = 1e-3
+    plan = numba_moments.make_plan(q, k, w, loo, tolerance)
+    assert plan is not None and plan.pairs < q.shape[0] * k.shape[0], "the plan skips nothing"
+    everything = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool)
+    exact = lines_through(q, k, v, w, loo)
+    *_, conditioned, _ = skipping_bound(q, k, v, w, loo, everything, exact)
+    planned = kept_keys(plan, q.shape[0], k.shape[0])
+    for kept in (planned, farthest_within(q, k, w, loo, tolerance)):
+        through_kept = lines_through(q, k, v, w, loo, kept)
+        bound, eps, smallest, _ = skipping_bound(q, k, v, w, loo, kept, exact)
+        assert eps.max() <= tolerance
+        # rows whose fits lstsq resolves in float64 (both far from singular)
+        resolved = (smallest > 1e-8) & (conditioned > 1e-8)
+        assert resolved.float().mean() > 0.5
+        moved = (through_kept[:, 0] - exact[:, 0]).abs()
+        excess = (moved - bound - 1e-12 * v.abs().max())[resolved]
+        assert (excess <= 0).all(), f"a fit moved {excess.max():.3g} past its bound"
+    assert eps.max() > 1e-4  # the heavier set strains the bound
+
+    through_planned = lines_through(q, k, v, w, loo, planned)
+    *_, smallest, m_q = skipping_bound(q, k, v, w, loo, planned, exact)
+    dense = nwfast.local_linear_pool(q, k, v, w, exclude_self=loo, tolerance=0.0)
+    fit = nwfast.local_linear_pool(q, k, v, w, exclude_self=loo, tolerance=tolerance)
+    # The moments' rounding, amplified by the solve as the conditioning allows;
+    # rows too thin for a line take the local-constant value, not lstsq's.
+    amplified = 1e-14 * (1 + m_q**2) / smallest
+    noise = 4 * (dense - exact[:, 0]).abs() + amplified[:, None] * v.abs().max()
+    lines = (smallest > 1e-8) & (conditioned > 1e-8)
+    assert ((fit - through_planned[:, 0]).abs() <= noise)[lines].all()
+    assert not torch.equal(fit, dense)  # something was skipped
