@@ -267,7 +267,9 @@ def _(args, b, row, ja, jb):
             jj = _u(j)
             u = minus(column(args.kT, 0, jj, args.dims), q)
             p = exp2(sub(sub(weighted_sqnorm(c2, u), high), low))
-            t = p * (dot(G, _phi(u, column(args.vT, 0, jj, args.chans))) - tbar)
+            # p times the rest first, never reassociated: where p underflows to 0 the
+            # rest's product with u^2 may overflow (far keys), and 0 * inf is NaN
+            t = mul(p, dot(G, _phi(u, column(args.vT, 0, jj, args.chans))) - tbar)
             acc = axpy(acc, t, minus(times(u, u), second))
         total = sweep.add(total, acc)
     return total
