@@ -6,7 +6,9 @@ A case is one peer computing one operation on one set of inputs. The operations:
   ``nw_pool(..., exclude_self=True)`` and ``nw_pool_rows``, each timed in the
   modes ``forward``, ``backward`` (alone, over one retained graph) and ``fwd+bwd``;
 - ``fit``: choosing the bandwidth by leave-one-out cross-validation, one whole
-  fit timed; the mode names the estimator (``local-constant``: Nadaraya-Watson).
+  fit timed; the mode names the estimator (``local-constant``: Nadaraya-Watson,
+  ``local-linear``: local-linear regression), with one bandwidth per feature
+  where d > 1.
 
 Every peer of a case gets the same inputs (one seed, one data family, one
 bandwidth rule), so their times and outputs compare. ``bench.peers`` says who
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 POOL_OPS = ("shared", "shared_loo", "rows")
 POOL_MODES = ("forward", "backward", "fwd+bwd")
-FIT_MODES = ("local-constant",)
+FIT_MODES = ("local-constant", "local-linear")
 MODES = (*POOL_MODES, *FIT_MODES)
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 W_KINDS = ("scalar", "per_key")
@@ -63,8 +65,22 @@ def _clustered(shape, **draw):
     return points.reshape(shape)
 
 
+def _tied(shape, **draw):
+    """Integer counts with heavy ties and a long tail (floor of a log-normal):
+    a third of the points share the value 0 on each axis, a few reach hundreds."""
+    import torch
+
+    return torch.floor(torch.exp(1.5 * torch.randn(shape, **draw)))
+
+
 # Data families: name -> points of a shape, from torch.rand's arguments.
-DATA = {"uniform": _uniform, "unit": _unit, "normal": _normal, "clustered": _clustered}
+DATA = {
+    "uniform": _uniform,
+    "unit": _unit,
+    "normal": _normal,
+    "clustered": _clustered,
+    "tied": _tied,
+}
 
 
 def _silverman(key, value) -> float:
@@ -334,6 +350,21 @@ PRESETS = {
         min_repeats=1,
         max_repeats=3,
         time_cap_s=60.0,
+    ),
+    # Several features, one bandwidth each: both estimators on two and three
+    # features, uniform, clustered and tied (integer, long-tailed) data, up to
+    # the 60 000 rows of a typical tabular data set.
+    "fit-features": Preset(
+        {
+            ("fit", "local-constant"): (3000, 10000, 60000),
+            ("fit", "local-linear"): (3000, 10000, 60000),
+        },
+        target_s=5.0,
+        min_repeats=1,
+        max_repeats=3,
+        time_cap_s=60.0,
+        data=("uniform", "clustered", "tied"),
+        dims=(2, 3),
     ),
     # Block skipping: nwfast beside its own dense pass, torch.compile and KeOps'
     # block-sparse ranges, on the bandwidths users pick; every call checked.

@@ -108,8 +108,9 @@ def summary(verdicts: list, rows: int) -> dict:
     }
 
 
-def loo_mse(X, y, h) -> float:
-    """Leave-one-out MSE at the bandwidth h (one, or one per feature) a fit chose.
+def loo_mse(X, y, h, estimator="local-constant") -> float:
+    """Leave-one-out MSE of the estimator (a fit's mode) at the bandwidth h (one,
+    or one per feature) a fit chose.
 
     Every peer's choice is measured by this one function, so a fast fit that
     picks a poor bandwidth shows.
@@ -119,9 +120,11 @@ def loo_mse(X, y, h) -> float:
     import nwfast
 
     X, y, h = torch.from_numpy(X), torch.from_numpy(y)[:, None], torch.as_tensor(h).double()
+    # one h per feature: scale each feature by it, then w = 1
+    Xs, w = (X, 1 / h**2) if h.numel() == 1 else (X / h, torch.tensor(1.0, dtype=X.dtype))
     with torch.no_grad():
-        if h.numel() == 1:
-            pred = nwfast.nw_pool(X, X, y, 1 / h**2, exclude_self=True)
-        else:  # one h per feature: scale each feature, then w = 1
-            pred = nwfast.nw_pool(X / h, X / h, y, 1.0, exclude_self=True)
+        if estimator == "local-linear":
+            pred = nwfast.local_linear_pool(Xs, Xs, y, w, exclude_self=True)
+        else:
+            pred = nwfast.nw_pool(Xs, Xs, y, w, exclude_self=True)
     return float(((pred - y) ** 2).mean())

@@ -118,6 +118,12 @@ def parser() -> argparse.ArgumentParser:
         "compare the chosen bandwidths by one LOO MSE.",
     )
     f.add_argument("--quick", action="store_true", help="n = 1000, 3000, 10000, 20 s cap")
+    f.add_argument(
+        "--features",
+        action="store_true",
+        help="several features, one bandwidth each: Nadaraya-Watson and local-linear fits, "
+        "d = 2 and 3, uniform, clustered and tied data, n up to 60000",
+    )
     f.add_argument("--sizes", type=parse_sizes, help="n, default 1000,3000,10000,30000,100000")
     f.add_argument("--d", type=int, default=1, help="features (default 1)")
     _common(f, for_ops(("fit",)))
@@ -273,7 +279,7 @@ def main(argv=None) -> int:
 
     ops = POOL_OPS if args.command == "sweep" else ("fit",)
     if args.command == "fit":
-        preset = "fit-quick" if args.quick else "fit"
+        preset = "fit-quick" if args.quick else "fit-features" if args.features else "fit"
     else:
         preset = "quick" if args.quick else "sparse" if args.sparse else "full"
         preset = "gpu" if args.device == "cuda" and preset == "full" else preset
@@ -293,7 +299,7 @@ def main(argv=None) -> int:
             preset=preset,
             device="cpu",
             dtypes=("float64",),
-            dims=(args.d,),
+            dims=PRESETS[preset].dims or (args.d,),
             **common,
         )
         return 0

@@ -73,9 +73,10 @@ class Peer:
             return case.pairs
         return self.pairs(case, inputs, **self.options)
 
-    def predict_s(self, case: Case) -> float | None:
+    def predict_s(self, case: Case, pairs: int) -> float | None:
+        """One call of ``pairs`` computed pairs, from the prior alone."""
         prior = self.prior_ns.get("fit" if case.op == "fit" else case.device)
-        return None if prior is None else prior * 1e-9 * case.pairs
+        return None if prior is None else prior * 1e-9 * pairs
 
 
 # --- pooling -------------------------------------------------------------------
@@ -307,8 +308,11 @@ def _nwfast_fit(case: Case, x: dict, **options):
 
     import nwfast
 
+    make = {"local-constant": nwfast.NadarayaWatson, "local-linear": nwfast.LocalLinearRegression}
+    make = make[case.mode]
+
     def fit():
-        model = nwfast.NadarayaWatson("loo", per_feature=case.d > 1, **options).fit(x["X"], x["y"])
+        model = make("loo", per_feature=case.d > 1, **options).fit(x["X"], x["y"])
         return np.atleast_1d(model.bandwidth_).astype(float)
 
     return fit
@@ -319,7 +323,8 @@ def _statsmodels_fit(case: Case, x: dict):
     from statsmodels.nonparametric.kernel_regression import KernelReg
 
     def fit():
-        reg = KernelReg(x["y"], x["X"], var_type="c" * case.d, reg_type="lc", bw="cv_ls")
+        reg_type = {"local-constant": "lc", "local-linear": "ll"}[case.mode]
+        reg = KernelReg(x["y"], x["X"], var_type="c" * case.d, reg_type=reg_type, bw="cv_ls")
         return np.asarray(reg.bw, dtype=float)
 
     return fit
@@ -349,7 +354,7 @@ _NUMPY = {
     "w_kinds": ("scalar", None),
 }
 _NUMPY_WHY = {
-    "modes": "forward only (no autograd)",
+    "modes": "forward only (no autograd), Nadaraya-Watson fits only",
     "devices": "CPU only",
     "w_kinds": "one bandwidth for all keys only",
 }
@@ -460,15 +465,20 @@ PEERS = {
         ),
         Peer(
             "statsmodels",
-            "statsmodels KernelReg(reg_type='lc'), float64: bw=[h] or bw='cv_ls'",
+            "statsmodels KernelReg(reg_type='lc', or 'll' for a local-linear fit), float64: "
+            "bw=[h] or bw='cv_ls'",
             "statsmodels.nonparametric.kernel_regression",
             {"shared": _statsmodels, "fit": _statsmodels_fit},
             # Its predict loops over the queries in Python, each a NumPy pass
             # over the keys: one call at 16384² takes 25-30 s.
             max_pairs=4096 * 4096,
             prior_ns={"cpu": 30, "fit": 1500},
-            why_not={**_NUMPY_WHY, "size": "small sizes only (n m <= 4096²): 16384² takes ~30 s"},
-            **_NUMPY,
+            why_not={
+                **_NUMPY_WHY,
+                "modes": "forward only (no autograd)",
+                "size": "small sizes only (n m <= 4096²): 16384² takes ~30 s",
+            },
+            **{**_NUMPY, "modes": (*_NUMPY["modes"], "local-linear")},
         ),
     )
 }

@@ -212,14 +212,26 @@ def run(
     groups: dict[object, list[Case]] = {}
     for c in cases:
         groups.setdefault(c if per_case else (c.peer, c.dtype), []).append(c)
-    with progress(con, [c for g in groups.values() for c in g]) as on_row:
-        rows = run_cases(list(groups.values()), settings, threads, on_row)
+    path = schema.result_path(out_dir, head["machine"], preset)
     # Back in plan order: all peers of one case together, nwfast first.
     rank = {tuple(asdict(c).values()): i for i, c in enumerate(cases)}
-    rows.sort(key=lambda r: rank.get(tuple(r[k] for k in CASE_FIELDS), len(rank)))
-    schema.finish_rows(rows)
+
+    def write(rows):
+        rows.sort(key=lambda r: rank.get(tuple(r[k] for k in CASE_FIELDS), len(rank)))
+        schema.finish_rows(rows)
+        schema.write(path, head, rows)
+
+    measured = []
+    with progress(con, [c for g in groups.values() for c in g]) as show:
+
+        def on_row(row):
+            show(row)
+            measured.append(row)
+            write(list(measured))  # a run stopped early keeps what it measured
+
+        rows = run_cases(list(groups.values()), settings, threads, on_row)
     head["duration_s"] = round(time.monotonic() - start, 1)
-    path = schema.write(schema.result_path(out_dir, head["machine"], preset), head, rows)
+    write(rows)
     con.print(table(rows))
     con.print(f"{len(rows)} cases in {head['duration_s']:.0f} s -> {path}")
     return path, head, rows

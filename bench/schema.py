@@ -46,8 +46,8 @@ HEADER_FIELDS = {
     "created": "ISO 8601 local time the run started",
     "command": "the command line, as typed",
     "kind": "'sweep', 'fit', 'gpu', 'dist', 'cold' or 'compare'",
-    "preset": "quick, full, sparse, gpu, fit-quick or fit (bench.cases.PRESETS); dist, cold; "
-    "compare or guard (python -m bench compare --guard)",
+    "preset": "quick, full, sparse, gpu, fit-quick, fit or fit-features (bench.cases.PRESETS); "
+    "dist, cold; compare or guard (python -m bench compare --guard)",
     "git_revision": "HEAD of the checkout, or null outside git",
     "git_dirty": "true when tracked files differ from HEAD (new results do not count)",
     "device": "'cpu' or 'cuda'",
@@ -63,7 +63,8 @@ HEADER_FIELDS = {
     "settings": "memory cap, repeat policy and time cap, data, checks",
     "peers": "peer name -> what it is, for the peers of this run",
     "peers_unavailable": "peer name -> why it was left out of this run",
-    "duration_s": "wall time of the run",
+    "duration_s": "wall time of the run; null while it runs (the file is rewritten as each "
+    "case finishes, so a run stopped early keeps what it measured)",
     "goals": "gpu and sparse runs: each goal, the measured value and pass/fail (bench.goals); "
     "compare: per case, this tree's time / the base's at most max(threshold, noise)",
     "base": "compare: the revision this tree was timed against: rev (as given), commit",
@@ -73,7 +74,8 @@ ROW_FIELDS = {
     # The case (bench.cases.Case).
     "peer": "who computed it: nwfast, torch-compile, ... (bench.peers)",
     "op": "shared, shared_loo (exclude_self=True), rows (nw_pool_rows) or fit",
-    "mode": "forward, backward (alone), fwd+bwd; for a fit the estimator: local-constant",
+    "mode": "forward, backward (alone), fwd+bwd; for a fit the estimator: local-constant or "
+    "local-linear",
     "dtype": "float32, float64, bfloat16, float16",
     "device": "cpu or cuda",
     "n": "queries (fit: training points)",

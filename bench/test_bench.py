@@ -4,17 +4,20 @@ Not collected by the test run (testpaths = ["tests"]): it starts worker
 processes and takes about a minute on 2 cores.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from bench import check, schema  # noqa: E402
 from bench.cases import POOL_OPS, PRESETS, Case, grad_leaves, make_inputs, plan  # noqa: E402
+from bench.cases import family as schema_family  # noqa: E402
 from bench.cli import parse_sizes  # noqa: E402
 from bench.peers import PEERS  # noqa: E402
 from bench.worker import timed_calls  # noqa: E402
@@ -290,3 +293,33 @@ def test_compare_options_and_revisions():
         compare.resolve("0123456789abcdef0123")
     assert len(compare.resolve(compare.baseline())) == 40
     assert set(compare.GUARD_CASES) <= set(compare.CASES)
+
+
+def test_fit_features_plan_and_tied_data():
+    preset = PRESETS["fit-features"]
+    peers = ["nwfast", "kernelsmooth", "statsmodels"]
+    fits = plan(preset, peers, device="cpu", dtypes=("float64",))
+    assert {c.d for c in fits} == {2, 3}
+    assert {c.data for c in fits} == {"uniform", "clustered", "tied"}
+    linear = Case("kernelsmooth", "fit", "local-linear", "float64", "cpu", 1000, 1000, 2)
+    linear = dataclasses.replace(linear, w_kind=None, data="tied", h_rule=None)
+    assert "Nadaraya-Watson fits only" in PEERS["kernelsmooth"].unsupported(linear)
+    assert PEERS["statsmodels"].unsupported(dataclasses.replace(linear, peer="statsmodels")) is None
+    X = make_inputs(linear)["X"]
+    # heavy ties: a few values hold most points; a long tail: the largest far above the median
+    for column in X.T:
+        values, counts = np.unique(column, return_counts=True)
+        assert counts.max() > len(column) / 5 and column.max() > 20 * max(np.median(column), 1)
+
+
+def test_a_skipping_peer_is_predicted_from_its_plan():
+    from bench.worker import predict_s
+
+    case = Case("nwfast", "shared", "forward", "float32", "cpu", 1 << 20, 1 << 20)
+    # the smaller size kept 10% of its pairs in 1 s
+    smaller = dataclasses.replace(case, n=1 << 18, m=1 << 18)
+    prev = {**smaller.fields(), "median_s": 1.0, "kept_fraction": 0.1}
+    done = {schema_family(prev): prev}
+    per_pair = 1.0 / (0.1 * prev["pairs"])
+    assert predict_s(case, done, computed=10**9) == pytest.approx(1e9 * per_pair)
+    assert predict_s(case, done) == pytest.approx(case.pairs * per_pair)  # n m: dense

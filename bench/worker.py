@@ -220,8 +220,9 @@ def _repeat(warm_up: bool, policy: dict, timer, memory, before, call, first, row
     return samples
 
 
-def _time_case(case: Case, settings: dict, row: dict, warm_up: bool) -> None:
-    """Make inputs, warm up, time, measure memory, judge. Fills row in place."""
+def _time_case(case: Case, settings: dict, row: dict, warm_up: bool, x=None, computed=None) -> None:
+    """Make inputs (unless given, with the pairs the peer computes on them),
+    warm up, time, measure memory, judge. Fills row in place."""
     peer = PEERS[case.peer]
     cap = settings["mem_cap_bytes"] if case.device == "cpu" else None
     memory = CudaMemory() if case.device == "cuda" else CpuMemory()
@@ -229,7 +230,7 @@ def _time_case(case: Case, settings: dict, row: dict, warm_up: bool) -> None:
     result = {}
 
     with AddressSpaceCap(cap):
-        x = make_inputs(case)
+        x = make_inputs(case) if x is None else x
         row["input_bytes"] = input_bytes(case) if case.op != "fit" else None
         leaves = grad_leaves(case, x)
         for t in leaves.values():
@@ -252,7 +253,8 @@ def _time_case(case: Case, settings: dict, row: dict, warm_up: bool) -> None:
     )
     if case.op != "fit":
         row["h"] = x["h"]
-        row["kept_fraction"] = peer.pairs_computed(case, x) / case.pairs
+        computed = peer.pairs_computed(case, x) if computed is None else computed
+        row["kept_fraction"] = computed / case.pairs
     bound = work(case)
     if bound:
         kind, amount = bound
@@ -271,7 +273,7 @@ def _time_case(case: Case, settings: dict, row: dict, warm_up: bool) -> None:
     try:
         if case.op == "fit":
             row["bandwidth"] = result["out"].tolist()
-            row["loo_mse"] = check.loo_mse(x["X"], x["y"], result["out"])
+            row["loo_mse"] = check.loo_mse(x["X"], x["y"], result["out"], case.mode)
         elif settings["check"]:
             row.update(check.summary(*check.judge(case, x, fn, leaves, result.get("out"))))
     except Exception as exc:  # the timing stands without the judgement
@@ -300,13 +302,15 @@ def _join(a: str | None, b: str) -> str:
     return f"{a}; {b}" if a else b
 
 
-def predict_s(case: Case, done: dict) -> float | None:
-    """One call's time: the largest smaller size already timed, scaled by pairs;
-    else the peer's prior."""
+def predict_s(case: Case, done: dict, computed: int | None = None) -> float | None:
+    """One call's time: the largest smaller size already timed, scaled by the
+    pairs each computes (``computed``: the plan's count for a peer that skips;
+    n m otherwise); else the peer's prior."""
     prev = done.get(family(case.fields()))
+    pairs = case.pairs if computed is None else computed
     if prev:
-        return prev["median_s"] * case.pairs / prev["pairs"]
-    return PEERS[case.peer].predict_s(case)
+        return prev["median_s"] * pairs / (prev["pairs"] * (prev["kept_fraction"] or 1.0))
+    return PEERS[case.peer].predict_s(case, pairs)
 
 
 def run_case(case: Case, settings: dict, done: dict, compiled: bool) -> dict:
@@ -318,7 +322,12 @@ def run_case(case: Case, settings: dict, done: dict, compiled: bool) -> dict:
     peer = PEERS[case.peer]
     if settings.get("deadline") and time.time() > settings["deadline"]:
         return {**row, "status": "skipped", "note": "the run's time budget is spent"}
-    predicted = predict_s(case, done)
+    x = computed = None
+    if peer.pairs is not None and case.op not in ("rows", "fit"):
+        # A peer that skips pairs costs what its plan keeps: plan before predicting.
+        x = make_inputs(case)
+        computed = peer.pairs_computed(case, x)
+    predicted = predict_s(case, done, computed)
     memory = settings["mem_cap_bytes"] or settings["device_memory_bytes"]
     needs = input_bytes(case) + peer.dense * case.pairs * case.itemsize
     if peer.dense and memory and needs >= memory:
@@ -334,7 +343,7 @@ def run_case(case: Case, settings: dict, done: dict, compiled: bool) -> dict:
         }
     warm_up = peer.jit == "each case" or (peer.jit == "once" and not compiled)
     try:
-        _time_case(case, settings, row, warm_up)
+        _time_case(case, settings, row, warm_up, x, computed)
     except Exception as exc:  # every failure becomes a row
         text = f"{type(exc).__name__} {exc}"
         row["status"] = "oom" if is_oom(text) else "error"
