@@ -287,9 +287,11 @@ def test_predictions_take_the_dtype_of_x(cls):
             Xq = X[:5].astype(given)
             mean, std = model.predict(Xq, return_std=True)
             assert mean.dtype == std.dtype == given
-            # The values are those computed in the compute dtype, only converted.
-            computed = model.predict(Xq.astype(compute))
+            # The values are those computed in the compute dtype, only converted
+            # (with the std: its pass pools the residuals beside y, c = 2).
+            computed, computed_std = model.predict(Xq.astype(compute), return_std=True)
             np.testing.assert_array_equal(mean, computed.astype(given))
+            np.testing.assert_array_equal(std, computed_std.astype(given))
         tensor = model.predict(torch.tensor(X[:5], dtype=torch.float32))
         assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
 
