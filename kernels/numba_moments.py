@@ -12,11 +12,15 @@ so a local-linear solve built on these sums cancels nothing the data do not.
 
 The contract, on contiguous tensors of one float dtype (float32 or float64)::
 
-    forward(query (n, d), key (m, d), value (m, c), w (d,), exclude_self, tolerance)
+    forward(query (n, d), key (m, d), value (m, c), w (d,), diagonal, tolerance)
         -> moments (n, P) float64, lse (n,) float64 (natural log), plan (packed)
     backward(grad (n, P) float64, query, key, value, w, lse, second (n, d) float64,
-             tbar (n,) float64, exclude_self, plan)
+             tbar (n,) float64, diagonal, plan)
         -> (n, d) float64: row i holds d/dw_f of grad_i . moments_i
+    make_plan(query, key, w, diagonal, tolerance) -> blocks.Plan or None
+
+``diagonal`` and the packed plan are the pooling kernels' (``nwfast.kernels``):
+None, or query i leaves key i + diagonal out (0, with n == m, is leave-one-out).
 
 ``tolerance`` is ``nw_pool``'s: each query may skip keys holding at most that
 much of its softmax mass, by the bound of ``kernels.blocks`` on the points
@@ -40,8 +44,8 @@ keys and float64 across blocks, a shift of 0 when every w_f >= 0 (scores <= 0)
 with a redo against the row's maximum when the sum underflows, the exact shift
 recomputed for rows whose |lse| is too large to carry it, no fast-math flag
 that assumes finite numbers, each query row summed by one work item in a fixed
-order (results repeat bit for bit), and key i removed from row i (not weighted
-0) with exclude_self.
+order (results repeat bit for bit), and the key a row leaves out removed from
+it (not weighted 0).
 """
 
 import functools
@@ -285,9 +289,7 @@ def _(args, b, r, row, sums):
 # Any d and c, every pair (no plan): tiles of keys in buffers.
 #
 # A span is keys [ja, jb) of a tile; buffers are indexed from 0. A row's keys are
-# its tiles, and with exclude_self the tile holding key i is two spans around it.
-# A span is keys [ja, jb) of a tile; buffers are indexed from 0. A row's keys are
-# its tiles, and with exclude_self the tile holding key i is two spans around it.
+# its tiles, and the tile holding the key a row leaves out is two spans around it.
 
 
 @_ijit
@@ -409,9 +411,9 @@ def _row_sums(q, i, kT, vT, c2, skip, shift, U, x, eu, acc):
 
 
 @_jit
-def _forward_general(lo, hi, q, kT, vT, c2, scores_nonpositive, exclude_self, rows, moments, lse):
-    """Items [lo, hi) of ``rows`` queries: q (n, d), kT (d, m), vT (c, m), c2 (d,)
-    -> moments (n, P), lse (n,)."""
+def _forward_general(lo, hi, q, kT, vT, c2, scores_nonpositive, left_out, rows, moments, lse):
+    """Items [lo, hi) of ``rows`` queries: q (n, d), kT (d, m), vT (c, m), c2 (d,),
+    left_out (n,) the key each row leaves out (-1: none) -> moments (n, P), lse (n,)."""
     n, d = q.shape
     U = np.empty((d, TILE), q.dtype)
     eu = np.empty((d, TILE), q.dtype)
@@ -419,7 +421,7 @@ def _forward_general(lo, hi, q, kT, vT, c2, scores_nonpositive, exclude_self, ro
     acc = np.empty(moments.shape[1] + 1, np.float64)
     for item in range(lo, hi):
         for i in range(item * rows, min(item * rows + rows, n)):
-            skip = i if exclude_self else -1
+            skip = left_out[i]
             shift = q.dtype.type(0)
             if not scores_nonpositive:
                 shift = _row_max(q, i, kT, c2, skip, U, x)
@@ -481,7 +483,7 @@ def _span_grad(q, i, kT, vT, c2, L2h, L2l, G, tbar, r, ja, jb, U, x, t, acc):
 
 
 @_jit
-def _backward_general(lo, hi, q, kT, vT, c2, G, tbar, r, L2h, L2l, exclude_self, rows, grad_w):
+def _backward_general(lo, hi, q, kT, vT, c2, G, tbar, r, L2h, L2l, left_out, rows, grad_w):
     """grad_w[i, f] = -(1/2) sum_j p_ij (u_ijf^2 - r_if) (G_i . phi_ij - tbar_i),
     items [lo, hi) of ``rows`` queries."""
     n, d = q.shape
@@ -492,7 +494,7 @@ def _backward_general(lo, hi, q, kT, vT, c2, G, tbar, r, L2h, L2l, exclude_self,
     acc = np.empty(d, np.float64)
     for item in range(lo, hi):
         for i in range(item * rows, min(item * rows + rows, n)):
-            skip = i if exclude_self else -1
+            skip = left_out[i]
             acc[:] = 0.0
             Gi, ri, ti, Lh, Ll = G[i], r[i], tbar[i], L2h[i], L2l[i]
             for j0 in range(0, m, TILE):
@@ -527,38 +529,43 @@ def _markers(d, c):
     return (0,) * d, (0,) * c, (0,) * (d + d * (d + 1) // 2 + c + d * c)
 
 
-def make_plan(query, key, w, exclude_self, tolerance):
+def make_plan(query, key, w, diagonal, tolerance):
     """The block-sparse plan of the softmax with scores -(1/2) sum_f w_f u_f^2,
     or None for a dense pass: the plan of ``kernels.blocks`` for the points
-    scaled by sqrt(w_f) and w = 1. With exclude_self the queries are the keys
-    (leave-one-out): one order serves both."""
+    scaled by sqrt(w_f) and w = 1. Where rows leave a key out the queries are
+    often the keys (leave-one-out): one order then serves both."""
     d, c = query.shape[1], 0
     if not _fused(d, c) or not bool((w >= 0).all()):
         return None
     scale = w.detach().double().sqrt()
     q = query.detach().double() * scale
-    same = exclude_self and torch.equal(query, key)
+    same = diagonal is not None and torch.equal(query, key)
     k = q if same else key.detach().double() * scale
     ones = torch.ones(1, 1, dtype=torch.float64)
-    return blocks.plan(q[None], k[None], ones, tolerance, exclude_self, BLOCK, BLOCK)
+    return blocks.plan(q[None], k[None], ones, tolerance, diagonal is not None, BLOCK, BLOCK)
 
 
 def _or_dense(plan, n, m):
     return plan or blocks.dense(1, n, m, _rows_per_item(m), _rows_per_item(n))
 
 
-def _ordered(plan, query, key, value, exclude_self):
+def _ordered(plan, query, key, value, diagonal):
     """q (1, n, d), kT (1, d, m), vT (1, c, m) in the plan's order, and the work
     items over query rows."""
     n, m = query.shape[0], key.shape[0]
     (q,) = blocks.queries_in_order(plan, query[None])
     k, v = blocks.keys_in_order(plan, key[None], value[None])
-    skip, _ = blocks.skips(plan, 0 if exclude_self else None, 1, n, m)
+    skip, _ = blocks.skips(plan, diagonal, 1, n, m)
     work = sweep.Work(plan.key_ptr, plan.key_spans, plan.q_block, skip)
     return _np(q), _np(k.transpose(1, 2)), _np(v.transpose(1, 2)), work
 
 
-def forward(query, key, value, w, exclude_self, tolerance=0.0):
+def _left_out(diagonal, n, m):
+    """(n,) int64: the key each row of the general kernels leaves out, -1 for none."""
+    return blocks.skips(None, diagonal, 1, n, m)[0][0]
+
+
+def forward(query, key, value, w, diagonal, tolerance=0.0):
     n, d = query.shape
     m, c = key.shape[0], value.shape[1]
     moments = torch.empty((n, d + d * (d + 1) // 2 + c + d * c), dtype=torch.float64)
@@ -567,13 +574,13 @@ def forward(query, key, value, w, exclude_self, tolerance=0.0):
         rows = _rows_per_item(m)
         parallel(
             _forward_general, -(-n // rows), n * m, _np(query), _np(key.T), _np(value.T),
-            _log2_scale(w), bool((w >= 0).all()), bool(exclude_self), rows, moments.numpy(),
-            lse.numpy(),
+            _log2_scale(w), bool((w >= 0).all()), _left_out(diagonal, n, m), rows,
+            moments.numpy(), lse.numpy(),
         )  # fmt: skip
         return moments, lse, blocks.pack(None, 1, n, m)
-    found = make_plan(query, key, w, exclude_self, tolerance)
+    found = make_plan(query, key, w, diagonal, tolerance)
     plan = _or_dense(found, n, m)
-    q, kT, vT, work = _ordered(plan, query, key, value, exclude_self)
+    q, kT, vT, work = _ordered(plan, query, key, value, diagonal)
     c2 = _log2_scale(w)[None, None]
     args = Moments(
         q, kT, vT, c2, bool((w >= 0).all()), moments.numpy()[None], lse.numpy()[None],
@@ -584,7 +591,7 @@ def forward(query, key, value, w, exclude_self, tolerance=0.0):
     return moments[0], lse[0], blocks.pack(found, 1, n, m)
 
 
-def backward(grad, query, key, value, w, lse, second, tbar, exclude_self, packed=None):
+def backward(grad, query, key, value, w, lse, second, tbar, diagonal, packed=None):
     dtype = query.dtype
     n, d = query.shape
     m, c = key.shape[0], value.shape[1]
@@ -597,11 +604,11 @@ def backward(grad, query, key, value, w, lse, second, tbar, exclude_self, packed
         parallel(
             _backward_general, -(-n // rows), n * m, _np(query), _np(key.T), _np(value.T),
             _log2_scale(w), _np(grad.to(dtype)), _np(tbar.to(dtype)), _np(second.to(dtype)),
-            _np(high), _np(low), bool(exclude_self), rows, grad_w.numpy(),
+            _np(high), _np(low), _left_out(diagonal, n, m), rows, grad_w.numpy(),
         )  # fmt: skip
         return grad_w
     plan = _or_dense(None if packed is None else blocks.unpack(packed), n, m)
-    q, kT, vT, work = _ordered(plan, query, key, value, exclude_self)
+    q, kT, vT, work = _ordered(plan, query, key, value, diagonal)
     G, tbar, second, high, low = blocks.queries_in_order(
         plan, grad.to(dtype)[None], tbar.to(dtype)[None], second.to(dtype)[None], high[None],
         low[None],

@@ -1,10 +1,12 @@
 """Triton kernels for the local-linear moments (GPU backend).
 
 The same contract as ``numba_moments`` (read its docstring for the math and the
-layout): ``forward(query (n, d), key (m, d), value (m, c), w (d,), exclude_self)
--> (moments (n, P) float64, lse (n,) float64)`` and ``backward(grad, query, key,
-value, w, lse, second, tbar, exclude_self) -> (n, d) float64``, on tensors of one
-device and dtype.
+layout): ``forward(query (n, d), key (m, d), value (m, c), w (d,), diagonal,
+tolerance) -> (moments (n, P) float64, lse (n,) float64, plan)`` and
+``backward(grad, query, key, value, w, lse, second, tbar, diagonal, plan) -> (n, d)
+float64``, on tensors of one device and dtype. These kernels compute every pair
+(the plan is the dense one, empty) and leave out key i of row i (diagonal 0) or
+none (None).
 
 A program owns BLOCK_N queries (tile dim 1) and streams the keys in tiles of
 BLOCK_M (dim 0), as ``triton_nw`` does: each thread owns whole query columns, so
@@ -269,7 +271,13 @@ def _c2(w, dtype):
     return (w.double() * (-0.5 * _scale(dtype))).to(acc).contiguous()
 
 
-def forward(query, key, value, w, exclude_self):
+def _exclude_self(diagonal):
+    if diagonal not in (None, 0):
+        raise ValueError(f"the Triton moments kernels take diagonal None or 0, got {diagonal}")
+    return diagonal == 0
+
+
+def forward(query, key, value, w, diagonal, tolerance=0.0):
     n, d = query.shape
     m, c = value.shape
     size = d + d * (d + 1) // 2 + c + d * c
@@ -278,13 +286,13 @@ def forward(query, key, value, w, exclude_self):
     blocks = _blocks()
     _moments_fwd_kernel[(triton.cdiv(n, blocks["BLOCK_N"]),)](
         query, key, value, _c2(w, query.dtype), moments, lse, n, m,
-        bool(exclude_self), d, c, size, **_meta(query.dtype),
+        _exclude_self(diagonal), d, c, size, **_meta(query.dtype),
         BLOCK_P=triton.next_power_of_2(size), **blocks,
     )  # fmt: skip
-    return moments, lse / _scale(query.dtype)
+    return moments, lse / _scale(query.dtype), torch.zeros(0, dtype=torch.int64)
 
 
-def backward(grad, query, key, value, w, lse, second, tbar, exclude_self):
+def backward(grad, query, key, value, w, lse, second, tbar, diagonal, packed=None):
     n, d = query.shape
     m, c = value.shape
     acc = accumulator_dtype(query.dtype)
@@ -294,14 +302,14 @@ def backward(grad, query, key, value, w, lse, second, tbar, exclude_self):
     # The weights 2**((s - high) - low).
     high, low = (torch.empty(n, dtype=acc, device=query.device) for _ in range(2))
     _moments_shift_kernel[grid](
-        query, key, c2, lse.contiguous(), high, low, n, m, bool(exclude_self), d,
+        query, key, c2, lse.contiguous(), high, low, n, m, _exclude_self(diagonal), d,
         **_meta(query.dtype), SCALE=_scale(query.dtype),
         EXACT_ABOVE=EXACT_SHIFT_ABOVE[acc] * LN2, **blocks,
     )  # fmt: skip
     grad_w = torch.empty((n, d), dtype=torch.float64, device=query.device)
     _moments_bwd_kernel[grid](
         query, key, value, c2, grad.to(acc).contiguous(), tbar.to(acc), second.to(acc),
-        high, low, grad_w, n, m, bool(exclude_self), d, c, grad.shape[1],
+        high, low, grad_w, n, m, _exclude_self(diagonal), d, c, grad.shape[1],
         **_meta(query.dtype), BLOCK_D=triton.next_power_of_2(d), **blocks,
     )  # fmt: skip
     return grad_w

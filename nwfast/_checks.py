@@ -3,6 +3,8 @@
 Canonical shared layout: query (B, n, d), key (B, m, d), value (B, m, c), and w
 (B, m) for one w per key or (B, 1) for one w shared by all keys.
 Canonical rows layout: query (n,), keys (n, m), values (n, m), w (m,) or (1,).
+Canonical local-linear layout: query (n, d), key (m, d), value (m, c), and w
+(d,), one weight per feature (the diagonal of the metric in the scores).
 The reshapes are views or expands, so autograd carries gradients back to the
 caller's own tensors (a scalar ``w`` expanded to every key sums its gradient).
 """
@@ -32,6 +34,14 @@ class Rows(NamedTuple):
     k: torch.Tensor  # (n, m)
     v: torch.Tensor  # (n, m)
     w: torch.Tensor
+
+
+class LocalLinear(NamedTuple):
+    q: torch.Tensor  # (n, d)
+    k: torch.Tensor  # (m, d)
+    v: torch.Tensor  # (m, c)
+    w: torch.Tensor  # (d,)
+    exclude_self: bool
 
 
 def _tensor(name, x):
@@ -98,6 +108,29 @@ def _flag(name, value):
     return bool(value)
 
 
+def _features(pair, d, d_key):
+    if d_key != d:
+        raise ValueError(f"feature dims differ: {pair} (d={d} and d={d_key})")
+    if d == 0:
+        raise ValueError(f"{pair}: no features (d=0)")
+
+
+def _softmax_keys(pair, shape_k, n, m, exclude_self):
+    """Every query's softmax must keep at least one key."""
+    if m == 0:
+        raise ValueError(f"key {shape_k} has no keys (m=0): the softmax is empty")
+    if exclude_self and n != m:
+        raise ValueError(f"exclude_self needs the queries to be the keys (n == m), got {pair}")
+    if exclude_self and m == 1:
+        raise ValueError(f"exclude_self with a single key (key {shape_k}) leaves nothing to pool")
+
+
+def _value_mismatch(shape_v, shape_k, batch_shape, m):
+    lead = ", ".join(str(size) for size in (*batch_shape, m))
+    expected = f"({m},) or ({m}, c)" if not batch_shape else f"({lead}, c)"
+    return ValueError(f"value {shape_v} does not match key {shape_k}: expected {expected}")
+
+
 def prepare_shared(query, key, value, w, exclude_self=False):
     """Check ``nw_pool``'s arguments and return them in the canonical layout."""
     exclude_self = _flag("exclude_self", exclude_self)
@@ -121,16 +154,8 @@ def prepare_shared(query, key, value, w, exclude_self=False):
     m = key.shape[-2]
     if tuple(key.shape[:-2]) != batch_shape:
         raise ValueError(f"batch dims differ: {pair}")
-    if key.shape[-1] != d:
-        raise ValueError(f"feature dims differ: {pair} (d={d} and d={key.shape[-1]})")
-    if d == 0:
-        raise ValueError(f"{pair}: no features (d=0)")
-    if m == 0:
-        raise ValueError(f"key {shape_k} has no keys (m=0): the softmax is empty")
-    if exclude_self and n != m:
-        raise ValueError(f"exclude_self needs the queries to be the keys (n == m), got {pair}")
-    if exclude_self and m == 1:
-        raise ValueError(f"exclude_self with a single key (key {shape_k}) leaves nothing to pool")
+    _features(pair, d, key.shape[-1])
+    _softmax_keys(pair, shape_k, n, m, exclude_self)
 
     if value.dim() == 1 and not batch_shape:
         out_shape = (n,)
@@ -138,9 +163,7 @@ def prepare_shared(query, key, value, w, exclude_self=False):
     else:
         out_shape = (*batch_shape, n, value.shape[-1])
     if value.dim() != key.dim() or tuple(value.shape[:-1]) != (*batch_shape, m):
-        lead = ", ".join(str(size) for size in (*batch_shape, m))
-        expected = f"({m},) or ({m}, c)" if not batch_shape else f"({lead}, c)"
-        raise ValueError(f"value {shape_v} does not match key {shape_k}: expected {expected}")
+        raise _value_mismatch(shape_v, shape_k, batch_shape, m)
 
     batch = 1
     for size in batch_shape:
@@ -192,3 +215,45 @@ def prepare_rows(query, keys, values, w):
             f"scalar or ({m},)"
         )
     return Rows(query, keys, values, w)
+
+
+_POINTS = {"query": "(n,) or (n, d)", "key": "(m,) or (m, d)", "value": "(m,) or (m, c)"}
+
+
+def prepare_local_linear(query, key, value, w, exclude_self=False, fused=True):
+    """Check ``local_linear_pool``'s arguments: query (n,) or (n, d), key (m,) or
+    (m, d), value (m,) or (m, c), w a scalar or one weight per feature (d,).
+
+    ``fused``: the fused kernels differentiate with respect to w only, so a
+    gradient wanted for another input is refused rather than silently dropped.
+    """
+    exclude_self = _flag("exclude_self", exclude_self)
+    named = (("query", query), ("key", key), ("value", value))
+    for name, x in named:
+        _tensor(name, x)
+        if x.dim() not in (1, 2):
+            raise ValueError(f"{name} must be {_POINTS[name]}, got shape {tuple(x.shape)}")
+    w = _bandwidth(w, query)
+    _same_dtype_and_device([*named, ("w", w)])
+    shape_q, shape_k, shape_v = tuple(query.shape), tuple(key.shape), tuple(value.shape)
+    pair = f"query {shape_q} and key {shape_k}"
+    q, k, v = (x[:, None] if x.dim() == 1 else x for x in (query, key, value))
+    (n, d), m = q.shape, k.shape[0]
+    _features(pair, d, k.shape[1])
+    _softmax_keys(pair, shape_k, n, m, exclude_self)
+    if v.shape[0] != m:
+        raise _value_mismatch(shape_v, shape_k, (), m)
+    if w.numel() == 1:
+        w = w.reshape(1).expand(d)
+    elif tuple(w.shape) != (d,):
+        raise ValueError(
+            f"w {tuple(w.shape)} does not match {pair}: expected a scalar or one weight "
+            f"per feature, ({d},)"
+        )
+    for name, x in named:
+        if fused and x.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{name} requires grad, but local_linear_pool differentiates with respect "
+                "to w only; detach it, or use backend='torch' for gradients to every input"
+            )
+    return LocalLinear(q, k, v, w, exclude_self)

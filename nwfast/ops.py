@@ -19,7 +19,8 @@ How a call travels, and why each piece exists:
   kernel by the tensors' device, and the kernel runs the backend's module,
   imported once (``kernel_module``): Numba on CPU, Triton on CUDA, or Triton's
   interpreter on CPU when asked for by name (the tests' way to run Triton
-  without a GPU).
+  without a GPU). ``nwfast.local_linear``'s moments op is defined with
+  ``define`` too and finds its kernels the same way.
 - The derivative is one function, ``pool_gradients``, calling the backward op.
   The Function's ``backward`` calls it, and so does the reverse-mode autograd
   registered on the op itself: ``opcheck`` and ``torch.compile`` (which traces
@@ -76,16 +77,23 @@ def resolve_backend(backend, device, dtype):
     return backend
 
 
-_KERNEL_MODULES = {"numba": "nwfast.kernels.numba_nw", "triton": "nwfast.kernels.triton_nw"}
+# Per family of ops, the kernel module of each backend: the pooling ops below and
+# local-linear's moments op (nwfast.local_linear).
+_KERNEL_MODULES = {
+    "pool": {"numba": "nwfast.kernels.numba_nw", "triton": "nwfast.kernels.triton_nw"},
+    "moments": {"numba": "nwfast.kernels.numba_moments", "triton": "nwfast.kernels.triton_moments"},
+}
 
 
 @functools.cache
-def kernel_module(backend):
-    """The backend's kernel module, imported on first use and kept."""
+def kernel_module(backend, family="pool"):
+    """The backend's kernel module for ``family`` ("pool" or "moments"),
+    imported on first use and kept."""
+    name = _KERNEL_MODULES[family][backend]
     try:
-        return importlib.import_module(_KERNEL_MODULES[backend])
+        return importlib.import_module(name)
     except ModuleNotFoundError as error:
-        if error.name in ("nwfast.kernels", _KERNEL_MODULES[backend]):
+        if error.name in ("nwfast.kernels", name):
             raise ImportError(_shadowed_message()) from error
         raise RuntimeError(
             f"backend={backend!r} is not available here: {error}. Install "

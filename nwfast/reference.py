@@ -21,14 +21,25 @@ the two outputs of the kernel contract (``nwfast.kernels``).
 With ``exclude_self`` key i is *removed* from query i's softmax, as the
 textbook's ``(n, n - 1)`` matrices remove it: a NaN or inf in ``v_i`` does not
 reach ``y_i`` (weighting it 0 would give 0 * NaN = NaN).
+
+Local-linear regression (``nwfast.local_linear``) has its references here too,
+unchecked, on its canonical layout: query (n, d), key (m, d), value (m, c) and w
+(d,), one weight per feature. ``moments_reference`` gives the weighted moments
+the fused kernels compute; ``local_linear_reference`` the fit by dense weighted
+least squares, an independent route to the same numbers.
 """
 
 import torch
 
 from nwfast._checks import prepare_rows, prepare_shared
+from nwfast._moments import covariance, is_thin, thin_tolerance, unpack
 
 __all__ = [
     "attention_weights",
+    "local_linear_reference",
+    "local_linear_scores",
+    "moment_terms",
+    "moments_reference",
     "nw_pool_broadcast",
     "nw_pool_repeat_interleave",
     "nw_pool_rows_broadcast",
@@ -181,3 +192,66 @@ def textbook_leave_one_out(x, y):
     n = x.shape[0]
     keep = ~torch.eye(n, dtype=torch.bool, device=x.device)
     return x.repeat(n, 1)[keep].reshape(n, n - 1), y.repeat(n, 1)[keep].reshape(n, n - 1)
+
+
+# --- local-linear: query (n, d), key (m, d), value (m, c), w (d,) --------------------
+
+
+def local_linear_scores(query, key, w, exclude_self=False):
+    """u_ij = k_j - q_i (n, m, d), the scores -(1/2) sum_f w_f u_ijf^2 (n, m) with
+    the removed pairs at -inf, and the mask of those pairs (None: none removed)."""
+    u = key[None, :, :] - query[:, None, :]
+    scores = -0.5 * (u * u * w).sum(-1)
+    removed = _removed(scores, exclude_self)
+    if removed is not None:
+        scores = scores.masked_fill(removed, float("-inf"))
+    return u, scores, removed
+
+
+def moment_terms(u, value):
+    """phi_ij (n, m, P), the layout's terms of each pair, whose weighted sums are
+    the moments; u (n, m, d), value (m, c)."""
+    n, m, d = u.shape
+    rows, cols = torch.triu_indices(d, d, device=u.device)
+    v = value[None].expand(n, m, -1)
+    return torch.cat(
+        [u, u[..., rows] * u[..., cols], v, (u[..., :, None] * v[..., None, :]).flatten(2)], -1
+    )
+
+
+def moments_reference(query, key, value, w, exclude_self=False):
+    """The moments of the layout and the lse by dense broadcasting, for the tests.
+
+    query (n, d), key (m, d), value (m, c), w (d,); computed in their dtype.
+    """
+    u, scores, removed = local_linear_scores(query, key, w, exclude_self)
+    p = torch.softmax(scores, dim=-1)
+    terms = p[..., None] * moment_terms(u, value)
+    if removed is not None:  # remove key i from row i (a NaN there must not reach it)
+        terms = torch.where(removed[..., None], 0.0, terms)
+    return terms.sum(1).double(), torch.logsumexp(scores, dim=-1).double()
+
+
+def local_linear_reference(query, key, value, w, *, exclude_self=False):
+    """The local-linear fit by weighted least squares per query, in float64.
+
+    ``torch.linalg.lstsq`` on the dense design [1, k_j - q_i] scaled by sqrt(p_ij),
+    an independent route to the same numbers as the moments; rows that are thin
+    (``nwfast.local_linear``'s module doc) take the local-constant value, as the
+    fused path does. query (n, d), key (m, d), value (m, c), w (d,); returns (n, c)
+    float64.
+    """
+    q, k, v, w = (x.double() for x in (query, key, value, w))
+    u, scores, removed = local_linear_scores(q, k, w, exclude_self)
+    design = torch.cat([torch.ones_like(u[..., :1]), u], dim=-1)
+    # sqrt(p) as exp(log p / 2): finite gradients where a key is removed (p = 0)
+    root = torch.exp(0.5 * torch.log_softmax(scores, dim=-1))[..., None]
+    target = v[None].expand(u.shape[0], -1, -1)
+    if removed is not None:
+        design = torch.where(removed[..., None], 0.0, design)
+        target = torch.where(removed[..., None], 0.0, target)
+    line = torch.linalg.lstsq(root * design, root * target, driver="gelsd").solution[:, 0]
+    mom, _ = moments_reference(q, k, v, w, exclude_self)
+    S1, S2, Sv, _ = unpack(mom, q.shape[1], v.shape[1])
+    thin = is_thin(covariance(S1, S2)[0], thin_tolerance(query.dtype))
+    return torch.where(thin[:, None], Sv, line)

@@ -329,12 +329,10 @@ def check_rows_lse(lse, query, keys, values, w, name="lse"):
 
 def _moment_pairs(query, key, value, w, exclude_self):
     """The local-linear moments as a pooling: values phi_ij, outputs the moments."""
-    from nwfast import local_linear
-
     q, k, v, w = _as_f64(query, key, value, w)
-    out, lse = local_linear.moments_reference(q, k, v, w, exclude_self)
-    u, scores, _ = local_linear._reference_weights(q, k, w, exclude_self)
-    phi = local_linear._reference_terms(u, v)
+    out, lse = reference.moments_reference(q, k, v, w, exclude_self)
+    u, scores, _ = reference.local_linear_scores(q, k, w, exclude_self)
+    phi = reference.moment_terms(u, v)
     return _Pairs(-u, scores, phi, w, out, lse, query.dtype)
 
 
@@ -351,8 +349,6 @@ def check_moments(moments, lse, query, key, value, w, exclude_self=False):
 
 def check_moments_gradient(grad_w, query, key, value, w, upstream, exclude_self=False):
     """Judge the gradient in w (d,) of the moments against upstream (n, P)."""
-    from nwfast import local_linear
-
     pairs = _moment_pairs(query, key, value, w, exclude_self)
     roundoff = _compute_roundoff(grad_w.dtype)
     p = pairs.weights
@@ -370,7 +366,7 @@ def check_moments_gradient(grad_w, query, key, value, w, upstream, exclude_self=
     floor = 0.5 * (tau[..., None] * factor).sum((0, 1))
     return check_gradients(
         [None, None, None, grad_w],
-        local_linear.moments_reference,
+        reference.moments_reference,
         [query, key, value, w],
         upstream,
         ("query", "key", "value", "w"),

@@ -70,9 +70,53 @@ def test_bad_rows_input(args, error, words):
         assert word in str(caught.value), f"{word!r} not in {caught.value}"
 
 
+# local_linear_pool: the same checks and messages (nwfast._checks), on its layout:
+# query (n,) or (n, d), key (m,) or (m, d), value (m,) or (m, c), w one per feature.
+@pytest.mark.parametrize(
+    "args,kwargs,error,words",
+    [
+        (
+            (torch.randn(n, 2), torch.randn(m, 3), v, 1.0),
+            {},
+            ValueError,
+            ["feature dims", "query (5, 2)", "key (7, 3)", "d=2", "d=3"],
+        ),
+        ((torch.randn(n, 0), torch.randn(m, 0), v, 1.0), {}, ValueError, ["(5, 0)", "d=0"]),
+        ((q, k, torch.randn(m + 1), 1.0), {}, ValueError, ["value (8,)", "key (7,)", "(7, c)"]),
+        ((q, k, torch.randn(m, 2, 1), 1.0), {}, ValueError, ["value must be (m,) or (m, c)"]),
+        ((torch.randn(n, 1, 1), k, v, 1.0), {}, ValueError, ["query must be", "(5, 1, 1)"]),
+        (
+            (torch.randn(n, 2), torch.randn(m, 2), v, torch.rand(3)),
+            {},
+            ValueError,
+            ["w (3,)", "query (5, 2)", "key (7, 2)", "one weight per feature, (2,)"],
+        ),
+        ((q, k, v, 1.0), {"exclude_self": True}, ValueError, ["exclude_self", "(5,)", "(7,)"]),
+        ((q[:1], q[:1], v[:1], 1.0), {"exclude_self": True}, ValueError, ["single", "(1,)"]),
+        ((q, k[:0], v[:0], 1.0), {}, ValueError, ["key (0,)", "m=0"]),
+        ((q, k, v.double(), 1.0), {}, TypeError, ["value", "float64", "float32"]),
+        ((q, k, v, torch.rand(1).double()), {}, TypeError, ["w", "float64"]),
+        ((q, k, v, torch.tensor(2)), {}, TypeError, ["w", "int64"]),
+        ((q.int(), k, v, 1.0), {}, TypeError, ["query", "int32"]),
+        ((q, k, v, "1.0"), {}, TypeError, ["w", "str"]),
+        ((q.to_sparse(), k, v, 1.0), {}, TypeError, ["query", "dense", "sparse"]),
+        ((q, q, q, 1.0), {"exclude_self": 1}, TypeError, ["exclude_self must be a bool", "int"]),
+        ((q, k, v, 1.0), {"backend": "cuda"}, ValueError, ["backend", "'cuda'"]),
+        ((q, k, v, 1.0), {"tolerance": -1e-3}, ValueError, ["tolerance", "[0, 1)"]),
+    ],
+)
+def test_bad_local_linear_input(args, kwargs, error, words):
+    with pytest.raises(error) as caught:
+        nwfast.local_linear_pool(*args, **kwargs)
+    for word in words:
+        assert word in str(caught.value), f"{word!r} not in {caught.value}"
+
+
 def test_different_devices_are_refused():
     with pytest.raises(ValueError, match="device"):
         nwfast.nw_pool(q, k, v.to("meta"), 1.0)
+    with pytest.raises(ValueError, match="w is on meta"):
+        nwfast.local_linear_pool(q, k, v, torch.tensor(1.0, device="meta"))
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):

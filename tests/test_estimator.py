@@ -21,8 +21,7 @@ from nwfast.estimator import (
     expected_failed_checks,
     rule_of_thumb,
 )
-from nwfast.local_linear import local_linear_reference
-from nwfast.reference import nw_pool_broadcast
+from nwfast.reference import local_linear_reference, nw_pool_broadcast
 
 ESTIMATORS = [NadarayaWatson, LocalLinearRegression]
 

@@ -9,7 +9,7 @@ import torch
 
 import nwfast
 from nwfast import local_linear as ll
-from nwfast import testing
+from nwfast import reference, testing
 from nwfast.testing import assert_close
 
 DTYPES = [torch.float32, torch.float64]
@@ -48,7 +48,7 @@ def test_moments_match_reference(case, dtype):
     for exclude_self in exclude_options(case):
         q, k, v, w = inputs(case, dtype)
         mom, lse = ll.moments(q, k, v, w, exclude_self=exclude_self)
-        ref_mom, ref_lse = ll.moments_reference(*f64(q, k, v, w), exclude_self)
+        ref_mom, ref_lse = reference.moments_reference(*f64(q, k, v, w), exclude_self)
         assert mom.dtype == lse.dtype == torch.float64
         assert mom.shape == (q.shape[0], ll.moment_layout(q.shape[1], v.shape[1]).size)
         assert_close(mom, ref_mom, tolerance=1e-12 if dtype == torch.float64 else 1e-6)
@@ -61,7 +61,7 @@ def test_fit_matches_least_squares_reference(case, dtype):
     for exclude_self in exclude_options(case):
         q, k, v, w = inputs(case, dtype)
         out = nwfast.local_linear_pool(q, k, v, w, exclude_self=exclude_self)
-        ref = ll.local_linear_reference(q, k, v, w, exclude_self=exclude_self)
+        ref = reference.local_linear_reference(q, k, v, w, exclude_self=exclude_self)
         assert out.dtype == dtype
         # The solve amplifies the moments' rounding by the conditioning of the
         # local design, mild here (queries inside the data, ~30 keys per h).
@@ -83,7 +83,7 @@ def test_one_dimensional_shapes_and_scalar_w():
     q = torch.rand(9, dtype=torch.float64)
     out = nwfast.local_linear_pool(q, k, v, 20.0)
     assert out.shape == (9,)
-    ref = ll.local_linear_reference(q[:, None], k[:, None], v[:, None], torch.tensor([20.0]))
+    ref = reference.local_linear_reference(q[:, None], k[:, None], v[:, None], torch.tensor([20.0]))
     assert_close(out, ref[:, 0], tolerance=1e-12)
     for w in (torch.tensor(20.0), torch.tensor([20.0])):
         assert torch.equal(nwfast.local_linear_pool(q, k, v, w.double()), out)
@@ -147,7 +147,7 @@ def test_underflowing_and_negative_scores(dtype):
     for w in (torch.tensor([0.5, 0.2]), torch.tensor([-0.3, 0.4])):
         args = [x.to(dtype) for x in (q, k, v, w.double())]
         mom, lse = ll.moments(*args)
-        ref_mom, ref_lse = ll.moments_reference(*f64(*args))
+        ref_mom, ref_lse = reference.moments_reference(*f64(*args))
         assert torch.isfinite(mom).all()
         assert_close(mom, ref_mom, tolerance=1e-12 if dtype == torch.float64 else 1e-5)
         assert_close(lse, ref_lse, tolerance=1e-12 if dtype == torch.float64 else 1e-6)
@@ -249,7 +249,7 @@ def test_results_repeat_bit_for_bit():
 
 def test_opcheck_and_compile_without_graph_break():
     q, k, v, w = inputs("n40-m70-d2-c3", torch.float64)
-    torch.library.opcheck(ll._moments_op, (q, k, v, w.requires_grad_(), False, 2.0**-53, "numba"))
+    torch.library.opcheck(ll._moments_op, (q, k, v, w.requires_grad_(), None, 2.0**-53, "numba"))
     x = torch.sort(5 * torch.rand(64)).values
     y = 2 * torch.sin(x) + x**0.8 + 0.5 * torch.randn(64)
 
@@ -354,7 +354,7 @@ def kept_keys(plan, n, m):
 def lines_through(q, k, v, w, loo, kept=None):
     """Per query, the weighted least-squares line (intercept, slope) through the keys
     (the kept ones), by lstsq: (n, 1 + d, c) float64."""
-    u, scores, removed = ll._reference_weights(q, k, w, loo)
+    u, scores, removed = reference.local_linear_scores(q, k, w, loo)
     root = torch.exp(0.5 * torch.log_softmax(scores, dim=-1))
     if kept is not None:
         root = torch.where(kept, root, 0.0)
@@ -374,7 +374,7 @@ def skipping_bound(q, k, v, w, loo, kept, line):
     eigenvalue of their scaled weighted covariance (R of the module doc) and m_q.
     Rounding the moments by u moves a fit by up to about u (1 + m_q^2) / smallest
     times the values' scale (C = S2 - S1 S1^T cancels by 1 + m_q^2)."""
-    u, scores, removed = ll._reference_weights(q, k, w, loo)
+    u, scores, removed = reference.local_linear_scores(q, k, w, loo)
     p = torch.softmax(scores, dim=-1)
     skipped = torch.where(kept, 0.0, p)
     if removed is not None:
@@ -404,7 +404,7 @@ def farthest_within(q, k, w, loo, mass):
     """(n, m) bool: the keys kept when each row skips its farthest keys while
     their softmax mass stays within ``mass`` (a skip set far heavier than a
     plan's, whose bounds are loose)."""
-    _, scores, _ = ll._reference_weights(q, k, w, loo)
+    _, scores, _ = reference.local_linear_scores(q, k, w, loo)
     p = torch.softmax(scores, dim=-1)
     order = scores.argsort(dim=1)  # farthest first
     within = p.gather(1, order).cumsum(1) <= mass
@@ -428,7 +428,7 @@ def test_skipping_keeps_the_stated_bound(name, monkeypatch, fresh_seed):
     q, k, v, w, loo = adversarial(name, torch.Generator().manual_seed(fresh_seed))
     w = torch.tensor(w, dtype=torch.float64)
     tolerance = 1e-3
-    plan = numba_moments.make_plan(q, k, w, loo, tolerance)
+    plan = numba_moments.make_plan(q, k, w, 0 if loo else None, tolerance)
     assert plan is not None and plan.pairs < q.shape[0] * k.shape[0], "the plan skips nothing"
     everything = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool)
     exact = lines_through(q, k, v, w, loo)

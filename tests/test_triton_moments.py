@@ -6,6 +6,7 @@ import torch
 
 import nwfast
 from nwfast import local_linear as ll
+from nwfast import reference
 from nwfast.testing import assert_close
 
 pytest.importorskip("triton")
@@ -42,7 +43,7 @@ def test_moments_and_gradient_match_reference(case, dtype):
         (mom * upstream).sum().backward()
         w_ref = w.detach().cpu().double().requires_grad_()
         args = [x.detach().cpu().double() for x in (q, k, v)]
-        ref_mom, ref_lse = ll.moments_reference(*args, w_ref, exclude_self)
+        ref_mom, ref_lse = reference.moments_reference(*args, w_ref, exclude_self)
         (ref_mom * upstream.cpu()).sum().backward()
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         assert_close(mom.cpu(), ref_mom, tolerance=tol)
@@ -63,7 +64,7 @@ def test_far_queries_negative_w_and_nan():
     q[:3] += 40.0  # every score far below 0: the online max keeps the weights exact
     for sign in (1.0, -0.05):
         mom, lse = ll.moments(q, k, v, sign * w, backend="triton")
-        ref_mom, ref_lse = ll.moments_reference(q.cpu(), k.cpu(), v.cpu(), sign * w.cpu())
+        ref_mom, ref_lse = reference.moments_reference(q.cpu(), k.cpu(), v.cpu(), sign * w.cpu())
         assert_close(mom.cpu(), ref_mom, tolerance=1e-12)
         assert_close(lse.cpu(), ref_lse, tolerance=1e-12)
     q, k, v, w = inputs("n300-m300-d1-c2", torch.float32)
@@ -80,5 +81,5 @@ def test_auto_on_cuda_is_triton():
     q, k, v, w = inputs("n300-m300-d1-c2", torch.float32)
     out = nwfast.local_linear_pool(q, k, v, w, exclude_self=True)
     assert out.device.type == "cuda"
-    ref = ll.local_linear_reference(q.cpu(), k.cpu(), v.cpu(), w.cpu(), exclude_self=True)
+    ref = reference.local_linear_reference(q.cpu(), k.cpu(), v.cpu(), w.cpu(), exclude_self=True)
     assert_close(out.cpu(), ref, tolerance=1e-4)
