@@ -64,7 +64,8 @@ class Plan(NamedTuple):
     keys with their query spans likewise. ``pairs`` counts the (query, key)
     pairs computed, over the batch; ``order`` holds the permutations (B, n) and
     (B, m) that put queries and keys in the plan's order, or is None (the
-    caller's order).
+    caller's order). ``far``: key boxes whose pairs come from expansions
+    instead (``kernels.far``), or None.
     """
 
     q_block: int
@@ -75,6 +76,7 @@ class Plan(NamedTuple):
     query_spans: np.ndarray
     pairs: int
     order: tuple = None
+    far: object = None  # the expansions (``far.Far``), or None
 
 
 def dense(batch, n, m, q_block, k_block):
@@ -629,6 +631,10 @@ def pack(plan, batch, n, m):
     if ordered:
         parts += [plan.order[0].numpy().ravel(), plan.order[1].numpy().ravel()]
     parts += [plan.key_ptr, plan.key_spans.ravel(), plan.query_ptr, plan.query_spans.ravel()]
+    if plan.far is not None:
+        from . import far
+
+        parts.append(far.pack(plan.far))
     return torch.from_numpy(np.concatenate(parts))
 
 
@@ -653,5 +659,13 @@ def unpack(packed):
     key_items = batch * -(-m // k_block)
     query_ptr = a[at : at + key_items + 1]
     at += key_items + 1
-    query_spans = a[at:].reshape(-1, 2)
-    return Plan(q_block, k_block, key_ptr, key_spans, query_ptr, query_spans, pairs, order)
+    query_spans = a[at : at + 2 * int(query_ptr[-1])].reshape(-1, 2)
+    at += query_spans.size
+    expansions = None
+    if at < a.size:
+        from . import far
+
+        expansions = far.unpack(a[at:])
+    return Plan(
+        q_block, k_block, key_ptr, key_spans, query_ptr, query_spans, pairs, order, expansions
+    )
