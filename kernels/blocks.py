@@ -461,11 +461,12 @@ def _walk(lo, hi, q_lo, q_hi, n_lo, n_hi, count, w_lo, w_hi, kids, top, leaves, 
 
         # Drop the lightest leaves within what is left (keep one at least).
         # Only leaves lighter than all that is left can go: sort those alone.
-        light = np.nonzero(weight[:n_found] <= spare)[0]
+        # (strictly: with nothing to spare, a weight that underflows is no zero)
+        light = np.nonzero(weight[:n_found] < spare)[0]
         light = light[np.argsort(weight[light])]
         dropped = 0
         for r in light[: n_found - 1]:
-            if weight[r] > spare:
+            if not weight[r] < spare:
                 break
             spare -= weight[r]
             found[r] = -1

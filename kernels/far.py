@@ -44,6 +44,23 @@ a geometric series. For a sum weighted by v_j the error is at most E sum_j
 |v_j|; the gradients' sums carry a factor (t - s) (from h_{n+1} / 2) or
 |t - s|^2 (from (h_{n+2} + 2 h_n) / 4) per axis.
 
+Local expansions. Each query box (half extent rho delta per axis, centre
+c_M) adds the Hermite series of the nodes it expands into one Taylor series
+in tau = (x - c_M) / delta, truncated at order p_L per axis: with t0 = (c_M
+- c) / delta, h_n(t0 + tau) = sum_k (-tau)^k / k! h_{n+k}(t0) (Greengard and
+Strain's Hermite-to-local translation), so that a query pays p_L^d terms
+however many nodes its box expands. By Lagrange's form of the Taylor
+remainder and Cramer's inequality, truncating h_n's series at p_L terms
+errs by at most K exp(-t_min^2 / 2) rho^p_L / p_L! 2^((n + p_L)/2) sqrt((n +
+p_L)!); summed over the retained Hermite terms and multiplied out over the
+axes as above, with U_f = P_f and V_f = rho_f^p_L / p_L! sum_{n < p}
+tau_{p_L}(n) (the k-th derivative's series, for the gradients, is truncated
+at p_L - k terms: rho_f^(p_L - k) / (p_L - k)!), the local expansion adds at
+most K^d exp(-|t_min|^2 / 2) (prod_f (U_f + V_f) - prod_f U_f) per key. The
+Hermite truncation spends half of each key's allowance, the local one the
+other half; a box whose expansions need a local order past MAX_LOCAL
+evaluates each Hermite series at its queries instead.
+
 The contract. Each query box walks the key tree. With floor0, a lower bound
 of every row's softmax denominator in the box (leave-one-out rows less one
 key), each key may spend eps = SAFETY * tolerance * floor0 / m: a node whose
@@ -95,10 +112,19 @@ FLOOR_REACH = 4.0
 # float64).
 SETUP_COST = 4.0
 TERM_COST = 0.5
+# What planning one expansion and keeping it costs (~5 us of the walk).
+PAIR_COST = 1e4
+# The walk keeps every key node's series where they fit in this many bytes.
+CACHE_BYTES = 1 << 26
 # A leave-one-out box is expanded only where its floor is at least this many
 # roundings of the left-out key's own weight (<= 1) in float64 sums, relative
 # to the part of the tolerance the bound leaves to rounding.
 CANCEL_ROUNDINGS = 16.0
+# The share of each key's allowance that the local expansions' truncation
+# may spend (the Hermite series' truncation spends the rest), and their
+# highest order per axis.
+LOCAL_SHARE = 0.5
+MAX_LOCAL = {1: 40, 2: 24}
 # No expansions for a box whose nearest key weighs below exp(-MAX_SHIFT): the
 # kernels' float64 weights of its expanded keys would underflow.
 MAX_SHIFT = 500.0
@@ -120,7 +146,9 @@ class Far(NamedTuple):
     key and value): key node k's are ``col_pairs[col_ptr[k]:col_ptr[k + 1]]``,
     (query box, order of the values, of their first derivatives), and key
     block b lies in the nodes ``block_nodes[block_ptr[b]:block_ptr[b + 1]]``.
-    ``bound`` (Q,): what each box's rows skip and expand, relative to their
+    ``q_local`` (Q,): the order per axis of each box's local expansion, into
+    which its rows' expansions translate (0: the rows evaluate each Hermite
+    series themselves). ``bound`` (Q,): what each box's rows skip and expand, relative to their
     denominator (at most SAFETY * tolerance). ``skipped`` and ``expanded``:
     (query, key) pairs skipped and expanded, over the batch.
     """
@@ -139,6 +167,7 @@ class Far(NamedTuple):
     col_pairs: np.ndarray
     block_ptr: np.ndarray
     block_nodes: np.ndarray
+    q_local: np.ndarray
     bound: np.ndarray
     skipped: int
     expanded: int
@@ -191,7 +220,8 @@ def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block):
     chunks = parallel(
         _walk_boxes, len(boxes), B * n * m // 64, boxes, q_lo, q_hi, q_count, k_lo, k_hi,
         k_count, k_kids, k_top, n_kb, k_mu, k_s2, delta, budget, leaves_one_out, cancels,
-        MAX_ORDER[d], np.full(B, m, np.int64), np.array([SETUP_COST, TERM_COST]),
+        MAX_ORDER[d], MAX_LOCAL[d], np.full(B, m, np.int64),
+        np.array([SETUP_COST, TERM_COST, PAIR_COST]),
     )  # fmt: skip
     n_exp = np.concatenate([c[0] for c in chunks])
     expansions = np.concatenate([c[1] for c in chunks])
@@ -199,6 +229,7 @@ def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block):
     near = np.concatenate([c[3] for c in chunks])
     bound = np.concatenate([c[4] for c in chunks])
     skipped = int(sum(c[5] for c in chunks))
+    local = np.concatenate([c[6] for c in chunks])
 
     # every query block of a box computes the box's near key blocks
     box_of_item = np.repeat(np.arange(len(boxes)), boxes[:, 3] - boxes[:, 2])
@@ -213,7 +244,7 @@ def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block):
             return None
         return blocks.Plan(q_block, k_block, *spans[:4], pairs, order)
     far = _tables(
-        boxes, n_exp, expansions, bound, skipped, q_block, k_block, n, m, B, n_qb, n_kb,
+        boxes, n_exp, expansions, bound, skipped, local, q_block, k_block, n, m, B, n_qb, n_kb,
         q_lo, q_hi, k_lo, k_hi, k_first, k_end, delta,
     )  # fmt: skip
     return blocks.Plan(q_block, k_block, *spans[:4], pairs, order, far)
@@ -272,7 +303,7 @@ def _query_boxes(q_lo, q_hi, kids, top, delta, n_qb):
 def _terms(a, k, p_max, partial, tail):
     """partial[p] = sum_{n < p} tau_k(n) and tail[p] = sum_{n >= p} tau_k(n)
     for p in [0, p_max], tau_k(n) = a^n 2^(k/2) sqrt((n + k)!) / n!."""
-    taus = np.zeros(p_max + 200)
+    taus = np.empty(p_max + 200)
     tau = 2.0 ** (0.5 * k) * math.sqrt(math.gamma(k + 1.0))
     total = 0.0
     n = 0
@@ -354,12 +385,85 @@ def _error(P, T, base, kind, p, ks):
 @_jit
 def _least_order(P, T, base, kind, allowance, p_max, ks):
     """(p, its error) for the least order p <= p_max whose ``_error`` is at
-    most ``allowance``; (-1, inf) if none."""
-    for p in range(1, p_max + 1):
-        err = _error(P, T, base, kind, p, ks)
-        if err <= allowance:
-            return p, err
-    return -1, np.inf
+    most ``allowance``; (-1, inf) if none. The error falls with p (prod_f
+    (P_f + T_f) is the full sum, prod_f P_f grows), so a bisection finds it."""
+    err = _error(P, T, base, kind, p_max, ks)
+    if not err <= allowance:
+        return -1, np.inf
+    lo, hi = 0, p_max  # the error at hi meets the allowance, at lo it does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        e = _error(P, T, base, kind, mid, ks)
+        if e <= allowance:
+            hi, err = mid, e
+        else:
+            lo = mid
+    return hi, err
+
+
+@_jit
+def _local_terms(a, rho, p_n, p_max, V):
+    """V[k, p] for k = 0, 1, 2 and local orders p <= p_max: the Taylor
+    remainder's factor rho^(p - k) / (p - k)! sum_{n < p_n} tau_p(n) of a
+    Hermite expansion truncated at p_n (source spread a = sqrt(2) max|s|),
+    its local expansion in tau (|tau| <= rho) truncated at p terms, and its
+    k-th derivative's (whose Taylor series is truncated at p - k terms)."""
+    # sums[p] = sum_{n < p_n} tau_p(n), tau_p(n) = a^n 2^(p/2) sqrt((n + p)!) / n!:
+    # along p each term grows by sqrt(2 (n + p + 1))
+    sums = np.zeros(p_max + 1)
+    lead = 1.0  # a^n sqrt(n!) / n! = tau_0(n)
+    for n in range(p_n):
+        if n > 0:
+            lead *= a / math.sqrt(n)
+        if lead == 0.0:
+            break
+        term = lead
+        for p in range(p_max + 1):
+            sums[p] += term
+            term *= math.sqrt(2.0 * (n + p + 1))
+    for k in range(3):
+        # rho^(p - k) / (p - k)!, along p
+        factor = 1.0
+        for p in range(p_max + 1):
+            if p < k:
+                V[k, p] = np.inf
+                continue
+            if p > k:
+                factor *= rho / (p - k)
+            V[k, p] = sums[p] * factor
+
+
+@_jit
+def _local_error(P, V, base, kind, p_n, p_loc, ks):
+    """The bound, per key, on what the local expansion (truncated at p_loc per
+    axis) of a Hermite expansion (truncated at p_n) adds to the error of one
+    of the sums ``_error`` names: prod_f (U_f + V_f) - prod_f U_f, U_f =
+    P[f, k_f, p_n] (the retained Hermite terms' Cramer bound) and V_f =
+    V[f, k_f, p_loc] (``_local_terms``), over the same derivative patterns."""
+    d = P.shape[0]
+    err = 0.0
+    value = 0.0
+    for row in range(1 + d):  # the value's pattern, then the first axis's 1 or 2, ...
+        ks[:] = 0
+        if row > 0:
+            if kind == 0:
+                break
+            ks[row - 1] = kind
+        cross = 0.0
+        for mask in range(1, 1 << d):
+            term = 1.0
+            for f in range(d):
+                term *= V[f, ks[f], p_loc] if mask >> f & 1 else P[f, ks[f], p_n]
+            cross += term
+        if row == 0:
+            value = cross
+            if kind == 0:
+                err = cross
+        elif kind == 1:
+            err = max(err, 0.5 * cross)
+        else:
+            err += 0.25 * cross + 0.5 * value
+    return base * err
 
 
 @_jit
@@ -374,14 +478,17 @@ def _gap2(centre, lo, hi):
 
 @_jit
 def _expansion(
-    ql, qh, qc, P_c, T_c, box_ok, nl, nh, y, inv2, shift, eps, p_max, P_r, T_r, ks, orders
+    ql, qh, qc, P_c, T_c, box_ok, nl, nh, y, inv2, shift, eps, p_max, P_r, T_r, ks, orders,
+    b, cache, cached,
 ):  # fmt: skip
     """Whether key node y may be expanded for the query box [ql, qh] (centre
     qc; P_c, T_c its series, box_ok whether it has them): the least orders
     meeting ``eps`` per key (errors times exp(shift)) go into orders[:5]
     (rows: values, first, second moments; columns: values, first moments);
     returns the largest error per key among them, or -1.0 where some order
-    would pass p_max."""
+    would pass p_max. The node's series are kept in cache[y] (batch element
+    b's, cached[y] = b + 1; -(b + 1) where it is too wide) where the cache
+    has room for every node."""
     if not box_ok:
         return -1.0
     d = ql.size
@@ -390,8 +497,19 @@ def _expansion(
     for f in range(d):
         centre[f] = 0.5 * (nl[y, f] + nh[y, f])
         half[f] = 0.5 * (nh[y, f] - nl[y, f])
-    if not _series(half, 1.0 / math.sqrt(inv2), p_max, P_r, T_r):
-        return -1.0
+    if cached.size and abs(cached[y]) == b + 1:
+        if cached[y] < 0:
+            return -1.0
+        P_r[:] = cache[y, 0]
+        T_r[:] = cache[y, 1]
+    else:
+        wide = not _series(half, 1.0 / math.sqrt(inv2), p_max, P_r, T_r)
+        if cached.size:
+            cached[y] = -(b + 1) if wide else b + 1
+            cache[y, 0] = P_r
+            cache[y, 1] = T_r
+        if wide:
+            return -1.0
     base_r = CRAMER**d * math.exp(shift - 0.5 * _gap2(centre, ql, qh) * inv2)
     base_c = CRAMER**d * math.exp(shift - 0.5 * _gap2(qc, nl[y], nh[y]) * inv2)
     worst = 0.0
@@ -406,11 +524,35 @@ def _expansion(
 
 
 @_jit
+def _expansion_memo(
+    ql, qh, qc, P_c, T_c, box_ok, nl, nh, y, inv2, shift, eps, p_max, P_r, T_r, ks, orders,
+    item, memo_item, memo_err, memo_orders, b, cache, cached,
+):  # fmt: skip
+    """``_expansion``, remembered per node for the current box ``item``: the
+    walk looks at children one level ahead and visits them again when it
+    opens their parent."""
+    if memo_item[y] != item:
+        memo_err[y] = _expansion(
+            ql, qh, qc, P_c, T_c, box_ok, nl, nh, y, inv2, shift, eps, p_max, P_r, T_r, ks,
+            memo_orders[y], b, cache, cached,
+        )  # fmt: skip
+        memo_item[y] = item
+    orders[:] = memo_orders[y]
+    return memo_err[y]
+
+
+@_jit
 def _cost(nq, nk, orders, d, costs):
-    """Operations of an expansion (both directions; costs = SETUP_COST,
-    TERM_COST) against nq * nk for its pairs."""
-    setup, term = costs[0], costs[1]
-    return nq * (setup + term * orders[0] ** d) + nk * (setup + term * orders[3] ** d)
+    """Operations of an expansion (costs: SETUP_COST, TERM_COST, PAIR_COST) against nq
+    * nk for its pairs: its translation into the box's local expansion (about
+    2 p^(d + 1) terms, the local order taken as p), a share of its node's
+    moments (nk p^d, shared by a few boxes), for the backward the box's series
+    evaluated at its nk keys, and PAIR_COST for planning and keeping it. The
+    rows' local expansion costs the same however many nodes it holds: it
+    counts for none of them."""
+    setup, term, pair = costs[0], costs[1], costs[2]
+    p, p_col = orders[0], orders[3]
+    return pair + term * (2.0 * p ** (d + 1) + 0.25 * nk * p**d) + nk * (setup + term * p_col**d)
 
 
 # ------------------------------------------------------------------ the walk
@@ -519,7 +661,7 @@ def _floor(ql, qh, nl, nh, cnt, kids, top, inv2, shift, one_out, mu, s2, stack):
 @_jit
 def _walk_boxes(
     lo, hi, boxes, q_lo, q_hi, q_count, k_lo, k_hi, k_count, k_kids, k_top, n_kb, k_mu, k_s2,
-    delta, budget, one_out, cancels, p_max, m_b, costs,
+    delta, budget, one_out, cancels, p_max, p_local, m_b, costs,
 ):  # fmt: skip
     """Query boxes [lo, hi): (expansions per box, their rows (key node and the
     five orders), near key blocks per box, the blocks (ascending), each box's
@@ -542,7 +684,16 @@ def _walk_boxes(
     leaf = np.empty(n_kb, np.int64)
     leaf_u = np.empty(n_kb)
     n_exp = np.zeros(hi - lo, np.int64)
+    local = np.zeros(hi - lo, np.int64)
     n_near = np.zeros(hi - lo, np.int64)
+    V = np.zeros((d, 3, p_local + 1))
+    V_ok = np.zeros(p_local + 1, np.bool_)
+    memo_item = np.full(nodes, -1, np.int64)
+    memo_err = np.empty(nodes)
+    memo_orders = np.empty((nodes, 5), np.int64)
+    room = nodes * 2 * d * 3 * (p_max + 1) * 8 <= CACHE_BYTES
+    cache = np.empty((nodes if room else 0, 2, d, 3, p_max + 1))
+    cached = np.zeros(nodes if room else 0, np.int64)
     bound = np.zeros(hi - lo)
     exp_out = np.empty((max(16, 8 * (hi - lo)), 6), np.int64)
     near_out = np.empty(max(16, 8 * (hi - lo)), np.int64)
@@ -566,6 +717,9 @@ def _walk_boxes(
         mu, s2 = k_mu[b], k_s2[b]
         floor0 = _floor(ql, qh, nl, nh, cnt, kids, k_top, inv2, shift, one_out, mu, s2, stack)
         eps = budget * floor0 / m_b[b]
+        # the Hermite series' truncation may spend this much of it, their
+        # local expansions the rest
+        eps_hermite = (1.0 - LOCAL_SHARE) * eps
 
         allow = box_ok and eps > 0.0
         while True:
@@ -591,9 +745,10 @@ def _walk_boxes(
                     continue
                 full, less = _lower(ql, qh, far, mu[y], s2[y], cnt[y], inv2, shift)
                 if allow:
-                    err = _expansion(
-                        ql, qh, qc, P_c, T_c, box_ok, nl, nh, y, inv2, shift, eps, p_max, P_r,
-                        T_r, ks, orders,
+                    err = _expansion_memo(
+                        ql, qh, qc, P_c, T_c, box_ok, nl, nh, y, inv2, shift, eps_hermite,
+                        p_max, P_r, T_r, ks, orders, item, memo_item, memo_err, memo_orders, b,
+                        cache, cached,
                     )  # fmt: skip
                     direct = nq * cnt[y]
                     if err >= 0.0 and _cost(nq, cnt[y], orders, d, costs) < direct:
@@ -607,9 +762,10 @@ def _walk_boxes(
                                 nz, _ = _box_bounds(ql, qh, nl, nh, z)
                                 if eps > 0.0 and math.exp(shift - nz * inv2) <= eps:
                                     continue
-                                ez = _expansion(
-                                    ql, qh, qc, P_c, T_c, box_ok, nl, nh, z, inv2, shift, eps,
-                                    p_max, P_k, T_k, ks, kid_orders,
+                                ez = _expansion_memo(
+                                    ql, qh, qc, P_c, T_c, box_ok, nl, nh, z, inv2, shift,
+                                    eps_hermite, p_max, P_k, T_k, ks, kid_orders, item,
+                                    memo_item, memo_err, memo_orders, b, cache, cached,
                                 )  # fmt: skip
                                 cz = nq * cnt[z]
                                 if ez >= 0.0:
@@ -646,6 +802,13 @@ def _walk_boxes(
                 continue
             break
 
+        p_loc, added = _local_order(
+            exp_out, start_exp, used_exp, ql, qh, q_half, nl, nh, cnt, inv2, shift,
+            LOCAL_SHARE * eps, p_local, P_r, T_r, V, V_ok, ks,
+        )  # fmt: skip
+        local[item - lo] = p_loc
+        expanded += added
+
         # Drop the lightest near leaves within what is left (keep one at least
         # where nothing else holds the row).
         spare = budget * floor - pruned - expanded
@@ -654,7 +817,7 @@ def _walk_boxes(
         order = np.argsort(leaf_u[:n_leaf])
         gone = np.zeros(n_leaf, np.bool_)
         for r in order[: n_leaf - 1 if keep_one else n_leaf]:
-            if leaf_u[r] > spare:
+            if not leaf_u[r] < spare:  # with nothing to spare, an underflow is no zero
                 break
             spare -= leaf_u[r]
             dropped += leaf_u[r]
@@ -672,15 +835,58 @@ def _walk_boxes(
         lost = pruned + dropped + expanded
         bound[item - lo] = lost / floor if floor > 0.0 else (0.0 if lost == 0.0 else np.inf)
         skipped += box_skipped
-    return n_exp, exp_out[:used_exp], n_near, near_out[:used_near], bound, skipped
+    return n_exp, exp_out[:used_exp], n_near, near_out[:used_near], bound, skipped, local
+
+
+@_jit
+def _local_order(
+    pairs, start, end, ql, qh, q_half, nl, nh, cnt, inv2, shift, eps, p_local, P, T, V, ok, ks
+):  # fmt: skip
+    """The least order p <= p_local of a local expansion of the query box
+    [ql, qh] (half extents q_half) into which every expansion pairs[start:end]
+    (key node, Hermite orders) translates within ``eps`` per key for the
+    values, first and second moments (``_local_error``); 0 where none does
+    (the queries then evaluate the Hermite series themselves). Returns (p, the
+    keys' errors summed at p)."""
+    if end == start:
+        return 0, 0.0
+    d = ql.size
+    delta = 1.0 / math.sqrt(inv2)
+    ok[:] = True
+    ok[0] = False
+    added = np.zeros(p_local + 1)
+    half = np.empty(d)
+    centre = np.empty(d)
+    for e in range(start, end):
+        y = pairs[e, 0]
+        for f in range(d):
+            centre[f] = 0.5 * (nl[y, f] + nh[y, f])
+            half[f] = 0.5 * (nh[y, f] - nl[y, f])
+        _series(half, delta, P.shape[2] - 1, P, T)
+        base = CRAMER**d * math.exp(shift - 0.5 * _gap2(centre, ql, qh) * inv2)
+        # translated at the largest of the pair's orders (the backward's)
+        p_n = max(pairs[e, 1], max(pairs[e, 2], pairs[e, 3]))
+        for f in range(d):
+            _local_terms(math.sqrt(2.0) * half[f] / delta, q_half[f] / delta, p_n, p_local, V[f])
+        for p in range(1, p_local + 1):
+            if ok[p]:
+                worst = 0.0
+                for kind in range(3):
+                    worst = max(worst, _local_error(P, V, base, kind, p_n, p, ks))
+                ok[p] = worst <= eps
+                added[p] += cnt[y] * worst
+    for p in range(1, p_local + 1):
+        if ok[p]:
+            return p, added[p]
+    return 0, 0.0
 
 
 # ------------------------------------------------------------------ tables
 
 
 def _tables(
-    boxes, n_exp, expansions, bound, skipped, q_block, k_block, n, m, B, n_qb, n_kb, q_lo, q_hi,
-    k_lo, k_hi, k_first, k_end, delta,
+    boxes, n_exp, expansions, bound, skipped, local, q_block, k_block, n, m, B, n_qb, n_kb, q_lo,
+    q_hi, k_lo, k_hi, k_first, k_end, delta,
 ):  # fmt: skip
     """The Far of a plan from the walk's expansions (see Far)."""
     batch = np.repeat(boxes[:, 0], n_exp)
@@ -725,7 +931,8 @@ def _tables(
     return Far(
         delta.astype(np.float64), q_box, q_centre, q_half, box_of_block, k_node.astype(np.int64),
         k_centre, k_half, row_ptr, row_pairs, col_ptr.astype(np.int64), col_pairs,
-        block_ptr.astype(np.int64), node_ids[by_block].astype(np.int64), bound, skipped, expanded,
+        block_ptr.astype(np.int64), node_ids[by_block].astype(np.int64), local.astype(np.int64),
+        bound, skipped, expanded,
     )  # fmt: skip
 
 

@@ -201,15 +201,161 @@ def _targets(pts, b, i0, R, centre, inv, t, H, need):
 
 
 @_jit
+def _local_sums(coef, at, p, channels, q, b, i0, R, centre, inv, slots, t, G, W, acc):
+    """acc[ch, slot, :R] += a box's local expansion (coef[at:], order p per
+    axis, ``channels``) at its rows [i0, i0 + R) of batch b: the value F and,
+    with slots > 1, the first moments -dF/dtau_f / 2 and the second
+    sum_f (d^2F/dtau_f^2 / 4 + F / 2) (``_add_expansion``'s slots), by Horner's
+    rule with derivatives. tau = (q - centre) / delta; G (3, p, rows) and W
+    (3, 3, rows) are scratch."""
+    d = q.shape[1]
+    size = p**d
+    for f in range(d):
+        for r in range(R):
+            t[f, r] = (q[b, f, i0 + r] - centre[f]) * inv
+    for ch in range(channels):
+        base = at + ch * size
+        if slots == 1:  # the values alone
+            if d == 1:
+                _horner_value(coef[base : base + p], p, t[0], R, W[0, 0])
+            else:
+                for k1 in range(p):
+                    _horner_value(coef[base + k1 * p : base + k1 * p + p], p, t[1], R, G[0, k1])
+                _horner_value(G[0], p, t[0], R, W[0, 0])
+            for r in range(R):
+                acc[ch, 0, r] += W[0, 0, r]
+        elif d == 1:
+            _horner(coef[base : base + p], p, t[0], R, W[0])
+            for r in range(R):
+                acc[ch, 0, r] += W[0, 0, r]
+                acc[ch, 1, r] -= 0.5 * W[0, 1, r]
+                acc[ch, 2, r] += 0.5 * W[0, 2, r] + 0.5 * W[0, 0, r]
+        else:
+            # along tau_2 for every k1: G[j, k1] = the j-th derivative (/ j! for j = 2)
+            for k1 in range(p):
+                _horner(coef[base + k1 * p : base + k1 * p + p], p, t[1], R, W[1])
+                for j in range(3):
+                    for r in range(R):
+                        G[j, k1, r] = W[1, j, r]
+            # then along tau_1: F with its derivatives from G[0]; d/dtau_2 from G[1], G[2]
+            _horner(G[0], p, t[0], R, W[0])
+            _horner(G[1], p, t[0], R, W[1])
+            _horner(G[2], p, t[0], R, W[2])
+            for r in range(R):
+                acc[ch, 0, r] += W[0, 0, r]
+                acc[ch, 1, r] -= 0.5 * W[0, 1, r]
+                acc[ch, 2, r] -= 0.5 * W[1, 0, r]
+                acc[ch, 3, r] += 0.5 * (W[0, 2, r] + W[2, 0, r]) + W[0, 0, r]
+
+
+@_jit
+def _horner_value(coef, p, t, R, out):
+    """out[r] = sum_{k < p} c_k t_r^k: c_k = coef[k] (1-D), or row r's own coef[k, r]."""
+    per_row = coef.ndim == 2
+    for r in range(R):
+        out[r] = coef[p - 1, r] if per_row else coef[p - 1]
+    for k in range(p - 2, -1, -1):
+        for r in range(R):
+            out[r] = out[r] * t[r] + (coef[k, r] if per_row else coef[k])
+
+
+@_jit
+def _horner(coef, p, t, R, W):
+    """W[0, r], W[1, r], W[2, r] = P(t_r), P'(t_r), P''(t_r) / 2 for P(t) =
+    sum_{k < p} c_k t^k: c_k = coef[k] (1-D), or row r's own coef[k, r]."""
+    per_row = coef.ndim == 2
+    for r in range(R):
+        W[0, r] = coef[p - 1, r] if per_row else coef[p - 1]
+        W[1, r] = 0.0
+        W[2, r] = 0.0
+    for k in range(p - 2, -1, -1):
+        for r in range(R):
+            c = coef[k, r] if per_row else coef[k]
+            W[2, r] = W[2, r] * t[r] + W[1, r]
+            W[1, r] = W[1, r] * t[r] + W[0, r]
+            W[0, r] = W[0, r] * t[r] + c
+
+
+@_jit
+def _scratch(q_local, rows):
+    """Buffers of ``_local_sums``: G (3, largest local order, rows), W (3, 3, rows)."""
+    p = max(q_local.max(), 1) if q_local.size else 1
+    return np.empty((3, p, rows)), np.empty((3, 3, rows))
+
+
+@_jit
+def _locals(
+    lo, hi, q_box, q_centre, q_local, row_ptr, row_pairs, k_centre, delta, moments, m_off,
+    m_order, channels, largest, l_off, coef,
+):  # fmt: skip
+    """Boxes [lo, hi): the local expansion of box x, coef[l_off[x]:] (per
+    channel, B[k_1, ..., k_d], k_f < q_local[x]), from the Hermite expansions
+    of the key nodes it expands, each truncated at its values' order (or the
+    largest of its orders where ``largest``): with t0 = (c_box - c_node) /
+    delta, h_n(t0 + tau) = sum_k (-tau)^k / k! h_{n+k}(t0), so B_k = prod_f
+    (-1)^k_f / k_f! sum_n A_n prod_f h_{n_f + k_f}(t0_f)."""
+    d = q_centre.shape[1]
+    p_top = (m_order.max() if m_order.size else 1) + (q_local.max() if q_local.size else 1)
+    H = np.empty((d, p_top))
+    inner = np.empty((p_top, p_top))
+    t0 = np.empty(1)
+    scale = np.empty(p_top)  # (-1)^k / k!
+    for k in range(p_top):
+        scale[k] = (-1.0) ** k / math.gamma(k + 1.0)
+    for x in range(lo, hi):
+        pl = q_local[x]
+        if pl == 0:
+            continue
+        b = q_box[x, 0]
+        size = pl**d
+        out = coef[l_off[x] : l_off[x] + channels * size]
+        out[:] = 0.0
+        for pr in range(row_ptr[x], row_ptr[x + 1]):
+            u = row_pairs[pr, 0]
+            p = row_pairs[pr, 1]
+            if largest:
+                p = max(p, max(row_pairs[pr, 2], row_pairs[pr, 3]))
+            pm = m_order[u]
+            for f in range(d):
+                t0[0] = (q_centre[x, f] - k_centre[u, f]) / delta[b]
+                _hermite(t0, p + pl, H[f : f + 1].T)
+            for ch in range(channels):
+                a0 = m_off[u] + ch * pm**d
+                o0 = ch * size
+                if d == 1:
+                    for k in range(pl):
+                        acc = 0.0
+                        for n in range(p):
+                            acc += moments[a0 + n] * H[0, n + k]
+                        out[o0 + k] += scale[k] * acc
+                else:
+                    for n1 in range(p):
+                        for k2 in range(pl):
+                            acc = 0.0
+                            for n2 in range(p):
+                                acc += moments[a0 + n1 * pm + n2] * H[1, n2 + k2]
+                            inner[n1, k2] = acc
+                    for k1 in range(pl):
+                        for k2 in range(pl):
+                            acc = 0.0
+                            for n1 in range(p):
+                                acc += H[0, n1 + k1] * inner[n1, k2]
+                            out[o0 + k1 * pl + k2] += scale[k1] * scale[k2] * acc
+
+
+@_jit
 def _row_block(
     item, q, rows, box_of_block, row_ptr, row_pairs, k_node, k_centre, delta, moments, m_off,
-    m_order, kT, wT, ones, skip, slots, H, t, inner, acc, diff,
+    m_order, local, kT, wT, ones, skip, slots, H, t, inner, G, W, acc, diff,
 ):  # fmt: skip
     """acc[ch, slot, r] = the sums over the key nodes that query block
-    ``item`` (b * blocks + t: rows [t * rows, ...) of batch b) expands
-    (``_add_expansion``), each row's left-out key subtracted. Returns (b,
+    ``item`` (b * blocks + t: rows [t * rows, ...) of batch b) expands,
+    each row's left-out key subtracted: from the box's local expansion where
+    it has one (``_local_sums``; local = (q_centre, q_local, l_off, coef)),
+    else from each node's Hermite series (``_add_expansion``). Returns (b,
     first row, rows). slots 1: the forward (each pair's value order); more:
     the backward (each pair's largest order, two more Hermite functions)."""
+    q_centre, q_local, l_off, coef = local
     d, n = q.shape[1], q.shape[2]
     channels = acc.shape[0]
     blocks = (n + rows - 1) // rows
@@ -219,14 +365,21 @@ def _row_block(
     box = box_of_block[item]
     acc[:] = 0.0
     inv = 1.0 / delta[b]
+    p_loc = q_local[box]
+    if p_loc > 0:
+        _local_sums(
+            coef, l_off[box], p_loc, channels, q, b, i0, R, q_centre[box], inv, slots, t, G, W,
+            acc,
+        )  # fmt: skip
     for pr in range(row_ptr[box], row_ptr[box + 1]):
         u = row_pairs[pr, 0]
-        if slots == 1:
-            p = row_pairs[pr, 1]
-        else:
-            p = max(row_pairs[pr, 1], max(row_pairs[pr, 2], row_pairs[pr, 3]))
-        _targets(q, b, i0, R, k_centre[u], inv, t, H, p + (2 if slots > 1 else 0))
-        _add_expansion(moments, m_off[u], m_order[u], channels, p, slots, H, R, inner, acc)
+        if p_loc == 0:
+            if slots == 1:
+                p = row_pairs[pr, 1]
+            else:
+                p = max(row_pairs[pr, 1], max(row_pairs[pr, 2], row_pairs[pr, 3]))
+            _targets(q, b, i0, R, k_centre[u], inv, t, H, p + (2 if slots > 1 else 0))
+            _add_expansion(moments, m_off[u], m_order[u], channels, p, slots, H, R, inner, acc)
         for r in range(R):
             j = skip[b, i0 + r]
             if k_node[u, 1] <= j < k_node[u, 2]:
@@ -241,7 +394,7 @@ def _row_block(
 @_jit
 def _rows(
     lo, hi, q, rows, box_of_block, row_ptr, row_pairs, k_node, k_centre, delta, moments, m_off,
-    m_order, kT, vT, skip, g, delta_i, inv_s, shift, wd, dq, dw_rows,
+    m_order, local, kT, vT, skip, g, delta_i, inv_s, shift, wd, dq, dw_rows,
 ):  # fmt: skip
     """The backward's row side, query blocks [lo, hi): with the sums of
     ``_row_block`` (values and 1), sum_j t_ij X_j = e^-lse_i (g_i . sum_j
@@ -259,10 +412,11 @@ def _rows(
     acc = np.empty((c + 1, slots, rows))
     diff = np.empty(d)
     ts = np.empty(slots)
+    G, W = _scratch(local[1], rows)
     for item in range(lo, hi):
         b, i0, R = _row_block(
             item, q, rows, box_of_block, row_ptr, row_pairs, k_node, k_centre, delta, moments,
-            m_off, m_order, kT, vT, 1, skip, slots, H, t, inner, acc, diff,
+            m_off, m_order, local, kT, vT, 1, skip, slots, H, t, inner, G, W, acc, diff,
         )  # fmt: skip
         for r in range(R):
             i = i0 + r
@@ -279,7 +433,7 @@ def _rows(
 @_jit
 def _fold_rows(
     lo, hi, q, rows, box_of_block, row_ptr, row_pairs, k_node, k_centre, delta, moments, m_off,
-    m_order, kT, vT, skip, out, lse,
+    m_order, local, kT, vT, skip, out, lse,
 ):  # fmt: skip
     """The forward: query blocks [lo, hi) whose box expands something get
     the expanded sums of the values and weights folded into the direct
@@ -294,13 +448,14 @@ def _fold_rows(
     inner = np.empty((3, rows))
     acc = np.empty((c + 1, 1, rows))
     diff = np.empty(d)
+    G, W = _scratch(local[1], rows)
     for item in range(lo, hi):
         box = box_of_block[item]
         if row_ptr[box] == row_ptr[box + 1]:
             continue
         b, i0, R = _row_block(
             item, q, rows, box_of_block, row_ptr, row_pairs, k_node, k_centre, delta, moments,
-            m_off, m_order, kT, vT, 1, skip, 1, H, t, inner, acc, diff,
+            m_off, m_order, local, kT, vT, 1, skip, 1, H, t, inner, G, W, acc, diff,
         )  # fmt: skip
         for r in range(R):
             i = i0 + r
@@ -385,6 +540,19 @@ def _key_moments(far, kT, vT, need, d):
     return moments, offset, order
 
 
+def _local_coefficients(far, moments, channels, largest, d):
+    """The boxes' local expansions (``_locals``): the tuple ``_row_block`` takes."""
+    order = far.q_local
+    offset, total = _moment_layout(order, channels, d)
+    coef = np.empty(max(total, 1))
+    work = int((np.diff(far.row_ptr) * order.astype(np.int64) ** (2 * d)).sum())
+    parallel(
+        _locals, len(order), work * channels, far.q_box, far.q_centre, order, far.row_ptr,
+        far.row_pairs, far.k_centre, far.delta, *moments, channels, largest, offset, coef,
+    )  # fmt: skip
+    return far.q_centre, order, offset, coef
+
+
 def _query_moments(far, qT, wT, d):
     """Moments of the query boxes, weights wT (B, C, n), up to the largest
     order their column pairs ask for: (moments, offsets, orders)."""
@@ -406,11 +574,12 @@ def forward(far, q_block, q, kT, vT, skip, out, lse):
     kT (B, d, m), vT (B, c, m)."""
     B, n, d = q.shape
     qT = np.ascontiguousarray(q.transpose(0, 2, 1))
-    args = _key_moments(far, kT, vT, far.row_pairs[:, 1], d)
+    moments = _key_moments(far, kT, vT, far.row_pairs[:, 1], d)
+    local = _local_coefficients(far, moments, vT.shape[1] + 1, False, d)
     parallel(
         _fold_rows, len(far.box_of_block), n * B * 64, qT, q_block, far.box_of_block,
-        far.row_ptr, far.row_pairs, far.k_node, far.k_centre, far.delta, *args, kT, vT, skip,
-        out, lse,
+        far.row_ptr, far.row_pairs, far.k_node, far.k_centre, far.delta, *moments, local, kT,
+        vT, skip, out, lse,
     )  # fmt: skip
 
 
@@ -444,12 +613,13 @@ def _backward(far, plan, q, g, kT, vT, w, lse, delta_i, shift, skip, skipped_by,
     qT = np.ascontiguousarray(q.transpose(0, 2, 1))
     if need_q or need_w:
         moments = _key_moments(far, kT, vT, far.row_pairs[:, 1:4].max(axis=1), d)
+        local = _local_coefficients(far, moments, vT.shape[1] + 1, True, d)
         dq = np.zeros((B, n, d))
         dw_rows = np.zeros((B, n))
         parallel(
             _rows, len(far.box_of_block), n * B * 64, qT, plan.q_block, far.box_of_block,
-            far.row_ptr, far.row_pairs, far.k_node, far.k_centre, far.delta, *moments, kT, vT,
-            skip, g, delta_i, inv_s, shift, wd, dq, dw_rows,
+            far.row_ptr, far.row_pairs, far.k_node, far.k_centre, far.delta, *moments, local, kT,
+            vT, skip, g, delta_i, inv_s, shift, wd, dq, dw_rows,
         )  # fmt: skip
         dw = dw_rows.sum(axis=1)
     if need_k or need_v:

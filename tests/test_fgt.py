@@ -17,9 +17,10 @@ F64 = torch.float64
 @pytest.fixture(autouse=True)
 def expansions_everywhere(sparse_everywhere, monkeypatch):
     """Plans at test sizes (no minimum size, small blocks), where an
-    expansion's terms cost a tenth of what they do: at these sizes a 2-D
-    expansion of ~15^2 terms would rarely beat its few thousand pairs."""
+    expansion costs a tenth of what it does and its planning nothing: at
+    these sizes an expansion would rarely beat its few thousand pairs."""
     monkeypatch.setattr(far, "TERM_COST", far.TERM_COST / 10)
+    monkeypatch.setattr(far, "PAIR_COST", 0.0)
 
 
 def points(name, n, d):
@@ -112,13 +113,19 @@ def test_a_bandwidth_per_batch_element():
         testing.assert_ok(testing.check_pool(out[b], q[b], k[b], v[b], w[b], loo))
 
 
-def test_huge_w_is_computed_pair_by_pair():
-    """Rows dominated by their nearest key: no order meets the bound, so no
-    expansion is made and the pass computes pairs as block skipping does."""
+@pytest.mark.parametrize("per_key", [False, True], ids=["one-w", "per-key-w"])
+def test_huge_w_is_computed_pair_by_pair(per_key):
+    """Rows dominated by their nearest key, hundreds of bandwidths from the
+    rest of their block: no order meets the bound, so no expansion is made,
+    and a key block whose weight underflows next to the block's best is not
+    taken for a zero (it was, by block skipping alone: a row lost its nearest
+    key)."""
     q, k, v, _, _ = case_inputs("uniform-1d")
     w = torch.tensor(1e9, dtype=F64)
+    if per_key:
+        w = w * (1 + torch.rand(k.shape[1], dtype=F64))
     plan = plan_of(q, k, w, False, 2.0**-53)
-    assert plan.far is None
+    assert plan is None or plan.far is None
     testing.assert_ok(testing.check_pool(pool(q, k, v, w, False), q, k, v, w))
 
 
