@@ -193,20 +193,29 @@ def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block):
     m = key.shape[1]
     if n < 2 * q_block or m < 2 * k_block:
         return None
+    # one order and one tree where the queries are the keys (leave-one-out
+    # passes often hold two tensors of the same points)
+    same = blocks._same_points(query, key) or (
+        query.shape == key.shape and q_block == k_block and torch.equal(query, key)
+    )
     points_k = key.detach().to("cpu", torch.float64).numpy()
-    if blocks._same_points(query, key):
-        points_q, perm_q = points_k, blocks._order(points_k, k_block)
-        perm_k = perm_q
+    perm_k = blocks._order(points_k, k_block)
+    k_sorted = np.empty_like(points_k)
+    for b in range(B):
+        k_sorted[b] = points_k[b][perm_k[b]]
+    if same:
+        perm_q, q_sorted = perm_k, k_sorted
     else:
         points_q = query.detach().to("cpu", torch.float64).numpy()
-        perm_q, perm_k = blocks._order(points_q, q_block), blocks._order(points_k, k_block)
-    q_sorted = np.stack([points_q[b][perm_q[b]] for b in range(B)])
-    k_sorted = np.stack([points_k[b][perm_k[b]] for b in range(B)])
+        perm_q = blocks._order(points_q, q_block)
+        q_sorted = np.empty_like(points_q)
+        for b in range(B):
+            q_sorted[b] = points_q[b][perm_q[b]]
     w64 = w.detach().to("cpu", torch.float64).numpy()  # (B, 1)
     delta = np.sqrt(2.0 / w64[:, 0])
 
-    q_tree = blocks._key_tree(q_sorted, w64, q_block)
     k_tree = blocks._key_tree(k_sorted, w64, k_block)
+    q_tree = k_tree if same else blocks._key_tree(q_sorted, w64, q_block)
     q_lo, q_hi, q_count, _, _, q_kids, q_top, n_qb = q_tree
     k_lo, k_hi, k_count, _, _, k_kids, k_top, n_kb = k_tree
     boxes = _query_boxes(q_lo, q_hi, q_kids, q_top, delta, n_qb)
