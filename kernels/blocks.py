@@ -594,16 +594,30 @@ def skips(plan, diagonal, B, n, m):
         skip[:, valid] = target[valid]
         skipped_by[:, target[valid]] = rows[valid]
         return skip, skipped_by
-    perm_q, perm_k = (p.numpy() for p in plan.order)
-    inverse_k = np.empty_like(perm_k)
-    np.put_along_axis(inverse_k, perm_k, np.arange(m)[None, :].repeat(B, 0), axis=1)
-    original = perm_q + diagonal
-    valid = (original >= 0) & (original < m)
-    bs, rows = np.nonzero(valid)
-    keys = inverse_k[bs, original[bs, rows]]
-    skip[bs, rows] = keys
-    skipped_by[bs, keys] = rows
+    _permuted_skips(plan.order[0].numpy(), plan.order[1].numpy(), diagonal, skip, skipped_by)
     return skip, skipped_by
+
+
+@_jit
+def _permuted_skips(perm_q, perm_k, diagonal, skip, skipped_by):
+    """``skips`` for points in the orders perm_q (B, n) and perm_k (B, m)."""
+    B, m = perm_k.shape
+    inverse_k = np.empty(m, np.int64)
+    for b in range(B):
+        if diagonal == 0 and perm_q.shape[1] == m and (perm_q[b] == perm_k[b]).all():
+            # one order for the points (leave-one-out): each leaves out its own place
+            for i in range(m):
+                skip[b, i] = i
+                skipped_by[b, i] = i
+            continue
+        for j in range(m):
+            inverse_k[perm_k[b, j]] = j
+        for i in range(perm_q.shape[1]):
+            original = perm_q[b, i] + diagonal
+            if 0 <= original < m:
+                key = inverse_k[original]
+                skip[b, i] = key
+                skipped_by[b, key] = i
 
 
 # ------------------------------------------------------------------ packing
