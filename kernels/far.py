@@ -753,7 +753,8 @@ def _walk_boxes(
                     box_skipped += nq * cnt[y]
                     continue
                 full, less = _lower(ql, qh, far, mu[y], s2[y], cnt[y], inv2, shift)
-                if allow:
+                # no expansion can cost less than PAIR_COST: not worth bounding below it
+                if allow and nq * cnt[y] > costs[2]:
                     err = _expansion_memo(
                         ql, qh, qc, P_c, T_c, box_ok, nl, nh, y, inv2, shift, eps_hermite,
                         p_max, P_r, T_r, ks, orders, item, memo_item, memo_err, memo_orders, b,
