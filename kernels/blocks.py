@@ -647,14 +647,14 @@ def pack(plan, batch, n, m):
         parts += [plan.order[0].numpy().ravel(), plan.order[1].numpy().ravel()]
     parts += [plan.key_ptr, plan.key_spans.ravel(), plan.query_ptr, plan.query_spans.ravel()]
     if plan.far is not None:
-        from . import far
-
-        parts.append(far.pack(plan.far))
+        parts.append(plan.far.packed())
     return torch.from_numpy(np.concatenate(parts))
 
 
-def unpack(packed):
-    """The Plan that ``pack`` packed (None for a dense pass)."""
+def unpack(packed, far=None):
+    """The Plan that ``pack`` packed (None for a dense pass). ``far``: the
+    class of the plan's expansions (``kernels.far.Far``), for the kernels
+    whose plans may hold them."""
     if packed.numel() == 0:
         return None
     a = packed.numpy()
@@ -678,9 +678,9 @@ def unpack(packed):
     at += query_spans.size
     expansions = None
     if at < a.size:
-        from . import far
-
-        expansions = far.unpack(a[at:])
+        if far is None:
+            raise ValueError("this plan holds expansions: unpack it with their class")
+        expansions = far.unpacked(a[at:])
     return Plan(
         q_block, k_block, key_ptr, key_spans, query_ptr, query_spans, pairs, order, expansions
     )

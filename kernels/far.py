@@ -172,6 +172,43 @@ class Far(NamedTuple):
     skipped: int
     expanded: int
 
+    def packed(self):
+        """One int64 array (``unpacked`` reads it back; ``blocks.pack`` puts it
+        after the plan): per field, an integer as (0, value), an array as (1
+        for int64 or 2 for float64, ndim, shape..., its elements, float64 as
+        their bits)."""
+        parts = []
+        for value in self:
+            if isinstance(value, np.ndarray):
+                kind = 2 if value.dtype == np.float64 else 1
+                data = np.ascontiguousarray(value, np.float64 if kind == 2 else np.int64)
+                parts += [
+                    np.array([kind, data.ndim, *data.shape], np.int64),
+                    data.view(np.int64).ravel(),
+                ]
+            else:
+                parts.append(np.array([0, int(value)], np.int64))
+        return np.concatenate(parts)
+
+    @classmethod
+    def unpacked(cls, a):
+        values = []
+        at = 0
+        for _ in cls._fields:
+            kind = int(a[at])
+            if kind == 0:
+                values.append(int(a[at + 1]))
+                at += 2
+                continue
+            ndim = int(a[at + 1])
+            shape = tuple(int(x) for x in a[at + 2 : at + 2 + ndim])
+            at += 2 + ndim
+            size = int(np.prod(shape))
+            data = a[at : at + size].reshape(shape)
+            values.append(data.view(np.float64) if kind == 2 else data)
+            at += size
+        return cls(*values)
+
 
 def applies(query, key, w, tolerance):
     """Whether expansions may enter this call's plan: one w > 0 for all keys,
@@ -980,43 +1017,6 @@ def as_direct(plan, n, m):
         key_ptr=spans[0], key_spans=spans[1], query_ptr=spans[2], query_spans=spans[3],
         pairs=int(spans[4]), far=None,
     )  # fmt: skip
-
-
-def pack(far):
-    """The Far as one int64 array (``unpack`` reads it back): per field, an
-    integer as (0, value), an array as (1 for int64 or 2 for float64, ndim,
-    shape..., its elements, float64 as their bits)."""
-    parts = []
-    for value in far:
-        if isinstance(value, np.ndarray):
-            kind = 2 if value.dtype == np.float64 else 1
-            data = np.ascontiguousarray(value, np.float64 if kind == 2 else np.int64)
-            parts += [
-                np.array([kind, data.ndim, *data.shape], np.int64),
-                data.view(np.int64).ravel(),
-            ]
-        else:
-            parts.append(np.array([0, int(value)], np.int64))
-    return np.concatenate(parts)
-
-
-def unpack(a):
-    values = []
-    at = 0
-    for _ in Far._fields:
-        kind = int(a[at])
-        if kind == 0:
-            values.append(int(a[at + 1]))
-            at += 2
-            continue
-        ndim = int(a[at + 1])
-        shape = tuple(int(x) for x in a[at + 2 : at + 2 + ndim])
-        at += 2 + ndim
-        size = int(np.prod(shape))
-        data = a[at : at + size].reshape(shape)
-        values.append(data.view(np.float64) if kind == 2 else data)
-        at += size
-    return Far(*values)
 
 
 def row_bounds(plan, n):

@@ -982,7 +982,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[-1]
     dtype = query.dtype
-    plan = _or_dense(blocks.unpack(packed), B, n, m)
+    plan = _or_dense(blocks.unpack(packed, far.Far), B, n, m)
     q, g, out, lse = blocks.queries_in_order(plan, query, grad_out, out, lse)
     k, v, w_keys = blocks.keys_in_order(plan, key, value, per_key(w, m))
     skip, skipped_by = blocks.skips(plan, diagonal, B, n, m)
@@ -1060,7 +1060,7 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
     m, c = key.shape[1], value.shape[-1]
     dq, dk, dv, dw = (_or_zeros(t, x) for t, x in zip(tangents, (query, key, value, w)))
     # forward mode computes expanded pairs pair by pair
-    plan = far.as_direct(_or_dense(blocks.unpack(packed), B, n, m), n, m)
+    plan = far.as_direct(_or_dense(blocks.unpack(packed, far.Far), B, n, m), n, m)
     q, dq, y, lse = blocks.queries_in_order(plan, query, dq, out, lse)
     k, dk, v, dv, w, dw = blocks.keys_in_order(
         plan, key, dk, value, dv, per_key(w, m), per_key(dw, m)

@@ -191,7 +191,7 @@ def test_plan_round_trip_and_its_direct_form():
     q, k, _, w, loo = case_inputs("normal-2d-loo-batch")
     plan = plan_of(q, k, w, loo, 2.0**-24)
     B, n, m = q.shape[0], q.shape[1], k.shape[1]
-    back = blocks.unpack(blocks.pack(plan, B, n, m))
+    back = blocks.unpack(blocks.pack(plan, B, n, m), far.Far)
     for a, b in zip(back.far, plan.far):
         assert np.array_equal(a, b)
     direct = far.as_direct(plan, n, m)
