@@ -414,6 +414,9 @@ def _rows(
     ts = np.empty(slots)
     G, W = _scratch(local[1], rows)
     for item in range(lo, hi):
+        box = box_of_block[item]
+        if row_ptr[box] == row_ptr[box + 1]:  # nothing expanded (its rows' e^-lse may be inf)
+            continue
         b, i0, R = _row_block(
             item, q, rows, box_of_block, row_ptr, row_pairs, k_node, k_centre, delta, moments,
             m_off, m_order, local, kT, vT, 1, skip, slots, H, t, inner, G, W, acc, diff,
@@ -607,7 +610,8 @@ def _backward(far, plan, q, g, kT, vT, w, lse, delta_i, shift, skip, skipped_by,
     need_q, need_k, need_v, need_w = needs
     B, n, d = q.shape
     m = kT.shape[2]
-    inv_s = np.exp(-lse)  # 1 / the row's denominator
+    with np.errstate(over="ignore"):  # inf for far rows, whose boxes expand nothing
+        inv_s = np.exp(-lse)  # 1 / the row's denominator
     wd = w * far.delta
     dq = dk = dv = dw = None
     qT = np.ascontiguousarray(q.transpose(0, 2, 1))

@@ -131,7 +131,15 @@ def test_huge_w_is_computed_pair_by_pair(per_key):
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize(
-    "name", ["uniform-1d", "normal-1d-loo-channels", "duplicates-1d-loo", "normal-2d-loo-batch"]
+    "name",
+    [
+        "uniform-1d",
+        "normal-1d-loo-channels",
+        "clusters-1d-loo",
+        "duplicates-1d-loo",
+        "outliers-1d",
+        "normal-2d-loo-batch",
+    ],
 )
 def test_expanded_gradients(name, dtype):
     q, k, v, w, loo = case_inputs(name, dtype)
@@ -145,6 +153,48 @@ def test_expanded_gradients(name, dtype):
     if loo:  # the query's and the key's share of the same tensor's gradient
         grads[0] = grads[1] = None
     testing.assert_ok(*testing.check_pool_gradients(grads, q, k, v, w, g, loo))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+def test_far_queries_beside_expansions(dtype, poisoned):
+    """Queries 10 bandwidths to 1e4 data units beyond the keys, among ordinary
+    ones, in a plan that expands: each far row keeps its nearest key's value,
+    and the backward's exact shift of those rows sweeps every pair they hold,
+    the expanded ones included."""
+    h = 0.01
+    k = torch.rand(1500, 1, dtype=F64)
+    far_q = torch.tensor([1 + 10 * h, -10 * h, 1 + 1e3 * h, -1e3 * h, 1 + 1e4, -1e4], dtype=F64)
+    q = torch.cat([torch.rand(1400, 1, dtype=F64), far_q[:, None]])[torch.randperm(1406)]
+    v = torch.randn(1500, 2, dtype=F64)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    w = torch.tensor(h**-2, dtype=dtype)
+    plan = plan_of(q[None], k[None], w, False, nwfast._checks.resolve_tolerance(None, dtype))
+    assert plan.far is not None and plan.far.expanded > 0
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, w)]
+    out = pool(*leaves, False)
+    g = torch.randn_like(out)
+    out.backward(g)
+    testing.assert_ok(
+        testing.check_pool(out, q, k, v, w),
+        *testing.check_pool_gradients([x.grad for x in leaves], q, k, v, w, g),
+    )
+
+
+def test_all_equal_points_leave_one_out():
+    """Every point at one place: each row's softmax is its m - 1 others, one
+    weight each, whatever the plan makes of a box of zero extent."""
+    x = torch.full((1, 1200, 1), 0.3, dtype=F64)
+    v = torch.randn(1, 1200, 2, dtype=F64)
+    w = torch.tensor(1e4, dtype=F64)
+    leaves = [x.clone().requires_grad_(), v.clone().requires_grad_(), w.clone().requires_grad_()]
+    out = pool(leaves[0], leaves[0], leaves[1], leaves[2], True)
+    g = torch.randn_like(out)
+    out.backward(g)
+    grads = [None, leaves[0].grad, leaves[1].grad, leaves[2].grad]
+    testing.assert_ok(
+        testing.check_pool(out, x, x, v, w, True),
+        *testing.check_pool_gradients(grads, x, x, v, w, g, True),
+    )
 
 
 def test_query_and_key_gradients_of_leave_one_out():
