@@ -285,6 +285,11 @@ class Preset:
     max_n: dict = field(default_factory=dict)  # d -> the largest n = m at that d
     peers: tuple | None = None  # who runs by default; None: every peer of the ops
     goals: tuple = ()  # more cases, Case fields but the peer: those the goals judge
+    # peers whose goal cases run whatever the time cap predicts (None: nwfast's all)
+    uncapped: tuple | None = None
+
+
+FGT_N = 10**7  # the far-field goals' size
 
 
 def _every_mode(sizes: dict) -> dict:
@@ -395,6 +400,50 @@ PRESETS = {
                 "h_rule": "h=0.01",
                 "data": "unit",
             },
+        ),
+    ),
+    # Far fields (the fast Gauss transform): nwfast with its expansions, with
+    # block skipping alone, dense, and KDEpy's FFTKDE (a grid) at the
+    # bandwidths users pick, d = 1 and 2, every call checked. The goals' cases:
+    # 10^7 points on [0, 5) at Silverman's h (d = 1), 10^6 in the unit square
+    # (d = 2), and NadarayaWatson("loo") fits of 10^6 and 10^7 points.
+    "fgt": Preset(
+        {
+            ("shared", "forward"): (1 << 16, 1 << 18, 1 << 20, 1 << 22, FGT_N),
+            ("shared", "fwd+bwd"): (1 << 16, 1 << 18, 1 << 20),
+        },
+        target_s=1.0,
+        min_repeats=1,
+        max_repeats=5,
+        time_cap_s=30.0,
+        data=("uniform", "normal", "clustered"),
+        h_rules=("silverman", "loo", "loo/10"),
+        dims=(1, 2),
+        max_n={2: 1 << 20},
+        peers=("nwfast", "nwfast-skip", "nwfast-dense", "kdepy-fft"),
+        uncapped=("nwfast",),  # the others' goal cases would take hours
+        goals=(
+            {"op": "shared", "mode": "forward", "n": FGT_N, "d": 1, "h_rule": "silverman"},
+            {
+                "op": "shared",
+                "mode": "forward",
+                "n": 10**6,
+                "d": 2,
+                "h_rule": "silverman",
+                "data": "unit",
+            },
+            *(
+                {
+                    "op": "fit",
+                    "mode": "local-constant",
+                    "n": n,
+                    "d": 1,
+                    "dtype": "float64",
+                    "w_kind": None,
+                    "h_rule": None,
+                }
+                for n in (10**6, FGT_N)
+            ),
         ),
     ),
 }

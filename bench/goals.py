@@ -10,6 +10,7 @@ from __future__ import annotations
 
 GPU_N = 262144
 SKIP_N = 1 << 18
+FGT_N = 10**7
 
 
 def _find(rows, **want):
@@ -144,6 +145,53 @@ def skipping(rows: list[dict]) -> list[dict]:
             dense("forward", **square),
             flat,
             20.0,
+        ),
+    ]
+
+
+def fgt(rows: list[dict]) -> list[dict]:
+    """The far-field goals, nwfast's default call, same run (wall time: on a
+    shared machine, read the load average in the header beside it):
+
+    1. d = 1, n = m = 10^7, uniform on [0, 5), Silverman's h, float32
+       forward: at most 5 s;
+    2. NadarayaWatson("loo").fit, 1-D, n = 10^6: at most 5 s;
+    3. the same at n = 10^7: at most 60 s;
+    4. d = 2, n = m = 10^6, the unit square, Silverman's h, float32 forward:
+       at most 10 s;
+    5. every nwfast row of the run that expanded something within the test
+       suite's tolerances of the float64 reference (bench.check), counted
+       as the rows that fail (0 to meet it).
+    """
+    line = {"op": "shared", "mode": "forward", "dtype": "float32", "h_rule": "silverman"}
+    big = _find(rows, peer="nwfast", n=FGT_N, d=1, data="uniform", **line)
+    square = _find(rows, peer="nwfast", n=10**6, d=2, data="unit", **line)
+
+    def fit(n):
+        return _find(rows, peer="nwfast", op="fit", n=n)
+
+    def seconds(text, row, target):
+        return goal(text, row["median_s"] if _ok(row) else None, target, "<=",
+                    "" if _ok(row) else _why(row))  # fmt: skip
+
+    expanded = [
+        r
+        for r in rows
+        if r["peer"] == "nwfast" and _ok(r) and (r.get("expanded_fraction") or 0) > 0
+    ]
+    judged = [r for r in expanded if r["check_ok"] is not None]
+    failed = sum(not r["check_ok"] for r in judged)
+    return [
+        seconds("d=1 n=m=1e7 silverman forward float32: seconds", big, 5.0),
+        seconds('NadarayaWatson("loo").fit n=1e6: seconds', fit(10**6), 5.0),
+        seconds('NadarayaWatson("loo").fit n=1e7: seconds', fit(FGT_N), 60.0),
+        seconds("d=2 n=m=1e6 unit square silverman forward float32: seconds", square, 10.0),
+        goal(
+            "rows with expansions off the float64 reference's tolerance",
+            failed if judged else None,
+            0,
+            "<=",
+            f"{len(judged)} judged" if judged else "no row with expansions was judged",
         ),
     ]
 

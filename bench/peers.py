@@ -47,6 +47,8 @@ class Peer:
     # (case, inputs, **options) -> the (query, key) pairs one call computes,
     # for the peers that skip some; None: every pair.
     pairs: Callable | None = None
+    # (case, inputs, **options) -> more measurements of a pooling row (MEASUREMENTS)
+    plan: Callable | None = None
 
     def unsupported(self, case: Case) -> str | None:
         """Why this peer cannot run the case, or None."""
@@ -97,6 +99,29 @@ def _nwfast_pairs(case: Case, x: dict, **options) -> int:
     return nwfast.pairs_computed(
         x["query"], x["key"], x["w"], exclude_self=case.exclude_self, **options
     )
+
+
+def _nwfast_plan(case: Case, x: dict, **options) -> dict:
+    """What the plan expands, and the bound it states per row."""
+    import nwfast
+
+    summary = nwfast.plan_summary(
+        x["query"], x["key"], x["w"], exclude_self=case.exclude_self, **options
+    )
+    return {"expanded_fraction": summary.expanded / summary.pairs, "far_bound": summary.bound}
+
+
+def _without_expansions(build):
+    """A build of nwfast's with far-field expansions off in this worker
+    process (each peer has its own): block skipping alone."""
+
+    def wrapped(case: Case, x: dict, **options):
+        from nwfast.kernels import far
+
+        far.SWITCH["enabled"] = False
+        return build(case, x, **options)
+
+    return wrapped
 
 
 def _reference(form: str, case: Case, x: dict):
@@ -264,6 +289,39 @@ def _sdpa(case: Case, x: dict):
     return call
 
 
+def _kdepy(case: Case, x: dict):
+    """KDEpy's FFTKDE: the points binned on a grid (spacing h / 4, at most 2^20
+    points in 1-D and 2^11 per axis in 2-D), the kernel sums by FFT, then
+    interpolated linearly to the queries. Nadaraya-Watson from two weighted
+    densities: sum_j K_j (v_j + c) / sum_j K_j - c, with c making every weight
+    positive (FFTKDE takes none below 0)."""
+    import numpy as np
+    from KDEpy import FFTKDE
+    from scipy.interpolate import RegularGridInterpolator
+
+    q, k, v, h = _numpy_inputs(x)
+    d = case.d
+    qq, kk = q.reshape(-1, d), k.reshape(-1, d)
+    c = 1.0 - v.min()
+    lo = np.minimum(qq.min(0), kk.min(0)) - 4 * h
+    hi = np.maximum(qq.max(0), kk.max(0)) + 4 * h
+    most = (1 << 20) if d == 1 else (1 << 11)
+    size = int(min(most, np.ceil((hi - lo).max() / (h / 4)) + 1))
+    axes = [np.linspace(lo[f], hi[f], size) for f in range(d)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, d)
+
+    def call():
+        weights = v + c
+        numerator = FFTKDE(bw=h).fit(kk, weights=weights).evaluate(grid) * weights.sum()
+        denominator = FFTKDE(bw=h).fit(kk).evaluate(grid) * len(kk)
+        ratio = (numerator / denominator).reshape((size,) * d)
+        if d == 1:
+            return np.interp(qq[:, 0], axes[0], ratio) - c
+        return RegularGridInterpolator(axes, ratio)(qq) - c
+
+    return call
+
+
 def _numpy_inputs(x: dict):
     """float64 NumPy copies, made once outside the timed calls, and h = w^-1/2."""
     q, k, v, w = (
@@ -367,6 +425,7 @@ NWFAST = Peer(
     jit="once",
     prior_ns={"cpu": 0.5, "cuda": 0.0003, "fit": 2},
     pairs=_nwfast_pairs,
+    plan=_nwfast_plan,
 )
 
 PEERS = {
@@ -382,11 +441,20 @@ PEERS = {
         ),
         dataclasses.replace(
             NWFAST,
+            name="nwfast-skip",
+            label="nwfast with block skipping alone: no far-field expansions",
+            builds=_pooling(_without_expansions(_nwfast)),
+            pairs=_without_expansions(_nwfast_pairs),
+            plan=None,
+        ),
+        dataclasses.replace(
+            NWFAST,
             name="nwfast-dense",
             label="nwfast with tolerance=0.0: every pair, no block skipping",
             builds={"shared": _nwfast, "shared_loo": _nwfast},
             options={"tolerance": 0.0},
             why_not={"ops": "nw_pool_rows skips nothing (no tolerance): nwfast's row is dense"},
+            plan=None,
         ),
         Peer(
             "torch-compile",
@@ -437,6 +505,16 @@ PEERS = {
                 "devices": "the tensor-core route: CUDA only",
                 "w_kinds": "one w for all keys only (a per-key w has no dot-product form)",
             },
+        ),
+        Peer(
+            "kdepy-fft",
+            "KDEpy FFTKDE: two weighted densities on a grid of spacing h / 4 by FFT, "
+            "interpolated linearly to the queries (float64, 1 thread)",
+            "KDEpy",
+            {"shared": _kdepy},
+            prior_ns={"cpu": 0.001},
+            why_not={**_NUMPY_WHY, "modes": "forward only (no autograd), d <= 2"},
+            **_NUMPY,
         ),
         Peer(
             "torch-broadcast",

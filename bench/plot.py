@@ -13,6 +13,11 @@ From the sparse preset's rows (one w, shared keys, any d), ``bench_skipping_*``:
 nwfast's fraction of pairs computed and its speedup over its dense pass and
 over KeOps' block-sparse ranges, against the bandwidth h.
 
+From the fgt preset's rows, ``bench_fgt_*``: per d and bandwidth rule, the
+time of one forward and the error against float64 (bench.check's verdict
+nearest to failing) against n, one line per peer and data family, and the
+same against h.
+
 The fit rows give ``bench_bandwidth.png``: the time of one fit vs n.
 """
 
@@ -38,6 +43,8 @@ STYLE = {
     "torch-repeat": ("tab:red", "v"),
     "kernelsmooth": ("tab:brown", "X"),
     "statsmodels": ("tab:purple", "P"),
+    "nwfast-skip": ("tab:gray", "s"),
+    "kdepy-fft": ("tab:cyan", "*"),
 }
 HATCH = {"forward": None, "backward": "//", "fwd+bwd": ".."}
 
@@ -356,11 +363,62 @@ def plot_skipping(plt, rows, head, dtype, path: Path) -> Path | None:
     return _finish(plt, fig, axes, head, "block skipping", dtype, path, seen, scope)
 
 
-def _figure_group(row: dict):
+def plot_fgt(plt, rows, head, dtype, path: Path) -> Path | None:
+    """Far fields: time and error of each peer's forward against n (one panel
+    pair per d and bandwidth rule) and against h; a line per (peer, data)."""
+    from matplotlib.lines import Line2D
+
+    ok = [r for r in rows if r["status"] == "ok" and r["mode"] == "forward"]
+    ok = [r for r in ok if r["op"] == "shared" and r["median_s"]]
+    if not ok:
+        return None
+    panels = sorted({(r["d"], r["h_rule"]) for r in ok})
+    fig, axes = _panels(plt, 2 * len(panels) + 2)
+    what = (("time per call (median)", "median_s"), ("error vs float64", "check_error"))
+    for i, (d, rule) in enumerate(panels):
+        for j, (label, field) in enumerate(what):
+            ax = axes[2 * i + j]
+            mine = [r for r in ok if (r["d"], r["h_rule"]) == (d, rule)]
+            for (peer, data), group in sorted(_by(mine, "peer", "data").items()):
+                points = sorted((r["n"], r[field]) for r in group if r[field])
+                if points:
+                    colour, _ = STYLE.get(peer, ("tab:gray", "."))
+                    marker = DATA_MARKERS.get(data, ".")
+                    ax.plot(*zip(*points), color=colour, marker=marker, lw=0.8)
+            _size_axis(ax, mine)
+            _y_format(ax, _seconds if j == 0 else (lambda v: f"{v:.0e}"))
+            ax.set_ylabel(label)
+            ax.set_title(f"d = {d} · h: {rule}")
+    for j, (label, field) in enumerate(what):  # against h, every size
+        ax = axes[2 * len(panels) + j]
+        for (peer, _d, data, _n), group in sorted(_by(ok, "peer", "d", "data", "n").items()):
+            points = sorted((r["h"], r[field]) for r in group if r[field] and r["h"])
+            if points:
+                colour, _ = STYLE.get(peer, ("tab:gray", "."))
+                ax.plot(*zip(*points), color=colour, marker=DATA_MARKERS.get(data, "."),
+                        lw=0.6, alpha=0.6)  # fmt: skip
+        ax.set_xscale("log")
+        _y_format(ax, _seconds if j == 0 else (lambda v: f"{v:.0e}"))
+        ax.set_xlabel("bandwidth h")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} against h")
+    seen = {p: Line2D([], [], color=STYLE.get(p, ("tab:gray",))[0]) for p in _by(ok, "peer")}
+    seen = {p[0]: line for p, line in seen.items()}
+    for data, marker in DATA_MARKERS.items():
+        if any(r["data"] == data for r in ok):
+            seen[data] = Line2D([], [], ls="", marker=marker, color="gray")
+    scope = "d = " + ", ".join(str(d) for d in sorted({r["d"] for r in ok}))
+    return _finish(plt, fig, axes, head, "far fields", dtype, path, seen, scope)
+
+
+def _figure_group(row: dict, preset: str | None = None):
     """Which figures a row belongs to: the fits', the sweep's (d = 1, one w,
-    h = 0.5) or the skipping one (one w, shared keys), per device and dtype."""
+    h = 0.5), the skipping one (one w, shared keys) or the far fields' (the
+    fgt preset's), per device and dtype."""
     if row["op"] == "fit":
         return "fit"
+    if preset == "fgt":
+        return "fgt", row["device"], row["dtype"]
     if row["w_kind"] != "scalar":
         return None
     if row["h_rule"] == "h=0.5" and row["d"] == 1:
@@ -379,23 +437,26 @@ def plot_files(paths, out_dir: Path) -> list[Path]:
         doc = schema.load(p)
         if doc["header"]["kind"] in ("dist", "cold"):  # tables, not these figures
             continue
+        preset = doc["header"].get("preset")
         for r in doc["rows"]:
-            group = _figure_group(r)
+            group = _figure_group(r, preset)
             if group is not None:
-                latest[(r["peer"], same_inputs(r))] = r
+                latest[(r["peer"], same_inputs(r))] = (r, group)
                 heads[group] = doc["header"]
     groups = defaultdict(list)
-    for r in latest.values():
-        groups[_figure_group(r)].append(r)
+    for r, group in latest.values():
+        groups[group].append(r)
     made = []
     for group, rows in groups.items():
         if group == "fit":
             made.append(plot_bandwidth(plt, rows, heads["fit"], out_dir / "bench_bandwidth.png"))
             continue
-        *skipping, device, dtype = group
-        figures = (
-            (plot_skipping,) if skipping else (plot_time, plot_speedup, plot_memory, plot_fwd_bwd)
-        )
+        *kind, device, dtype = group
+        figures = {
+            (): (plot_time, plot_speedup, plot_memory, plot_fwd_bwd),
+            ("skipping",): (plot_skipping,),
+            ("fgt",): (plot_fgt,),
+        }[tuple(kind)]
         for fn in figures:
             name = fn.__name__.removeprefix("plot_")
             path = out_dir / f"bench_{name}_{device}_{dtype}.png"

@@ -188,7 +188,13 @@ def run(
     cases = plan(PRESETS[preset], peers, device=device, **selection)
     cases = _supported(cases, PRESETS[preset].leave_out, con)
     # The goals compare nwfast with its own dense pass: those cases run past the cap.
-    goals = [c for c in cases if is_goal(c, PRESETS[preset]) and c.peer.startswith("nwfast")]
+    uncapped = PRESETS[preset].uncapped
+    goals = [
+        c
+        for c in cases
+        if is_goal(c, PRESETS[preset])
+        and (c.peer in uncapped if uncapped is not None else c.peer.startswith("nwfast"))
+    ]
     settings["uncapped"] = [c.key() for c in goals]
     head = schema.header(
         kind,

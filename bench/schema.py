@@ -39,6 +39,7 @@ DISTRIBUTIONS = (
     "pykeops",
     "statsmodels",
     "kernelsmooth",
+    "KDEpy",
 )
 RESULTS = Path(__file__).resolve().parent / "results"  # where runs write by default
 
@@ -46,8 +47,8 @@ HEADER_FIELDS = {
     "created": "ISO 8601 local time the run started",
     "command": "the command line, as typed",
     "kind": "'sweep', 'fit', 'gpu', 'dist', 'cold' or 'compare'",
-    "preset": "quick, full, sparse, gpu, fit-quick, fit or fit-features (bench.cases.PRESETS); "
-    "dist, cold; compare or guard (python -m bench compare --guard)",
+    "preset": "quick, full, sparse, fgt, gpu, fit-quick, fit or fit-features "
+    "(bench.cases.PRESETS); dist, cold; compare or guard (python -m bench compare --guard)",
     "git_revision": "HEAD of the checkout, or null outside git",
     "git_dirty": "true when tracked files differ from HEAD (new results do not count)",
     "device": "'cpu' or 'cuda'",
@@ -65,8 +66,8 @@ HEADER_FIELDS = {
     "peers_unavailable": "peer name -> why it was left out of this run",
     "duration_s": "wall time of the run; null while it runs (the file is rewritten as each "
     "case finishes, so a run stopped early keeps what it measured)",
-    "goals": "gpu and sparse runs: each goal, the measured value and pass/fail (bench.goals); "
-    "compare: per case, this tree's time / the base's at most max(threshold, noise)",
+    "goals": "gpu, sparse and fgt runs: each goal, the measured value and pass/fail "
+    "(bench.goals); compare: per case, this tree's time / the base's at most max(threshold, noise)",
     "base": "compare: the revision this tree was timed against: rev (as given), commit",
 }
 
@@ -124,6 +125,10 @@ MEASUREMENTS = {
     "h": "pooling: the bandwidth its h_rule gave, w = 1 / h^2 (per-key w scatter around it)",
     "kept_fraction": "pooling: pairs the peer computed / n m (1.0: every pair; "
     "nwfast.pairs_computed for nwfast)",
+    "expanded_fraction": "nwfast: pairs whose share came from far-field expansions / n m "
+    "(nwfast.plan_summary)",
+    "far_bound": "nwfast with expansions: the most any row skips and expands relative to its "
+    "denominator (plan_summary().bound; each row within 2 far_bound max|v|), or null",
     "bandwidth": "fit: the chosen h per feature, in the data's units",
     "loo_mse": "fit: leave-one-out MSE at that h, every peer's by one function",
     "loo_mse_vs_nwfast": "fit: loo_mse / nwfast's loo_mse (>= 1: nwfast as good)",

@@ -323,3 +323,38 @@ def test_a_skipping_peer_is_predicted_from_its_plan():
     per_pair = 1.0 / (0.1 * prev["pairs"])
     assert predict_s(case, done, computed=10**9) == pytest.approx(1e9 * per_pair)
     assert predict_s(case, done) == pytest.approx(case.pairs * per_pair)  # n m: dense
+
+
+def test_fgt_plan_goals_and_peers(tmp_path):
+    """The far-field preset's goal cases (two forwards, two fits) run nwfast
+    alone past the cap; its goals read them; and a tiny sweep runs every
+    peer, the plan's measurements and the figure included."""
+    from bench.goals import FGT_N, fgt
+
+    cases = plan(PRESETS["fgt"], list(PRESETS["fgt"].peers), device="cpu", dtypes=("float32",))
+    fits = {c.n for c in cases if c.op == "fit" and c.peer == "nwfast"}
+    assert fits == {10**6, FGT_N} and all(c.dtype == "float64" for c in cases if c.op == "fit")
+    assert PRESETS["fgt"].uncapped == ("nwfast",)
+    line = {"h_rule": "silverman"}
+    rows = [
+        _row("nwfast", "shared", "forward", FGT_N, 4.0, data="uniform", **line),
+        _row("nwfast", "shared", "forward", 10**6, 12.0, d=2, data="unit", **line),
+        _row("nwfast", "fit", "local-constant", 10**6, 3.0, dtype="float64"),
+    ]
+    rows[0].update(expanded_fraction=0.2, check_ok=True)
+    goals = fgt(rows)
+    assert [g["passed"] for g in goals] == [True, True, None, False, True]
+
+    doc = _bench(
+        "sweep", "--fgt", "--sizes", "4096", "--data", "uniform", "--h-rules", "silverman",
+        "--dims", "1", "--modes", "forward", tmp_path=tmp_path,
+    )  # fmt: skip
+    peers = {r["peer"]: r for r in doc["rows"]}
+    assert set(peers) == {"nwfast", "nwfast-skip", "nwfast-dense", "kdepy-fft"}
+    assert all(r["status"] == "ok" for r in peers.values())
+    assert peers["nwfast"]["check_ok"] and peers["nwfast-skip"]["expanded_fraction"] is None
+    subprocess.run(
+        [sys.executable, "-m", "bench", "plot", *map(str, tmp_path.glob("*.json")), "--out",
+         str(tmp_path)], cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    assert list(tmp_path.glob("bench_fgt_cpu_float32.png"))

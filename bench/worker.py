@@ -255,6 +255,8 @@ def _time_case(case: Case, settings: dict, row: dict, warm_up: bool, x=None, com
         row["h"] = x["h"]
         computed = peer.pairs_computed(case, x) if computed is None else computed
         row["kept_fraction"] = computed / case.pairs
+        if peer.plan and case.op != "rows":  # the rows layout has no plan
+            row.update(peer.plan(case, x, **peer.options))
     bound = work(case)
     if bound:
         kind, amount = bound

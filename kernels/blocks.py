@@ -64,7 +64,8 @@ class Plan(NamedTuple):
     keys with their query spans likewise. ``pairs`` counts the (query, key)
     pairs computed, over the batch; ``order`` holds the permutations (B, n) and
     (B, m) that put queries and keys in the plan's order, or is None (the
-    caller's order).
+    caller's order). ``far``: key boxes whose pairs come from expansions
+    instead (``kernels.far``), or None.
     """
 
     q_block: int
@@ -75,6 +76,7 @@ class Plan(NamedTuple):
     query_spans: np.ndarray
     pairs: int
     order: tuple = None
+    far: object = None  # the expansions (``far.Far``), or None
 
 
 def dense(batch, n, m, q_block, k_block):
@@ -459,11 +461,12 @@ def _walk(lo, hi, q_lo, q_hi, n_lo, n_hi, count, w_lo, w_hi, kids, top, leaves, 
 
         # Drop the lightest leaves within what is left (keep one at least).
         # Only leaves lighter than all that is left can go: sort those alone.
-        light = np.nonzero(weight[:n_found] <= spare)[0]
+        # (strictly: with nothing to spare, a weight that underflows is no zero)
+        light = np.nonzero(weight[:n_found] < spare)[0]
         light = light[np.argsort(weight[light])]
         dropped = 0
         for r in light[: n_found - 1]:
-            if weight[r] > spare:
+            if not weight[r] < spare:
                 break
             spare -= weight[r]
             found[r] = -1
@@ -591,16 +594,30 @@ def skips(plan, diagonal, B, n, m):
         skip[:, valid] = target[valid]
         skipped_by[:, target[valid]] = rows[valid]
         return skip, skipped_by
-    perm_q, perm_k = (p.numpy() for p in plan.order)
-    inverse_k = np.empty_like(perm_k)
-    np.put_along_axis(inverse_k, perm_k, np.arange(m)[None, :].repeat(B, 0), axis=1)
-    original = perm_q + diagonal
-    valid = (original >= 0) & (original < m)
-    bs, rows = np.nonzero(valid)
-    keys = inverse_k[bs, original[bs, rows]]
-    skip[bs, rows] = keys
-    skipped_by[bs, keys] = rows
+    _permuted_skips(plan.order[0].numpy(), plan.order[1].numpy(), diagonal, skip, skipped_by)
     return skip, skipped_by
+
+
+@_jit
+def _permuted_skips(perm_q, perm_k, diagonal, skip, skipped_by):
+    """``skips`` for points in the orders perm_q (B, n) and perm_k (B, m)."""
+    B, m = perm_k.shape
+    inverse_k = np.empty(m, np.int64)
+    for b in range(B):
+        if diagonal == 0 and perm_q.shape[1] == m and (perm_q[b] == perm_k[b]).all():
+            # one order for the points (leave-one-out): each leaves out its own place
+            for i in range(m):
+                skip[b, i] = i
+                skipped_by[b, i] = i
+            continue
+        for j in range(m):
+            inverse_k[perm_k[b, j]] = j
+        for i in range(perm_q.shape[1]):
+            original = perm_q[b, i] + diagonal
+            if 0 <= original < m:
+                key = inverse_k[original]
+                skip[b, i] = key
+                skipped_by[b, key] = i
 
 
 # ------------------------------------------------------------------ packing
@@ -629,11 +646,15 @@ def pack(plan, batch, n, m):
     if ordered:
         parts += [plan.order[0].numpy().ravel(), plan.order[1].numpy().ravel()]
     parts += [plan.key_ptr, plan.key_spans.ravel(), plan.query_ptr, plan.query_spans.ravel()]
+    if plan.far is not None:
+        parts.append(plan.far.packed())
     return torch.from_numpy(np.concatenate(parts))
 
 
-def unpack(packed):
-    """The Plan that ``pack`` packed (None for a dense pass)."""
+def unpack(packed, far=None):
+    """The Plan that ``pack`` packed (None for a dense pass). ``far``: the
+    class of the plan's expansions (``kernels.far.Far``), for the kernels
+    whose plans may hold them."""
     if packed.numel() == 0:
         return None
     a = packed.numpy()
@@ -653,5 +674,13 @@ def unpack(packed):
     key_items = batch * -(-m // k_block)
     query_ptr = a[at : at + key_items + 1]
     at += key_items + 1
-    query_spans = a[at:].reshape(-1, 2)
-    return Plan(q_block, k_block, key_ptr, key_spans, query_ptr, query_spans, pairs, order)
+    query_spans = a[at : at + 2 * int(query_ptr[-1])].reshape(-1, 2)
+    at += query_spans.size
+    expansions = None
+    if at < a.size:
+        if far is None:
+            raise ValueError("this plan holds expansions: unpack it with their class")
+        expansions = far.unpacked(a[at:])
+    return Plan(
+        q_block, k_block, key_ptr, key_spans, query_ptr, query_spans, pairs, order, expansions
+    )

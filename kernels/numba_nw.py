@@ -57,7 +57,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import EXACT_SHIFT_ABOVE, UNDERFLOW, blocks, distance_shift, per_key
+from . import EXACT_SHIFT_ABOVE, UNDERFLOW, blocks, distance_shift, far, numba_fgt, per_key
 from . import numba_sweep as sweep
 from .numba_exp import fma, fmax, mul
 from .numba_sweep import SUM_BLOCK, axpy, column, dot, minus, part, row, splat, weight
@@ -869,15 +869,16 @@ def _exact_shifts(plan, q, k, v, c2, skip):
 
     def exact(rows, high, low):
         d, c = q.shape[-1], v.shape[-1]
+        direct = far.as_direct(plan, q.shape[1], k.shape[1])  # every pair the row holds
         arrays = (_np(q), _feature_major(k), _feature_major(v), c2)
-        items = len(plan.key_ptr) - 1
+        items = len(direct.key_ptr) - 1
         if _fused(d, c):
             args = Shift(*arrays, rows, high, low, *_markers(d, c))
-            _parallel(_run, items, plan.pairs, _query_work(plan, skip), args)
+            _parallel(_run, items, direct.pairs, _query_work(direct, skip), args)
         else:
             _parallel(
-                _exact_shift_items, items, plan.pairs, *arrays, skip, plan.key_ptr,
-                plan.key_spans, plan.q_block, rows, high, low,
+                _exact_shift_items, items, direct.pairs, *arrays, skip, direct.key_ptr,
+                direct.key_spans, direct.q_block, rows, high, low,
             )  # fmt: skip
 
     return exact
@@ -932,7 +933,10 @@ def _key_work(plan, skipped_by):
 
 
 def make_plan(query, key, w, diagonal, tolerance):
-    """The block-sparse plan, or None for a dense pass."""
+    """The block-sparse plan (with expansions of far key boxes where they
+    apply, ``far``), or None for a dense pass."""
+    if far.applies(query, key, w, tolerance):
+        return far.plan(query, key, w, tolerance, diagonal is not None, BLOCK, BLOCK)
     return blocks.plan(query, key, w, tolerance, diagonal is not None, BLOCK, BLOCK)
 
 
@@ -967,6 +971,8 @@ def forward(query, key, value, w, diagonal, tolerance):
             _forward_general, items, plan.pairs, q, kT, vT, c2, nonpos, skip, plan.key_ptr,
             plan.key_spans, plan.q_block, out.numpy(), lse.numpy(),
         )  # fmt: skip
+    if plan.far is not None:
+        numba_fgt.forward(plan.far, plan.q_block, q, kT, vT, skip, out.numpy(), lse.numpy())
     out, lse = blocks.queries_back(plan, out, lse)
     return out, lse, blocks.pack(found, B, n, m)
 
@@ -976,7 +982,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[-1]
     dtype = query.dtype
-    plan = _or_dense(blocks.unpack(packed), B, n, m)
+    plan = _or_dense(blocks.unpack(packed, far.Far), B, n, m)
     q, g, out, lse = blocks.queries_in_order(plan, query, grad_out, out, lse)
     k, v, w_keys = blocks.keys_in_order(plan, key, value, per_key(w, m))
     skip, skipped_by = blocks.skips(plan, diagonal, B, n, m)
@@ -987,8 +993,15 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     exact = _exact_shifts(plan, q, k, v, c2, skip) if keys is None else None
     high, low = _lse_log2(lse, dtype, exact)
     delta = _np(_delta_of(g, out))
+    shift = distance_shift(lse, w, _per_row_keys(skip, m) if keys is None else keys)
+    # the expanded pairs' shares (float64, plan order), None where there are none
+    far_dq, far_dk, far_dv, far_dw = numba_fgt.backward_shares(
+        plan, (need_q, need_k, need_v, need_w), q, g, k, v, w, out, lse, shift, skip, skipped_by
+    )
     dq = dk = dv = dw = None
-    if need_q:
+    if need_q and plan.pairs == 0:  # expansions alone
+        dq = torch.zeros(q.shape, dtype=dtype)
+    elif need_q:
         dq = torch.empty(q.shape, dtype=dtype)
         qn, gn, kT, vT = _np(q), _np(g), _feature_major(k), _feature_major(v)
         if fused:
@@ -999,27 +1012,37 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
                 _dq_general, len(plan.key_ptr) - 1, plan.pairs, qn, gn, delta, high, low, kT, vT,
                 wn, c2, skip, plan.key_ptr, plan.key_spans, plan.q_block, dq.numpy(),
             )  # fmt: skip
+    if far_dq is not None:
+        dq = (dq + far_dq).to(dtype)
+    if need_q:
         (dq,) = blocks.queries_back(plan, dq)
     if need_k or need_v or need_w:
-        dk = torch.empty(k.shape, dtype=dtype)
-        dv = torch.empty(v.shape, dtype=dtype)
-        dw_keys = torch.empty(w_keys.shape, dtype=torch.float64)
-        shift = distance_shift(lse, w, _per_row_keys(skip, m) if keys is None else keys)
+        direct = plan.pairs > 0  # or expansions alone
+        dk = (torch.empty if direct else torch.zeros)(k.shape, dtype=dtype)
+        dv = (torch.empty if direct else torch.zeros)(v.shape, dtype=dtype)
+        dw_keys = (torch.empty if direct else torch.zeros)(w_keys.shape, dtype=torch.float64)
         kn, vn, qT, gT = _np(k), _np(v), _feature_major(q), _feature_major(g)
-        shift, outputs = _np(shift.to(dtype)), (dk.numpy(), dv.numpy(), dw_keys.numpy())
-        if fused:
+        outputs = (dk.numpy(), dv.numpy(), dw_keys.numpy())
+        key_shift = _np(shift.to(dtype))
+        if direct and fused:
             args = KeyGrad(
-                kn, vn, wn, c2, qT, gT, delta, high, low, shift, *outputs, *_markers(d, c)
+                kn, vn, wn, c2, qT, gT, delta, high, low, key_shift, *outputs, *_markers(d, c)
             )
             _parallel(_run, len(plan.query_ptr) - 1, plan.pairs, _key_work(plan, skipped_by), args)
-        else:
+        elif direct:
             _parallel(
                 _dkv_general, len(plan.query_ptr) - 1, plan.pairs, kn, vn, wn, c2, qT, gT, delta,
-                high, low, shift, skipped_by, plan.query_ptr, plan.query_spans, plan.k_block,
+                high, low, key_shift, skipped_by, plan.query_ptr, plan.query_spans, plan.k_block,
                 *outputs,
             )  # fmt: skip
+        if far_dk is not None:
+            dk = (dk + far_dk).to(dtype)
+        if far_dv is not None:
+            dv = (dv + far_dv).to(dtype)
         dk, dv, dw_keys = blocks.keys_back(plan, dk, dv, dw_keys)
-        dw = _dw(dw_keys, w, dtype)
+        dw = _dw(dw_keys, w, torch.float64 if far_dw is not None else dtype)
+        if far_dw is not None:
+            dw = (dw + far_dw[:, None]).to(dtype)
     return (
         dq,
         dk if need_k else None,
@@ -1036,7 +1059,8 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[-1]
     dq, dk, dv, dw = (_or_zeros(t, x) for t, x in zip(tangents, (query, key, value, w)))
-    plan = _or_dense(blocks.unpack(packed), B, n, m)
+    # forward mode computes expanded pairs pair by pair
+    plan = far.as_direct(_or_dense(blocks.unpack(packed, far.Far), B, n, m), n, m)
     q, dq, y, lse = blocks.queries_in_order(plan, query, dq, out, lse)
     k, dk, v, dv, w, dw = blocks.keys_in_order(
         plan, key, dk, value, dv, per_key(w, m), per_key(dw, m)

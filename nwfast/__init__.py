@@ -1,7 +1,15 @@
 """nwfast: fused Nadaraya-Watson (Gaussian attention) pooling for PyTorch."""
 
 from nwfast import reference
-from nwfast.functional import nw_pool, nw_pool_rows, nw_pool_with_lse, nw_weights, pairs_computed
+from nwfast.functional import (
+    PlanSummary,
+    nw_pool,
+    nw_pool_rows,
+    nw_pool_with_lse,
+    nw_weights,
+    pairs_computed,
+    plan_summary,
+)
 from nwfast.local_linear import local_linear_pool
 from nwfast.models import NWKernelRegression
 
@@ -9,6 +17,7 @@ __all__ = [
     "LocalLinearRegression",
     "NWKernelRegression",
     "NadarayaWatson",
+    "PlanSummary",
     "distributed",
     "local_linear_pool",
     "nw_pool",
@@ -16,6 +25,7 @@ __all__ = [
     "nw_pool_with_lse",
     "nw_weights",
     "pairs_computed",
+    "plan_summary",
     "reference",
 ]
 __version__ = "0.2.0.dev0"

@@ -6,12 +6,23 @@ A per-feature bandwidth is not a kernel feature: scale ``query`` and ``key`` by
 ``sqrt(w_f)`` before the call and autograd carries the gradient to ``w_f``.
 """
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 
 from nwfast import ops, reference
 from nwfast._checks import prepare_rows, prepare_shared, resolve_tolerance
 
-__all__ = ["nw_pool", "nw_pool_rows", "nw_pool_with_lse", "nw_weights", "pairs_computed"]
+__all__ = [
+    "PlanSummary",
+    "nw_pool",
+    "nw_pool_rows",
+    "nw_pool_with_lse",
+    "nw_weights",
+    "pairs_computed",
+    "plan_summary",
+]
 
 
 def nw_pool(query, key, value, w, *, exclude_self=False, backend="auto", tolerance=None):
@@ -116,21 +127,65 @@ def pairs_computed(query, key, w, *, exclude_self=False, backend="auto", toleran
     """How many (query, key) pairs ``nw_pool`` computes for these arguments.
 
     ``B·n·m`` (over the batch) for a dense pass; fewer where the block bound
-    lets ``tolerance`` skip pairs. The arguments are ``nw_pool``'s, without
-    the values; the count is that of the forward (the backward sweeps the
-    same pairs) and comes from the same planner, without pooling anything.
+    lets ``tolerance`` skip pairs, or where far key boxes come from expansions
+    (``plan_summary`` says how many of each). The arguments are ``nw_pool``'s,
+    without the values; the count is that of the forward (the backward sweeps
+    the same pairs) and comes from the same planner, without pooling anything.
+    """
+    return plan_summary(
+        query, key, w, exclude_self=exclude_self, backend=backend, tolerance=tolerance
+    ).computed
+
+
+class PlanSummary(NamedTuple):
+    """What ``nw_pool`` does with the ``pairs`` (query, key) pairs of a call.
+
+    ``computed``: pairs computed one by one (``pairs_computed``); ``expanded``:
+    pairs whose share of a row comes from a Hermite expansion of their key
+    box instead; ``skipped``: pairs left out by the bound. ``expansions``: how
+    many (query box, key box) expansions of each order (terms per axis) the
+    plan holds. ``bound``: the most that any row skips and expands, relative
+    to its softmax denominator (at most ``tolerance / 2``; each output row is
+    then within ``2 * bound * max_j ||v_j||`` of the exact one), or None
+    where the plan does not state it per row (block skipping alone).
+    """
+
+    pairs: int
+    computed: int
+    expanded: int
+    skipped: int
+    expansions: dict
+    bound: float | None
+
+
+def plan_summary(query, key, w, *, exclude_self=False, backend="auto", tolerance=None):
+    """The plan ``nw_pool`` makes for these arguments, in numbers (``PlanSummary``).
+
+    The arguments are ``pairs_computed``'s. Expansions of far key boxes (the
+    fast Gauss transform) enter plans on CPU with one w > 0 for all keys and
+    d <= 2; block skipping as ``nw_pool`` describes.
     """
     value = key[..., :1] if key.dim() > 1 else key  # shapes only
     args = prepare_shared(query, key, value, w, exclude_self)
     tolerance = resolve_tolerance(tolerance, args.q.dtype)
     B, n, m = args.q.shape[0], args.q.shape[1], args.k.shape[1]
-    if _reference_path(backend, args, args.q.numel() == 0):
-        return B * n * m
-    kernels = ops.kernel_module(ops.resolve_backend(backend, args.q.device, args.q.dtype))
-    diagonal = 0 if args.exclude_self else None
-    q, k, w = (x.detach().contiguous() for x in (args.q, args.k, args.w))
-    plan = kernels.make_plan(q, k, w, diagonal, tolerance)
-    return B * n * m if plan is None else plan.pairs
+    plan = None
+    if not _reference_path(backend, args, args.q.numel() == 0):
+        kernels = ops.kernel_module(ops.resolve_backend(backend, args.q.device, args.q.dtype))
+        diagonal = 0 if args.exclude_self else None
+        q, k, w = (x.detach().contiguous() for x in (args.q, args.k, args.w))
+        plan = kernels.make_plan(q, k, w, diagonal, tolerance)
+    if plan is None:
+        return PlanSummary(B * n * m, B * n * m, 0, 0, {}, 0.0)
+    expanded = 0 if plan.far is None else plan.far.expanded
+    orders = {}
+    bound = None
+    if plan.far is not None:
+        order, count = np.unique(plan.far.row_pairs[:, 1], return_counts=True)
+        orders = {int(p): int(c) for p, c in zip(order, count)}
+        bound = float(plan.far.bound.max())
+    skipped = B * n * m - plan.pairs - expanded
+    return PlanSummary(B * n * m, plan.pairs, expanded, skipped, orders, bound)
 
 
 # --- autograd ------------------------------------------------------------------

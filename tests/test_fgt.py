@@ -1,0 +1,336 @@
+"""Far fields: expanded key boxes keep every row within its bound, on data made to break it."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import nwfast
+from nwfast import reference, testing
+from nwfast._checks import prepare_shared
+from nwfast.kernels import blocks, far, numba_fgt, numba_nw
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def expansions_everywhere(sparse_everywhere, monkeypatch):
+    """Plans at test sizes (no minimum size, small blocks), where an
+    expansion costs a tenth of what it does and its planning nothing: at
+    these sizes an expansion would rarely beat its few thousand pairs."""
+    monkeypatch.setattr(far, "TERM_COST", far.TERM_COST / 10)
+    monkeypatch.setattr(far, "PAIR_COST", 0.0)
+
+
+def points(name, n, d):
+    """Points (n, d) float64 of a named family on roughly the unit scale."""
+    if name == "uniform":
+        return torch.rand(n, d, dtype=F64)
+    if name == "normal":
+        return 0.2 * torch.randn(n, d, dtype=F64)
+    if name == "clusters":  # tight clusters with wide gaps
+        centres = torch.tensor([[0.0] * d, [0.5] * d, [1.0] * d], dtype=F64)
+        return centres[torch.randint(3, (n,))] + 0.003 * torch.randn(n, d, dtype=F64)
+    if name == "duplicates":
+        return torch.rand(n // 4, d, dtype=F64).repeat(4, 1)[torch.randperm(n // 4 * 4)]
+    if name == "outliers":  # far queries and keys among uniform ones
+        x = torch.rand(n, d, dtype=F64)
+        x[:3] = torch.tensor([-3.0, 5.0, 1e3], dtype=F64)[:, None]
+        return x
+    raise ValueError(name)
+
+
+CASES = {
+    # name: (query family, key family or None (the queries: leave-one-out),
+    #        n, m, d, h, channels, batch)
+    "uniform-1d": ("uniform", "uniform", 1500, 1700, 1, 0.02, 1, 1),
+    "normal-1d-loo-channels": ("normal", None, 2000, 2000, 1, 0.03, 3, 1),
+    "clusters-1d-loo": ("clusters", None, 1800, 1800, 1, 0.002, 1, 1),
+    "duplicates-1d-loo": ("duplicates", None, 1600, 1600, 1, 0.05, 2, 1),
+    "outliers-1d": ("outliers", "outliers", 1500, 1500, 1, 0.02, 1, 1),
+    "tiny-w-1d-batch": ("uniform", "normal", 1200, 1000, 1, 30.0, 1, 2),
+    "uniform-2d": ("uniform", "uniform", 2500, 2500, 2, 0.25, 1, 1),
+    "normal-2d-loo-batch": ("normal", None, 1800, 1800, 2, 0.1, 2, 2),
+}
+
+
+def case_inputs(name, dtype=F64):
+    q_family, k_family, n, m, d, h, c, batch = CASES[name]
+    q = torch.stack([points(q_family, n, d) for _ in range(batch)])
+    k = q if k_family is None else torch.stack([points(k_family, m, d) for _ in range(batch)])
+    v = torch.randn(batch, m, c, dtype=F64)
+    w = torch.tensor(h**-2, dtype=F64)
+    return (*(x.to(dtype) for x in (q, k, v, w)), k_family is None)
+
+
+def plan_of(q, k, w, loo, tolerance):
+    args = prepare_shared(q, k, k[..., :1], w, loo)
+    return numba_nw.make_plan(args.q, args.k, args.w, 0 if loo else None, tolerance)
+
+
+def pool(q, k, v, w, loo, **options):
+    return nwfast.nw_pool(q, k, v, w, exclude_self=loo, backend="numba", **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_expanded_pool_is_exact_to_rounding(name, dtype, poisoned):
+    q, k, v, w, loo = case_inputs(name, dtype)
+    plan = plan_of(q, k, w, loo, nwfast._checks.resolve_tolerance(None, dtype))
+    # float64's tolerance asks 2-D expansions for orders past MAX_ORDER often
+    if q.shape[-1] == 1 or dtype == torch.float32:
+        assert plan is not None and plan.far is not None and plan.far.expanded > 0
+    out = pool(q, k, v, w, loo)
+    testing.assert_ok(testing.check_pool(out, q, k, v, w, loo))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_row_within_its_bound(name):
+    """At a tolerance far above float64's rounding, each row's error is the
+    truncation's and the skipping's: at most 2 * bound_i * max_j ||v_j||."""
+    q, k, v, w, loo = case_inputs(name)
+    tolerance = 1e-6
+    plan = plan_of(q, k, w, loo, tolerance)
+    assert plan.far is not None and plan.far.expanded > 0
+    bound = far.row_bounds(plan, q.shape[1])
+    assert (bound <= blocks.SAFETY * tolerance).all()
+    out = pool(q, k, v, w, loo, tolerance=tolerance)
+    exact = reference.pool_and_lse(q, k, v, w, loo)[0]
+    error = (out - exact).norm(dim=-1)
+    assert float(error.max()) > 1e-12  # the expansions truncate something, past rounding
+    allowed = 2 * bound * v.norm(dim=-1).amax(dim=-1, keepdim=True) + 1e-13
+    assert (error <= allowed).all(), f"row error {float((error / allowed).max()):.3g} x its bound"
+
+
+def test_a_bandwidth_per_batch_element():
+    """vmap over w folds one bandwidth per batch element into one call: each
+    element's expansions take its own scale."""
+    q, k, v, _, loo = case_inputs("normal-2d-loo-batch")
+    w = torch.tensor([0.03**-2, 0.05**-2], dtype=F64)
+    out = torch.func.vmap(lambda *a: pool(*a, loo))(q, k, v, w)
+    for b in range(2):
+        testing.assert_ok(testing.check_pool(out[b], q[b], k[b], v[b], w[b], loo))
+
+
+@pytest.mark.parametrize("per_key", [False, True], ids=["one-w", "per-key-w"])
+def test_huge_w_is_computed_pair_by_pair(per_key):
+    """Rows dominated by their nearest key, hundreds of bandwidths from the
+    rest of their block: no order meets the bound, so no expansion is made,
+    and a key block whose weight underflows next to the block's best is not
+    taken for a zero (it was, by block skipping alone: a row lost its nearest
+    key)."""
+    q, k, v, _, _ = case_inputs("uniform-1d")
+    w = torch.tensor(1e9, dtype=F64)
+    if per_key:
+        w = w * (1 + torch.rand(k.shape[1], dtype=F64))
+    plan = plan_of(q, k, w, False, 2.0**-53)
+    assert plan is None or plan.far is None
+    testing.assert_ok(testing.check_pool(pool(q, k, v, w, False), q, k, v, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "uniform-1d",
+        "normal-1d-loo-channels",
+        "clusters-1d-loo",
+        "duplicates-1d-loo",
+        "outliers-1d",
+        "normal-2d-loo-batch",
+    ],
+)
+def test_expanded_gradients(name, dtype):
+    q, k, v, w, loo = case_inputs(name, dtype)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, w)]
+    if loo:  # one tensor for both, as the estimators pass it
+        leaves[1] = leaves[0]
+    out = pool(*leaves, loo)
+    g = torch.randn_like(out)
+    out.backward(g)
+    grads = [x.grad for x in leaves]
+    if loo:  # the query's and the key's share of the same tensor's gradient
+        grads[0] = grads[1] = None
+    testing.assert_ok(*testing.check_pool_gradients(grads, q, k, v, w, g, loo))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+def test_far_queries_beside_expansions(dtype, poisoned):
+    """Queries 10 bandwidths to 1e4 data units beyond the keys, among ordinary
+    ones, in a plan that expands: each far row keeps its nearest key's value,
+    and the backward's exact shift of those rows sweeps every pair they hold,
+    the expanded ones included."""
+    h = 0.01
+    k = torch.rand(1500, 1, dtype=F64)
+    far_q = torch.tensor([1 + 10 * h, -10 * h, 1 + 1e3 * h, -1e3 * h, 1 + 1e4, -1e4], dtype=F64)
+    q = torch.cat([torch.rand(1400, 1, dtype=F64), far_q[:, None]])[torch.randperm(1406)]
+    v = torch.randn(1500, 2, dtype=F64)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    w = torch.tensor(h**-2, dtype=dtype)
+    plan = plan_of(q[None], k[None], w, False, nwfast._checks.resolve_tolerance(None, dtype))
+    assert plan.far is not None and plan.far.expanded > 0
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, w)]
+    out = pool(*leaves, False)
+    g = torch.randn_like(out)
+    out.backward(g)
+    testing.assert_ok(
+        testing.check_pool(out, q, k, v, w),
+        *testing.check_pool_gradients([x.grad for x in leaves], q, k, v, w, g),
+    )
+
+
+def test_all_equal_points_leave_one_out():
+    """Every point at one place: each row's softmax is its m - 1 others, one
+    weight each, whatever the plan makes of a box of zero extent."""
+    x = torch.full((1, 1200, 1), 0.3, dtype=F64)
+    v = torch.randn(1, 1200, 2, dtype=F64)
+    w = torch.tensor(1e4, dtype=F64)
+    leaves = [x.clone().requires_grad_(), v.clone().requires_grad_(), w.clone().requires_grad_()]
+    out = pool(leaves[0], leaves[0], leaves[1], leaves[2], True)
+    g = torch.randn_like(out)
+    out.backward(g)
+    grads = [None, leaves[0].grad, leaves[1].grad, leaves[2].grad]
+    testing.assert_ok(
+        testing.check_pool(out, x, x, v, w, True),
+        *testing.check_pool_gradients(grads, x, x, v, w, g, True),
+    )
+
+
+def test_query_and_key_gradients_of_leave_one_out():
+    """dq and dk of a leave-one-out call each within the policy (separate
+    tensors of the same points)."""
+    q, k, v, w, loo = case_inputs("normal-1d-loo-channels")
+    leaves = [q.clone().requires_grad_(), q.clone().requires_grad_(), v, w]
+    assert plan_of(leaves[0], leaves[1], w, True, 2.0**-53).far is not None
+    out = pool(*leaves, True)
+    g = torch.randn_like(out)
+    out.backward(g)
+    grads = [leaves[0].grad, leaves[1].grad, None, None]
+    testing.assert_ok(*testing.check_pool_gradients(grads, q, q, v, w, g, True))
+
+
+def test_gradcheck_and_forward_mode():
+    """float64 gradients through expansions, and forward mode (which
+    computes the expanded pairs pair by pair)."""
+    x = torch.sort(torch.rand(400, dtype=F64)).values
+    inputs = [
+        x.clone().requires_grad_(),
+        x.clone().requires_grad_(),
+        torch.randn(400, dtype=F64).requires_grad_(),
+        torch.tensor(1 / 0.05**2, dtype=F64).requires_grad_(),
+    ]
+    args = prepare_shared(*inputs, True)
+    plan = numba_nw.make_plan(args.q, args.k, args.w, 0, 2.0**-53)
+    assert plan.far is not None and plan.far.expanded > 0
+
+    def f(q, k, v, w):
+        return nwfast.nw_pool(q, k, v, w, exclude_self=True, backend="numba")
+
+    assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True)
+
+
+def test_tangent_by_the_direct_path():
+    q, k, v, w, loo = case_inputs("uniform-1d")
+    tangents = tuple(torch.randn_like(x) for x in (q, k, v, w))
+    _, dout = torch.func.jvp(lambda *a: pool(*a, loo), (q, k, v, w), tangents)
+    testing.assert_ok(testing.check_pool_tangent(dout, q, k, v, w, tangents, loo))
+
+
+def test_plan_round_trip_and_its_direct_form():
+    q, k, _, w, loo = case_inputs("normal-2d-loo-batch")
+    plan = plan_of(q, k, w, loo, 2.0**-24)
+    B, n, m = q.shape[0], q.shape[1], k.shape[1]
+    back = blocks.unpack(blocks.pack(plan, B, n, m), far.Far)
+    for a, b in zip(back.far, plan.far):
+        assert np.array_equal(a, b)
+    direct = far.as_direct(plan, n, m)
+    assert direct.far is None and direct.pairs == plan.pairs + plan.far.expanded
+
+
+@pytest.mark.parametrize("d", [1, 2])
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_the_truncation_bound_holds(d, kind):
+    """The bound ``far`` plans with against the truncated series itself, for
+    random boxes and targets: values (kind 0), first (1) and second (2)
+    moments in the distance."""
+    rng = np.random.default_rng(0)
+    p_max = 16
+    P = np.zeros((d, 3, p_max + 1))
+    T = np.zeros((d, 3, p_max + 1))
+    ks = np.zeros(d, np.int64)
+    for _ in range(40):
+        half = rng.uniform(0.05, 1.2, d)  # in units of delta
+        s = rng.uniform(-half, half)  # a source in the box
+        t = rng.normal(0, 2.5, d)  # a target
+        assert far._series(half, 1.0, p_max, P, T)
+        for p in (2, 5, 9, 14):
+            exact, series = _moment_sums(s, t, p, kind)
+            bound = far._error(P, T, far.CRAMER**d * math.exp(-0.5 * (t @ t)), kind, p, ks)
+            assert abs(exact - series) <= bound * (1 + 1e-9) + 1e-15
+
+
+def _moment_sums(s, t, p, kind):
+    """The exact sum of one source (e, (t - s)_0 e or |t - s|^2 e with e =
+    exp(-|t - s|^2)) and its series truncated at order p per axis."""
+    d = s.size
+    e = math.exp(-((t - s) @ (t - s)))
+    exact = [e, (t - s)[0] * e, (t - s) @ (t - s) * e][kind]
+    H = np.zeros((d, p + 2))
+    for f in range(d):
+        h = np.zeros(p + 2)
+        h[0] = math.exp(-(t[f] ** 2))
+        h[1] = 2 * t[f] * h[0]
+        for n in range(1, p + 1):
+            h[n + 1] = 2 * t[f] * h[n] - 2 * n * h[n - 1]
+        H[f] = h
+    series = 0.0
+    for alpha in np.ndindex(*([p] * d)):
+        a = np.prod([s[f] ** alpha[f] / math.factorial(alpha[f]) for f in range(d)])
+        value = np.prod([H[f, alpha[f]] for f in range(d)])
+        if kind == 0:
+            series += a * value
+        elif kind == 1:
+            others = np.prod([H[f, alpha[f]] for f in range(1, d)])
+            series += a * 0.5 * H[0, alpha[0] + 1] * others
+        else:
+            for f in range(d):
+                shifted = np.prod([H[g, alpha[g] + (2 if g == f else 0)] for g in range(d)])
+                series += a * (0.25 * shifted + 0.5 * value)
+    return exact, series
+
+
+def test_plan_summary_and_pairs_computed():
+    q, k, _, w, loo = case_inputs("uniform-1d")
+    plan = plan_of(q, k, w, loo, 2.0**-53)
+    summary = nwfast.plan_summary(q, k, w, exclude_self=loo, backend="numba")
+    assert summary.computed == nwfast.pairs_computed(q, k, w, exclude_self=loo) == plan.pairs
+    assert summary.expanded == plan.far.expanded > 0
+    assert (
+        summary.computed + summary.expanded + summary.skipped
+        == summary.pairs
+        == q[..., 0].numel() * k.shape[1]
+    )
+    assert sum(summary.expansions.values()) == len(plan.far.row_pairs)
+    assert 0 < summary.bound <= blocks.SAFETY * 2.0**-53
+    dense = nwfast.plan_summary(q, k, w, exclude_self=loo, tolerance=0.0)
+    assert dense == (summary.pairs, summary.pairs, 0, 0, {}, 0.0)
+
+
+def test_the_leave_one_out_search_with_expansions(monkeypatch):
+    """NadarayaWatson("loo") picks the same bandwidth whether its passes
+    expand far boxes or not."""
+    pytest.importorskip("sklearn")
+    x = torch.rand(3000, dtype=F64) * 5
+    y = torch.sin(2 * x) + 0.3 * torch.randn(3000, dtype=F64)
+    expanded = []
+    folded = numba_fgt.forward
+    monkeypatch.setattr(numba_fgt, "forward", lambda *a: expanded.append(1) or folded(*a))
+    fits = []
+    for enabled in (True, False):
+        monkeypatch.setitem(far.SWITCH, "enabled", enabled)
+        model = nwfast.NadarayaWatson("loo").fit(x[:, None].numpy(), y.numpy())
+        fits.append((model.bandwidth_, model.loo_mse_))
+    assert len(expanded) > 3  # passes that expanded something
+    (h, mse), (h_ref, mse_ref) = fits
+    assert abs(h / h_ref - 1) < 1e-4 and abs(mse / mse_ref - 1) < 1e-8
