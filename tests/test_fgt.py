@@ -21,6 +21,18 @@ def expansions_everywhere(sparse_everywhere, monkeypatch):
     these sizes an expansion would rarely beat its few thousand pairs."""
     monkeypatch.setattr(far, "TERM_COST", far.TERM_COST / 10)
     monkeypatch.setattr(far, "PAIR_COST", 0.0)
+    monkeypatch.setattr(far, "MAX_DIM", 2)  # the series in d = 2 too (plans are d = 1)
+
+
+def test_plans_expand_in_one_dimension_only(monkeypatch):
+    """d = 2 plans skip blocks but expand nothing, until their planning pays."""
+    monkeypatch.undo()  # far.MAX_DIM as shipped
+    assert far.MAX_DIM == 1
+    monkeypatch.setattr(blocks, "MIN_PAIRS", 0)
+    q1 = torch.rand(1, 600, 1, dtype=F64)
+    q2 = torch.rand(1, 600, 2, dtype=F64)
+    w = torch.tensor([[30.0]], dtype=F64)
+    assert far.applies(q1, q1, w, 1e-9) and not far.applies(q2, q2, w, 1e-9)
 
 
 def points(name, n, d):
