@@ -198,7 +198,9 @@ class _Recorder:
             {
                 "module": fn.fn.__module__,
                 "kernel": fn.__name__,
-                "name": fn.__name__.strip("_").removesuffix("_kernel"),
+                # The forward's exact redo (ONLINE) is a kernel of its own here.
+                "name": fn.__name__.strip("_").removesuffix("_kernel")
+                + ("_online" if meta.get("ONLINE") else ""),
                 **self.labels,
                 # The gradients this kernel computes, from its NEED_D<x> flags.
                 "needs": "".join(x for x in NEED_NAMES if meta.get(f"NEED_D{x.upper()}")),

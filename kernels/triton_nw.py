@@ -72,6 +72,7 @@ Why the code is shaped the way it is:
   per element, so one large fixed tile is used there instead of autotuning.
 """
 
+import functools
 import os
 
 import torch
@@ -165,12 +166,12 @@ ROWS_BWD_CONFIGS = [
 ]
 
 
-def _prune(configs, named_args, **meta):
-    """tl.dot needs every dimension >= 16; a sparse pass owns the plan's block."""
+def _prune(configs, named_args, owned, **meta):
+    """tl.dot needs every dimension >= 16; a sparse pass owns the plan's block
+    (``owned``: BLOCK_N for the query-side passes, BLOCK_M for the key side)."""
     if meta.get("USE_DOT_QK") or meta.get("USE_DOT_PV"):
         configs = [c for c in configs if min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) >= 16]
     if meta.get("SPARSE"):
-        owned = "BLOCK_M" if "DK" in named_args else "BLOCK_N"
         configs = [c for c in configs if c.kwargs[owned] == SPARSE_BLOCK]
     return configs
 
@@ -1094,15 +1095,18 @@ def _rows_tangent_kernel(
 
 # Autotuned twins for the GPU; the interpreter calls the plain kernels with
 # INTERPRET_CONFIGS.
-_SHARED_TUNING = {
-    "key": ["n", "m", "D", "C", "SPARSE"],
-    "prune_configs_by": {"early_config_prune": _prune},
-}
+def _shared_tuning(configs, owned):
+    prune = functools.partial(_prune, owned=owned)
+    return triton.autotune(
+        configs, key=["n", "m", "D", "C", "SPARSE"], prune_configs_by={"early_config_prune": prune}
+    )
+
+
 _TUNED = {
-    _fwd_kernel: triton.autotune(QUERY_CONFIGS, **_SHARED_TUNING)(_fwd_kernel),
-    _dq_kernel: triton.autotune(QUERY_CONFIGS, **_SHARED_TUNING)(_dq_kernel),
-    _tangent_kernel: triton.autotune(QUERY_CONFIGS, **_SHARED_TUNING)(_tangent_kernel),
-    _dkv_kernel: triton.autotune(KEY_CONFIGS, **_SHARED_TUNING)(_dkv_kernel),
+    _fwd_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N")(_fwd_kernel),
+    _dq_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N")(_dq_kernel),
+    _tangent_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N")(_tangent_kernel),
+    _dkv_kernel: _shared_tuning(KEY_CONFIGS, "BLOCK_M")(_dkv_kernel),
     _rows_fwd_kernel: triton.autotune(ROWS_FWD_CONFIGS, key=["n", "m"])(_rows_fwd_kernel),
     _rows_tangent_kernel: triton.autotune(ROWS_FWD_CONFIGS, key=["n", "m"])(_rows_tangent_kernel),
     _rows_bwd_kernel: triton.autotune(ROWS_BWD_CONFIGS, key=["n", "m"])(_rows_bwd_kernel),
