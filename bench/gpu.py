@@ -21,6 +21,7 @@ whole stops starting new cases when its share of the budget is spent.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -54,8 +55,9 @@ def run_tests(out: Path, con) -> int:
     return code
 
 
-def sass_report(out: Path, con) -> int:
-    """``python -m bench sass`` for this card's arch (the representative set)."""
+def sass_report(out: Path, con) -> tuple[int, Path | None]:
+    """``python -m bench sass`` for this card's arch (the representative set, every
+    config of the sweep's variants among it): the exit code and the JSON."""
     import os
 
     import torch
@@ -71,7 +73,20 @@ def sass_report(out: Path, con) -> int:
         text, code = f"stopped after {SASS_BUDGET_S} s\n", 124
     (out / "gpu_sass.log").write_text(text)
     con.print(text[-3000:], markup=False, highlight=False)
-    return code
+    made = sorted(out.glob("*_sass-representative.json"), key=lambda p: p.stat().st_mtime)
+    return code, made[-1] if made else None
+
+
+def measured_beside_predicted(out: Path, sweep_path: Path, sass_path: Path, con) -> Path:
+    """The sweep's nwfast cases beside the sass model's times for this card."""
+    from bench import sass
+
+    sweep = schema.load(sweep_path)
+    lines = sass.beside(sweep["rows"], schema.load(sass_path)["rows"], sweep["header"]["gpu"])
+    con.print(sass.beside_table(lines))
+    path = out / "gpu_beside_prediction.json"
+    path.write_text(json.dumps({"sweep": str(sweep_path), "sass": str(sass_path), "rows": lines}))
+    return path
 
 
 def suite(out: Path, skip_tests: bool = False) -> int:
@@ -140,7 +155,7 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         sizes=(1 << 14, 1 << 16),
         dims=(32,),
         dtypes=("bfloat16",),
-        deadline=time.time() + BUDGET_S - 75 - (time.monotonic() - start),
+        deadline=time.time() + BUDGET_S - 75 - SASS_BUDGET_S - (time.monotonic() - start),
     )
 
     con.rule("4. Goals")
@@ -156,7 +171,9 @@ def suite(out: Path, skip_tests: bool = False) -> int:
 
     for made in plot_files([path, sparse_path, tensor_path], out):
         con.print(str(made))
-    sass_code = sass_report(out, con)
+    sass_code, sass_path = sass_report(out, con)
+    if sass_path is not None:
+        con.print(str(measured_beside_predicted(out, path, sass_path, con)))
     con.print(f"done in {time.monotonic() - start:.0f} s")
     if test_code != 0:
         log = out / "gpu_tests.log"

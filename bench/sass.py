@@ -458,6 +458,7 @@ def _figures(result: dict, t: dict) -> dict:
     out["mufu_ex2_per_pair"] = ops.get("MUFU.EX2", 0) / pairs
     out["hot_path_spill_ops"] = sum(n for op, n in ops.items() if op.startswith(("STL", "LDL")))
     pipe_counts = {k: n / pairs for k, n in model.pipes(ops).items()}
+    out["pipes_per_pair"] = pipe_counts
     prediction = model.predict(pipe_counts, arch)
     if prediction:
         out.update(prediction)
@@ -517,10 +518,12 @@ def row(t: dict, result: dict) -> dict:
 def representative(found: list[dict]) -> list[dict]:
     """A few variants and configs per kernel that still reach, for every dtype, each
     shape family, exclude_self and dense or sparse, and every needs and config at
-    least once (a greedy cover)."""
-    chosen = []
+    least once (a greedy cover); and every config of the headline variants
+    (``headline``), which the GPU suite predicts beside its measurements."""
+    chosen = [(v, cfg) for v in headline(found) for cfg in v["configs"] or [None]]
     for name in dict.fromkeys(v["name"] for v in found):
         pairs = [(v, cfg) for v in found if v["name"] == name for cfg in v["configs"] or [None]]
+        pairs = [p for p in pairs if p not in chosen]
 
         def features(pair):
             v, cfg = pair
@@ -537,6 +540,21 @@ def representative(found: list[dict]) -> list[dict]:
             wanted -= features(best)
             chosen.append(best)
     return chosen
+
+
+def headline(found: list[dict]) -> list[dict]:
+    """Per kernel, its float32 and bfloat16 variants at d = c = 1, dense, with and
+    without exclude_self, computing the most gradients: the GPU sweep's cases."""
+    most = {}
+    for v in found:
+        most[v["name"]] = max(most.get(v["name"], ""), v["needs"], key=len)
+    return [
+        v
+        for v in found
+        if v["dtype"] in ("float32", "bfloat16")
+        and (v["d"], v["c"], v["sparse"]) == (1, 1, False)
+        and v["needs"] == most[v["name"]]
+    ]
 
 
 def representative_tasks(found: list[dict], archs) -> list[dict]:
@@ -762,6 +780,7 @@ def notes_text(head: dict, rows: list[dict], path: Path) -> str:
                 _seconds(times.get(f"{card} n=m=2^18")), _seconds(times.get(f"{card} n=m=2^20")),
             ))  # fmt: skip
     lines += _md_table(heads, body) + [""]
+    lines += _emulation_text(groups, s["archs"])
     lines += [f"Best config per kernel and dtype, d = c = 1, dense, sm_{arch}: registers / "
               "issue slots per pair / fraction of the exp bound:", ""]  # fmt: skip
     dtypes = s["choices"]["dtypes"]
@@ -802,6 +821,36 @@ def notes_text(head: dict, rows: list[dict], path: Path) -> str:
     return "\n".join(lines)
 
 
+def _emulation_text(groups: dict, archs) -> list[str]:
+    """Whether emulating some exponentials on the FMA pipe (FlashAttention-4's
+    way, ``model.emulated_exp``) would raise the float32 forward's bound."""
+    parts = []
+    for arch in archs:
+        group = _every_gradient(groups, "float32", arch).get("fwd")
+        r = group and _best(group)
+        gain = r and r.get("pipes_per_pair") and model.emulated_exp(r["pipes_per_pair"], arch)
+        if gain:
+            parts.append(
+                f"sm_{arch}: {r['tile']} w{r['config'].get('num_warps', 4)}, "
+                f"{gain['clocks_before']:.4f} clocks a pair ({r['bound_by']}-bound); best "
+                f"fraction emulated {gain['fraction']:.0%}, {gain['clocks_after']:.4f} "
+                f"clocks, {gain['speedup']:.3f}x"
+            )
+    if not parts:
+        return []
+    cost = ", ".join(f"{k} {x}" for k, x in model.EMULATED_EXP.items() if x)
+    return [
+        "Past the exp unit: an exp2 accurate to float32 on the FMA pipe costs "
+        f"{cost} (per pair it replaces one MUFU). The model's best fraction of the "
+        "forward's exponentials to move there, float32, d = c = 1, dense: "
+        + "; ".join(parts)
+        + ". The forward's other issue slots leave the exp unit too "
+        "little room: a gain of a few percent at most, below what latency and occupancy "
+        "(which the model leaves out) decide, so the forward does not emulate.",
+        "",
+    ]
+
+
 def _every_gradient(groups: dict, dtype: str, arch: int) -> dict:
     """Per kernel, its d = c = 1 dense variant (no exclude_self) computing the most
     gradients."""
@@ -819,3 +868,63 @@ def write_notes(text: str, notes: Path = NOTES) -> None:
     doc = notes.read_text()
     begin, end = doc.index(NOTES_BEGIN) + len(NOTES_BEGIN), doc.index(NOTES_END)
     notes.write_text(doc[:begin] + "\n" + text + "\n" + doc[end:])
+
+
+# ---------------------------------------------------------------------------
+# The GPU suite: measured beside predicted
+# ---------------------------------------------------------------------------
+
+# What a sweep case runs, by mode: the kernels of the dense pass (the exact
+# redo and the shift kernels stream no keys where no row is far).
+MODE_KERNELS = {"forward": ("fwd",), "backward": ("dq", "dkv")}
+
+
+def beside(sweep_rows: list[dict], sass_rows: list[dict], gpu: dict) -> list[dict]:
+    """Each measured nwfast case of a GPU sweep (shared keys, d = 1) beside the
+    model's time on this card: its pairs x the clocks per pair of each kernel's
+    best config (``_best``, as the autotuner would pick) over the card's SMs
+    and clock. ``gpu``: the sweep header's (sm_count, max_sm_clock_mhz)."""
+    best = {}
+    for key, group in _groups(sass_rows).items():
+        name, dtype, d, c, loo, sparse, needs, _ = key
+        r = _best(group)
+        if r is None or (d, c, sparse) != (1, 1, False) or r.get("clocks_per_pair") is None:
+            continue
+        if len(needs) >= len(best.get((name, dtype, loo), {}).get("needs", "")):
+            best[(name, dtype, loo)] = r
+    hz = gpu["sm_count"] * gpu["max_sm_clock_mhz"] * 1e6
+    out = []
+    for row in sweep_rows:
+        kernels = MODE_KERNELS.get(row["mode"])
+        if row["peer"] != "nwfast" or row["status"] != "ok" or row["d"] != 1 or not kernels:
+            continue
+        if row["op"] not in ("shared", "shared_loo"):
+            continue
+        found = [best.get((k, row["dtype"], row["op"] == "shared_loo")) for k in kernels]
+        if None in found:
+            continue
+        clocks = sum(r["clocks_per_pair"] for r in found)
+        predicted = row["pairs"] * clocks / hz
+        out.append({
+            **{k: row[k] for k in ("op", "mode", "dtype", "n", "m", "w_kind")},
+            "kernels": {r["name"]: r["id"] for r in found},
+            "measured_s": row["median_s"],
+            "predicted_s": predicted,
+            "measured_over_predicted": row["median_s"] / predicted,
+        })  # fmt: skip
+    return out
+
+
+def beside_table(lines: list[dict]):
+    from rich.table import Table
+
+    t = Table(title="Measured beside the sass model's prediction (this card)")
+    for h in ("op", "mode", "dtype", "n", "m", "measured", "predicted", "measured / predicted"):
+        t.add_column(h, justify="left" if h in ("op", "mode", "dtype") else "right")
+    for x in lines:
+        t.add_row(
+            x["op"], x["mode"], x["dtype"], str(x["n"]), str(x["m"]),
+            _seconds(x["measured_s"]), _seconds(x["predicted_s"]),
+            f"{x['measured_over_predicted']:.2f}",
+        )  # fmt: skip
+    return t

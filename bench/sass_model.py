@@ -403,3 +403,36 @@ def occupancy(registers: int, shared: int, warps: int, arch: int) -> dict | None
         "occupancy": blocks * warps / a.max_warps,
         "occupancy_limit": binding,
     }
+
+
+# --- past the exp unit ----------------------------------------------------------
+
+# One exp2 emulated on the FMA pipe, accurate to float32 rounding (the CPU
+# kernel's way): round x to an integer with the 1.5 * 2^23 trick (2 FADD), its
+# fraction (1 FADD), a degree-6 polynomial by Horner (6 FFMA), the integer part
+# shifted into the exponent and added (SHF, IADD: 2 ALU). No MUFU, no conversion.
+EMULATED_EXP = {"issue": 11, "fma": 9, "alu": 2, "xu": 0, "fp64": 0}
+
+
+def emulated_exp(per_pair: dict, arch: int, cost: dict = EMULATED_EXP) -> dict | None:
+    """The best fraction of a loop's exponentials to emulate (``cost`` each, in
+    per-pipe instructions, instead of one MUFU) and what it gives: clocks per pair
+    before and after and the speedup. FlashAttention-4's question, asked of the
+    model: it pays only while the exp unit binds with room left on the others."""
+    if arch not in ARCHS:
+        return None
+
+    def clocks(f):
+        mixed = {
+            pipe: per_pair[pipe] + f * (cost[pipe] - (pipe in ("issue", "xu"))) for pipe in per_pair
+        }
+        return predict(mixed, arch)["clocks_per_pair"]
+
+    fractions = [k / 100 for k in range(101)]
+    best = min(fractions, key=clocks)
+    return {
+        "fraction": best,
+        "clocks_before": clocks(0.0),
+        "clocks_after": clocks(best),
+        "speedup": clocks(0.0) / clocks(best),
+    }

@@ -92,7 +92,7 @@ def test_the_report_reads_its_rows(compiled, tmp_path):
     }  # fmt: skip
     text = sass.notes_text(head, rows, tmp_path / "run.json")
     assert "| sm_90 | 128 | 128 | 64 | 16 | 64 |" in text
-    assert f"Failing or spilling: {len(sass.failures(rows))} of {len(rows)}." in text
+    assert f"Failing or spilling: {len(sass.failures(rows))} of {len(rows)} " in text
     notes = tmp_path / "NOTES.md"
     notes.write_text(f"# top\n{sass.NOTES_BEGIN}\nold\n{sass.NOTES_END}\nbottom\n")
     sass.write_notes(text, notes)
@@ -228,3 +228,42 @@ def test_categories():
     assert (mix["load"], mix["integer"], mix["other"]) == (1, 1, 1)
     pipes = sass_model.pipes(ops)
     assert pipes == {"issue": 11, "fma": 3, "alu": 2, "xu": 3, "fp64": 1}
+
+
+def test_measured_beside_predicted():
+    def sass_row(name, clocks, needs="", loo=False, cfg=1):
+        return {
+            "id": f"{name}-{needs}-{loo}-{cfg}", "name": name, "dtype": "float32", "d": 1,
+            "c": 1, "exclude_self": loo, "sparse": False, "needs": needs, "arch": 90,
+            "status": "ok", "spills": False, "registers": 64,
+            "exp_bound_fraction": 1 / (16 * clocks), "clocks_per_pair": clocks,
+        }  # fmt: skip
+
+    rows = [sass_row("fwd", 0.1), sass_row("fwd", 0.0625, cfg=2), sass_row("dq", 0.125)]
+    rows += [sass_row("dkv", 0.5, "v"), sass_row("dkv", 0.25, "kvw")]
+    case = {"peer": "nwfast", "status": "ok", "op": "shared", "d": 1, "dtype": "float32"}
+    case |= {"n": 2**10, "m": 2**10, "pairs": 2**20, "w_kind": "scalar"}
+    sweep = [
+        {**case, "mode": "forward", "median_s": 1e-3},
+        {**case, "mode": "backward", "median_s": 4e-3},
+        {**case, "mode": "backward", "peer": "torch-compile", "median_s": 1.0},
+        {**case, "mode": "forward", "op": "shared_loo", "median_s": 1e-3},  # no loo rows
+    ]
+    lines = sass.beside(sweep, rows, {"sm_count": 2, "max_sm_clock_mhz": 1000.0})
+    assert [x["mode"] for x in lines] == ["forward", "backward"]
+    fwd, bwd = lines
+    # the best config (0.0625 clocks a pair), and dq + the every-gradient dkv
+    assert fwd["predicted_s"] == pytest.approx(2**20 * 0.0625 / 2e9)
+    assert bwd["predicted_s"] == pytest.approx(2**20 * (0.125 + 0.25) / 2e9)
+    assert bwd["measured_over_predicted"] == pytest.approx(4e-3 / bwd["predicted_s"])
+    assert bwd["kernels"] == {"dq": "dq--False-1", "dkv": "dkv-kvw-False-1"}
+
+
+def test_emulated_exp():
+    # Exp-bound with room on the other pipes: emulation pays; with none, it does not.
+    roomy = sass_model.emulated_exp({"issue": 3, "fma": 2, "alu": 0, "xu": 1, "fp64": 0}, 90)
+    assert 0 < roomy["fraction"] < 1 and roomy["speedup"] > 1.2
+    assert roomy["clocks_before"] == pytest.approx(1 / 16)
+    full = sass_model.emulated_exp({"issue": 8, "fma": 5, "alu": 0, "xu": 1, "fp64": 0}, 90)
+    assert full["fraction"] == 0 and full["speedup"] == 1
+    assert sass_model.emulated_exp({"issue": 8, "fma": 5, "alu": 0, "xu": 1, "fp64": 0}, 75) is None
