@@ -515,12 +515,12 @@ def row(t: dict, result: dict) -> dict:
     }
 
 
-def representative(found: list[dict]) -> list[dict]:
+def representative(found: list[dict], headlines: bool = True) -> list[dict]:
     """A few variants and configs per kernel that still reach, for every dtype, each
     shape family, exclude_self and dense or sparse, and every needs and config at
-    least once (a greedy cover); and every config of the headline variants
-    (``headline``), which the GPU suite predicts beside its measurements."""
-    chosen = [(v, cfg) for v in headline(found) for cfg in v["configs"] or [None]]
+    least once (a greedy cover); with ``headlines``, every config of the headline
+    variants (``headline``), which the GPU suite predicts beside its measurements."""
+    chosen = [(v, cfg) for v in headline(found) if headlines for cfg in v["configs"] or [None]]
     for name in dict.fromkeys(v["name"] for v in found):
         pairs = [(v, cfg) for v in found if v["name"] == name for cfg in v["configs"] or [None]]
         pairs = [p for p in pairs if p not in chosen]
@@ -557,10 +557,10 @@ def headline(found: list[dict]) -> list[dict]:
     ]
 
 
-def representative_tasks(found: list[dict], archs) -> list[dict]:
+def representative_tasks(found: list[dict], archs, headlines: bool = True) -> list[dict]:
     return [
         {"variant": v, "config": cfg, "arch": arch}
-        for v, cfg in representative(found)
+        for v, cfg in representative(found, headlines)
         for arch in archs
     ]
 

@@ -139,7 +139,6 @@ def _exact_config(side):
 QUERY_CONFIGS = [
     _cfg(4, BLOCK_N=128, BLOCK_M=16),
     _cfg(4, BLOCK_N=128, BLOCK_M=8),
-    _cfg(4, BLOCK_N=256, BLOCK_M=8),
     _cfg(4, BLOCK_N=256, BLOCK_M=16),
     _cfg(4, BLOCK_N=512, BLOCK_M=8),
     _cfg(8, BLOCK_N=256, BLOCK_M=16),
