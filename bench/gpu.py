@@ -77,12 +77,16 @@ def sass_report(out: Path, con) -> tuple[int, Path | None]:
     return code, made[-1] if made else None
 
 
-def measured_beside_predicted(out: Path, sweep_path: Path, sass_path: Path, con) -> Path:
+def measured_beside_predicted(out: Path, sweep_path: Path, sass_path: Path, con) -> Path | None:
     """The sweep's nwfast cases beside the sass model's times for this card."""
     from bench import sass
 
     sweep = schema.load(sweep_path)
-    lines = sass.beside(sweep["rows"], schema.load(sass_path)["rows"], sweep["header"]["gpu"])
+    gpu = sweep["header"]["gpu"]
+    if not gpu.get("max_sm_clock_mhz"):
+        con.print("no SM clock read from the card: no predicted times")
+        return None
+    lines = sass.beside(sweep["rows"], schema.load(sass_path)["rows"], gpu)
     con.print(sass.beside_table(lines))
     path = out / "gpu_beside_prediction.json"
     path.write_text(json.dumps({"sweep": str(sweep_path), "sass": str(sass_path), "rows": lines}))
@@ -172,8 +176,9 @@ def suite(out: Path, skip_tests: bool = False) -> int:
     for made in plot_files([path, sparse_path, tensor_path], out):
         con.print(str(made))
     sass_code, sass_path = sass_report(out, con)
-    if sass_path is not None:
-        con.print(str(measured_beside_predicted(out, path, sass_path, con)))
+    beside = sass_path and measured_beside_predicted(out, path, sass_path, con)
+    if beside:
+        con.print(str(beside))
     con.print(f"done in {time.monotonic() - start:.0f} s")
     if test_code != 0:
         log = out / "gpu_tests.log"

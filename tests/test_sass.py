@@ -262,7 +262,9 @@ def test_categories():
     assert pipes == {"issue": 11, "fma": 3, "alu": 2, "xu": 3, "fp64": 1}
 
 
-def test_measured_beside_predicted():
+def _beside_inputs():
+    """sass rows (fwd: two configs; dq; dkv for two sets of gradients) and a sweep."""
+
     def sass_row(name, clocks, needs="", loo=False, cfg=1):
         return {
             "id": f"{name}-{needs}-{loo}-{cfg}", "name": name, "dtype": "float32", "d": 1,
@@ -281,7 +283,12 @@ def test_measured_beside_predicted():
         {**case, "mode": "backward", "peer": "torch-compile", "median_s": 1.0},
         {**case, "mode": "forward", "op": "shared_loo", "median_s": 1e-3},  # no loo rows
     ]
-    lines = sass.beside(sweep, rows, {"sm_count": 2, "max_sm_clock_mhz": 1000.0})
+    return rows, sweep, {"sm_count": 2, "max_sm_clock_mhz": 1000.0}
+
+
+def test_measured_beside_predicted():
+    rows, sweep, gpu = _beside_inputs()
+    lines = sass.beside(sweep, rows, gpu)
     assert [x["mode"] for x in lines] == ["forward", "backward"]
     fwd, bwd = lines
     # the best config (0.0625 clocks a pair), and dq + the every-gradient dkv
@@ -289,6 +296,24 @@ def test_measured_beside_predicted():
     assert bwd["predicted_s"] == pytest.approx(2**20 * (0.125 + 0.25) / 2e9)
     assert bwd["measured_over_predicted"] == pytest.approx(4e-3 / bwd["predicted_s"])
     assert bwd["kernels"] == {"dq": "dq--False-1", "dkv": "dkv-kvw-False-1"}
+
+
+def test_the_gpu_suite_puts_its_sweep_beside_the_report(tmp_path):
+    from rich.console import Console
+
+    from bench import gpu, schema
+
+    rows, sweep, card = _beside_inputs()
+    sweep_path = schema.write(tmp_path / "sweep.json", {"gpu": card}, sweep)
+    sass_path = schema.write(tmp_path / "x_sass-representative.json", {}, rows)
+    con = Console(file=open(os.devnull, "w"), width=200)
+    path = gpu.measured_beside_predicted(tmp_path, sweep_path, sass_path, con)
+    saved = json.loads(path.read_text())
+    assert [x["mode"] for x in saved["rows"]] == ["forward", "backward"]
+    no_clock = schema.write(
+        tmp_path / "s2.json", {"gpu": {**card, "max_sm_clock_mhz": None}}, sweep
+    )
+    assert gpu.measured_beside_predicted(tmp_path, no_clock, sass_path, con) is None
 
 
 def test_emulated_exp():
