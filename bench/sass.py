@@ -566,12 +566,20 @@ def representative_tasks(found: list[dict], archs, headlines: bool = True) -> li
 
 
 def _best(group: list[dict]) -> dict | None:
-    """The config the model likes best among those that compile without spills."""
+    """The config the model likes best among those that compile without spills:
+    the highest fraction of the exp bound, then the fewest issue slots a pair."""
     ok = [r for r in group if r["status"] == "ok"]
     clean = [r for r in ok if not r["spills"]] or ok
     if not clean:
         return None
-    return max(clean, key=lambda r: (r.get("exp_bound_fraction") or 0, -r["registers"]))
+    return max(
+        clean,
+        key=lambda r: (
+            r.get("exp_bound_fraction") or 0,
+            -(r.get("slots_per_pair") or math.inf),
+            -r["registers"],
+        ),
+    )
 
 
 def _groups(rows: list[dict]) -> dict:

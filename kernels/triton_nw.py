@@ -151,10 +151,10 @@ KEY_CONFIGS = [
     _cfg(8, BLOCK_M=256, BLOCK_N=8),
     _cfg(2, BLOCK_M=64, BLOCK_N=16),
 ]
-# Tile elements a thread may hold: float32 with few features and channels; a
-# quarter of it for float64 (two registers an element, and float64 scores
-# take more temporaries) and half for d or c >= 16 (a thread's float64 sums
-# grow with d and c). More spills (bench sass).
+# Tile elements a thread may hold at d = c = 1 in float32 or half precision;
+# a quarter of it for float64 (two registers an element, and float64 scores
+# take more temporaries), half where d or c > 1 and half again where d or
+# c >= 16 (a thread's float64 sums grow with d and c). More spills (bench sass).
 TILE_BUDGET = 32
 # Rows layout: 2-16 rows of 256-1024 contiguous keys a program. Taller
 # tiles spill on sm_90: every element carries its own 64-bit address.
@@ -182,14 +182,14 @@ def _prune(configs, named_args, owned, **meta):
         configs = [c for c in configs if min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) >= 16]
     if meta.get("SPARSE"):
         configs = [c for c in configs if c.kwargs[owned] == SPARSE_BLOCK]
-    wide = max(named_args["D"], named_args.get("C", 1)) >= 16
-    budget = TILE_BUDGET >> (2 * (meta.get("ACC") == tl.float64) + wide)
+    width = max(named_args["D"], named_args.get("C", 1))
+    budget = TILE_BUDGET >> (2 * (meta.get("ACC") == tl.float64) + (width > 1) + (width >= 16))
 
     def per_thread(c):
         return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] // (32 * c.num_warps)
 
     def fits(c):
-        return per_thread(c) <= budget and (not wide or c.kwargs[owned] <= 32 * c.num_warps)
+        return per_thread(c) <= budget and (width < 16 or c.kwargs[owned] <= 32 * c.num_warps)
 
     return [c for c in configs if fits(c)] or [min(configs, key=per_thread)]
 

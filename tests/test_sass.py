@@ -47,13 +47,7 @@ KNOWN_FAILURES = {
     "sm90-dkv-float16-d32c32-needs_kvw-M128N16w4s2": WIDE,
     "sm80-dkv-bfloat16-d32c32-needs_kvw-M128N16w4s2": WIDE,
     "sm90-dkv-bfloat16-d32c32-needs_kvw-M128N16w4s2": WIDE,
-    "sm80-tangent-float32-d32c32-N128M16w4s2": WIDE,
-    "sm90-tangent-float32-d32c32-N128M16w4s2": WIDE,
     "sm90-tangent-float64-d32c32-N128M8w4s2": WIDE,
-    "sm80-tangent-float16-d32c32-N128M16w4s2": WIDE,
-    "sm90-tangent-float16-d32c32-N128M16w4s2": WIDE,
-    "sm80-tangent-bfloat16-d32c32-N128M16w4s2": WIDE,
-    "sm90-tangent-bfloat16-d32c32-N128M16w4s2": WIDE,
     "sm80-rows_tangent-float64-d1c1-R4M1024w8s2": ROWS64,
     "sm90-rows_tangent-float64-d1c1-R4M1024w8s2": ROWS64,
 }
