@@ -260,10 +260,11 @@ def _launch_all(rec: _Recorder) -> None:
                 "dtype": name, "d": d, "c": c, "exclude_self": loo, "sparse": False,
             }  # fmt: skip
             w = torch.ones(d, dtype=dtype)
-            moments, lse = triton_moments.forward(q[0], q[0], v[0], w, loo)
+            diagonal = 0 if loo else None
+            moments, lse, plan = triton_moments.forward(q[0], q[0], v[0], w, diagonal)
             second = torch.ones(SIZE, d, dtype=torch.float64)
             tbar = torch.zeros(SIZE, dtype=torch.float64)
-            triton_moments.backward(moments, q[0], q[0], v[0], w, lse, second, tbar, loo)
+            triton_moments.backward(moments, q[0], q[0], v[0], w, lse, second, tbar, diagonal, plan)
 
 
 def _enumerate() -> list[dict]:
