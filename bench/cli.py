@@ -51,6 +51,10 @@ def _choices(allowed):
     return parse
 
 
+def _choices_free(text):
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def _common(p, peers) -> None:
     p.add_argument("--peers", type=_choices(peers), help=f"of {','.join(peers)} (default: all)")
     p.add_argument("--time-cap", type=float, help="skip calls predicted to take longer (s)")
@@ -208,6 +212,38 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--size", type=int, help="n = m for every case (default: each case's)")
     comp.add_argument("--out", type=Path, help="results folder (default bench/results)")
 
+    sass = sub.add_parser(
+        "sass",
+        help="the Triton kernels compiled for GPUs without one: registers, spills, the "
+        "hottest loop per pair, the exp unit's bound",
+        description="Compile every variant the Triton launchers produce, with every autotune "
+        "config, for each arch (no GPU or driver needed); report registers, stack and "
+        "spills, shared memory, occupancy, the hottest loop's instructions per (query, key) "
+        "pair and the fraction of the exp unit's bound it can reach (bench/sass_model.py).",
+    )
+    sass.add_argument(
+        "--arch",
+        type=lambda t: tuple(int(a) for a in t.split(",")),
+        default=(80, 90, 100),
+        help="compute capabilities, e.g. 80,90,100 (the default)",
+    )
+    sass.add_argument("--kernels", type=_choices_free, help="e.g. fwd,dq (default: all)")
+    sass.add_argument("--jobs", type=int, default=2, help="compiling processes (default 2)")
+    sass.add_argument("--cache", type=Path, help="compile cache (default ~/.cache/nwfast-sass)")
+    sass.add_argument("--no-cache", action="store_true", help="compile everything again")
+    sass.add_argument(
+        "--representative",
+        action="store_true",
+        help="the test suite's set: every kernel, dtype, shape family, flag and config once",
+    )
+    sass.add_argument("--configs", action="store_true", help="a table line per config")
+    sass.add_argument(
+        "--notes",
+        action="store_true",
+        help="rewrite the generated part of bench/NOTES.md's GPU section from this run",
+    )
+    sass.add_argument("--out", type=Path, help="results folder (default bench/results)")
+
     plot = sub.add_parser("plot", help="PNG figures from results files")
     plot.add_argument("results", nargs="+", type=Path)
     plot.add_argument("--out", type=Path, help="folder for the PNGs (default bench/results)")
@@ -243,6 +279,27 @@ def main(argv=None) -> int:
         from bench.gpu import suite
 
         return suite(args.outdir, args.skip_tests)
+    if args.command == "sass":
+        from bench import sass
+        from bench.report import console
+
+        if args.notes and (args.kernels or args.representative):
+            parser().error("--notes needs the whole report: drop --kernels and --representative")
+        try:
+            sass.run(
+                console(),
+                archs=args.arch,
+                out_dir=args.out,
+                kernels=args.kernels,
+                jobs=args.jobs,
+                cache=None if args.no_cache else args.cache or sass.DEFAULT_CACHE,
+                subset=args.representative,
+                every_config=args.configs,
+                notes=args.notes,
+            )
+        except ValueError as exc:
+            parser().error(str(exc))
+        return 0
     if args.command == "cold":
         from bench import cold
         from bench.report import console

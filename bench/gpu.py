@@ -21,6 +21,7 @@ whole stops starting new cases when its share of the budget is spent.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ from bench.report import console
 # The whole suite fits in a 10-minute slot on a GPU machine.
 BUDGET_S = 9 * 60
 TEST_BUDGET_S = 240
+SASS_BUDGET_S = 60
 PEERS = ["nwfast", "torch-compile", "pykeops", "torch-broadcast", "torch-repeat"]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +53,44 @@ def run_tests(out: Path, con) -> int:
     (out / "gpu_tests.log").write_text(text)
     con.print(text[-4000:], markup=False, highlight=False)
     return code
+
+
+def sass_report(out: Path, con) -> tuple[int, Path | None]:
+    """``python -m bench sass`` for this card's arch (the representative set, every
+    config of the sweep's variants among it): the exit code and the JSON."""
+    import os
+
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(0)
+    cmd = [sys.executable, "-m", "bench", "sass", "--arch", f"{major}{minor}"]
+    cmd += ["--representative", "--jobs", str(os.cpu_count() or 2), "--out", str(out)]
+    con.rule(f"6. {' '.join(cmd[1:])}")
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=SASS_BUDGET_S)
+        text, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired:
+        text, code = f"stopped after {SASS_BUDGET_S} s\n", 124
+    (out / "gpu_sass.log").write_text(text)
+    con.print(text[-3000:], markup=False, highlight=False)
+    made = sorted(out.glob("*_sass-representative.json"), key=lambda p: p.stat().st_mtime)
+    return code, made[-1] if made else None
+
+
+def measured_beside_predicted(out: Path, sweep_path: Path, sass_path: Path, con) -> Path | None:
+    """The sweep's nwfast cases beside the sass model's times for this card."""
+    from bench import sass
+
+    sweep = schema.load(sweep_path)
+    gpu = sweep["header"]["gpu"]
+    if not gpu.get("max_sm_clock_mhz"):
+        con.print("no SM clock read from the card: no predicted times")
+        return None
+    lines = sass.beside(sweep["rows"], schema.load(sass_path)["rows"], gpu)
+    con.print(sass.beside_table(lines))
+    path = out / "gpu_beside_prediction.json"
+    path.write_text(json.dumps({"sweep": str(sweep_path), "sass": str(sass_path), "rows": lines}))
+    return path
 
 
 def suite(out: Path, skip_tests: bool = False) -> int:
@@ -74,7 +114,8 @@ def suite(out: Path, skip_tests: bool = False) -> int:
     con.rule("2. GPU sweep")
     from bench.run import run
 
-    # Leave a minute and a half for block skipping, a minute for the goals and plots.
+    # Leave a minute and a half for block skipping, a minute for the goals and plots,
+    # one for the sass report.
     path, head, rows = run(
         con,
         kind="gpu",
@@ -85,7 +126,7 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         ops=("shared", "rows"),
         modes=("forward", "backward"),
         dtypes=("float32", "bfloat16"),
-        deadline=time.time() + BUDGET_S - 150 - (time.monotonic() - start),
+        deadline=time.time() + BUDGET_S - 150 - SASS_BUDGET_S - (time.monotonic() - start),
     )
 
     con.rule("3. Block skipping: the sparse preset's goal cases")
@@ -102,7 +143,7 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         data=("uniform", "unit"),
         h_rules=("h=0.01",),
         dtypes=("float32",),
-        deadline=time.time() + BUDGET_S - 60 - (time.monotonic() - start),
+        deadline=time.time() + BUDGET_S - 60 - SASS_BUDGET_S - (time.monotonic() - start),
     )
 
     con.rule("3b. The tensor-core route: d = 32, bfloat16, beside dot-product attention")
@@ -118,7 +159,7 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         sizes=(1 << 14, 1 << 16),
         dims=(32,),
         dtypes=("bfloat16",),
-        deadline=time.time() + BUDGET_S - 75 - (time.monotonic() - start),
+        deadline=time.time() + BUDGET_S - 75 - SASS_BUDGET_S - (time.monotonic() - start),
     )
 
     con.rule("4. Goals")
@@ -134,9 +175,17 @@ def suite(out: Path, skip_tests: bool = False) -> int:
 
     for made in plot_files([path, sparse_path, tensor_path], out):
         con.print(str(made))
+    sass_code, sass_path = sass_report(out, con)
+    beside = sass_path and measured_beside_predicted(out, path, sass_path, con)
+    if beside:
+        con.print(str(beside))
     con.print(f"done in {time.monotonic() - start:.0f} s")
     if test_code != 0:
         log = out / "gpu_tests.log"
         con.print(f"[bold red]the tests failed (exit {test_code}): see {log}[/bold red]")
+        return 1
+    if sass_code != 0:
+        log = out / "gpu_sass.log"
+        con.print(f"[bold red]the sass report failed (exit {sass_code}): see {log}[/bold red]")
         return 1
     return 0

@@ -218,6 +218,11 @@ def show(paths) -> None:
     for path in paths:
         con.print(f"[bold]{path}[/bold]")
         doc = schema.load(path)
+        if doc["header"]["kind"] == "sass":
+            from bench import sass
+
+            con.print(sass.table(doc["rows"]))
+            continue
         con.print(table(doc["rows"]))
         if doc["header"].get("goals"):
             show_goals(con, doc["header"]["goals"], "Goals")

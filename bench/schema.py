@@ -46,9 +46,10 @@ RESULTS = Path(__file__).resolve().parent / "results"  # where runs write by def
 HEADER_FIELDS = {
     "created": "ISO 8601 local time the run started",
     "command": "the command line, as typed",
-    "kind": "'sweep', 'fit', 'gpu', 'dist', 'cold' or 'compare'",
+    "kind": "'sweep', 'fit', 'gpu', 'dist', 'cold', 'compare' or 'sass'",
     "preset": "quick, full, sparse, fgt, gpu, fit-quick, fit or fit-features "
-    "(bench.cases.PRESETS); dist, cold; compare or guard (python -m bench compare --guard)",
+    "(bench.cases.PRESETS); dist, cold; compare or guard (python -m bench compare --guard); "
+    "sass (every variant) or sass-representative (the tests' set)",
     "git_revision": "HEAD of the checkout, or null outside git",
     "git_dirty": "true when tracked files differ from HEAD (new results do not count)",
     "device": "'cpu' or 'cuda'",
@@ -69,6 +70,8 @@ HEADER_FIELDS = {
     "goals": "gpu, sparse and fgt runs: each goal, the measured value and pass/fail "
     "(bench.goals); compare: per case, this tree's time / the base's at most max(threshold, noise)",
     "base": "compare: the revision this tree was timed against: rev (as given), commit",
+    "sass": "sass runs: archs, kernels, the choices launched (bench.sass.CHOICES), variants, "
+    "the throughput table, cards and their sources (bench.sass_model)",
 }
 
 ROW_FIELDS = {
@@ -151,6 +154,56 @@ MEASUREMENTS = {
     "round_medians_s": "compare: each round's median call, one fresh process per round and side",
     "round_ratios": "compare, base rows: base / this tree in each round, in order",
     "noise": "compare, base rows: max / min of round_ratios, the noise measured",
+}
+
+
+# A sass run's rows (``python -m bench sass``): one per (variant, config, arch).
+# Fields after "status" are present when it is "ok"; per-pair figures and the
+# model's when a hot loop was found (every kernel's main loop has one).
+SASS_ROW_FIELDS = {
+    "id": "the task's name: arch, kernel, dtype, shapes, flags, config",
+    "name": "the kernel: fwd, dq, dkv, tangent, rows_fwd, rows_bwd, rows_tangent, "
+    "moments_fwd, moments_bwd",
+    "dtype": "the inputs' dtype",
+    "d": "features",
+    "c": "channels",
+    "exclude_self": "the launch left each query's own key out",
+    "sparse": "a block-sparse plan (the planner made one for these inputs)",
+    "needs": "the gradients the kernel computes, from its NEED_DQ/DK/DV/DW flags ('' for a "
+    "kernel without them)",
+    "kernel": "module.function",
+    "arch": "compute capability compiled for (90: sm_90a)",
+    "config": "block sizes, num_warps, num_stages of the autotune config (null: none left)",
+    "status": "ok, compile error, launch error (the launcher cannot start it) or tool error "
+    "(cuobjdump or a worker failed)",
+    "error": "the compiler's or launcher's message",
+    "compile_s": "triton.compile's wall time",
+    "registers": "registers per thread (cuobjdump --dump-resource-usage)",
+    "stack_bytes": "stack frame per thread",
+    "local_bytes": "local memory per thread besides the stack",
+    "spill_store_bytes": "bytes of local-memory stores in the SASS (STL): spills",
+    "spill_load_bytes": "bytes of local-memory loads in the SASS (LDL)",
+    "spills": "any spill store or load",
+    "shared_bytes": "shared memory per block, dynamic and static",
+    "instructions": "SASS instructions in the kernel",
+    "blocks_per_sm": "blocks an SM holds at once (registers, shared memory, warps, blocks)",
+    "warps_per_sm": "blocks_per_sm * num_warps",
+    "occupancy": "warps_per_sm / the SM's most",
+    "occupancy_limit": "what sets blocks_per_sm",
+    "hot_loop": "the loop holding the exponentials: head, tail, instructions, MUFU.EX2, "
+    "inner loops (counted once on the path)",
+    "pairs_per_iteration": "(query, key) pairs a thread computes per iteration: tile / threads",
+    "path_slots": "instructions issued per iteration on the hot path",
+    "path_ops": "the hot path's instructions per iteration, by opcode",
+    "per_pair": "the hot path's instructions per pair by category (bench.sass_model.CATEGORIES)",
+    "slots_per_pair": "issue slots per pair",
+    "mufu_ex2_per_pair": "MUFU.EX2 per pair",
+    "hot_path_spill_ops": "local-memory loads and stores per iteration of the hot path",
+    "clocks_per_pair": "SM clocks per pair: the slowest pipe's count over its rate",
+    "bound_by": "that pipe: issue, fma, alu, xu or fp64",
+    "exp_bound_fraction": "(1/16 clock) / clocks_per_pair: the fraction of the exp unit's "
+    "bound the loop can reach",
+    "predicted_s": "card and n = m -> n m clocks_per_pair / (SMs x clock)",
 }
 
 

@@ -251,8 +251,13 @@ def _moments_bwd_kernel(
 # ---------------------------------------------------------------------------
 
 
-def _blocks():
-    return INTERPRET_BLOCKS if os.environ.get("TRITON_INTERPRET", "0") == "1" else GPU_BLOCKS
+def _blocks(dtype):
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return INTERPRET_BLOCKS
+    if dtype == torch.float64:
+        # Two registers an element: half the streamed extent, or d = 3 spills.
+        return {**GPU_BLOCKS, "BLOCK_M": GPU_BLOCKS["BLOCK_M"] // 2}
+    return GPU_BLOCKS
 
 
 def _meta(dtype):
@@ -283,7 +288,7 @@ def forward(query, key, value, w, diagonal, tolerance=0.0):
     size = d + d * (d + 1) // 2 + c + d * c
     moments = torch.empty((n, size), dtype=torch.float64, device=query.device)
     lse = torch.empty(n, dtype=torch.float64, device=query.device)
-    blocks = _blocks()
+    blocks = _blocks(query.dtype)
     _moments_fwd_kernel[(triton.cdiv(n, blocks["BLOCK_N"]),)](
         query, key, value, _c2(w, query.dtype), moments, lse, n, m,
         _exclude_self(diagonal), d, c, size, **_meta(query.dtype),
@@ -297,7 +302,7 @@ def backward(grad, query, key, value, w, lse, second, tbar, diagonal, packed=Non
     m, c = value.shape
     acc = accumulator_dtype(query.dtype)
     c2 = _c2(w, query.dtype)
-    blocks = _blocks()
+    blocks = _blocks(query.dtype)
     grid = (triton.cdiv(n, blocks["BLOCK_N"]),)
     # The weights 2**((s - high) - low).
     high, low = (torch.empty(n, dtype=acc, device=query.device) for _ in range(2))

@@ -72,6 +72,7 @@ Why the code is shaped the way it is:
   per element, so one large fixed tile is used there instead of autotuning.
 """
 
+import functools
 import os
 
 import torch
@@ -84,6 +85,9 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # The least zero-shift sum the forward keeps (see UNDERFLOW).
 ZERO_SHIFT_MIN = tl.constexpr(UNDERFLOW)
+# Tiles the zero-shift forward sums in float32 before adding them in float64
+# (``_fwd_sums``): the float64 add and the conversion leave the tile loop.
+CHUNK_TILES = tl.constexpr(16)
 
 # Queries and keys a program owns in a block-sparse pass: the plan's blocks.
 SPARSE_BLOCK = 128
@@ -121,23 +125,22 @@ def _exact_config(side):
     if _interpreting():
         return INTERPRET_CONFIGS[side]
     blocks_ = {
-        "query": {"BLOCK_N": SPARSE_BLOCK, "BLOCK_M": 16},
+        "query": {"BLOCK_N": SPARSE_BLOCK, "BLOCK_M": 8},
         "rows_fwd": {"BLOCK_R": 4, "BLOCK_M": 512},
     }
     return {**blocks_[side], "num_warps": 4, "num_stages": 2}
 
 
 # Owned extent >= 32 * num_warps in every shared-layout config (see above):
-# 1, 2 or 4 owned points a thread. The streamed step is what the registers
-# allow: 32 for the forward at d = 1, 16 in general, 8 for the backward with
-# a few features and channels.
+# 1, 2 or 4 owned points a thread. The forward keeps a per-pair accumulator
+# (streamed x owned) for the weights and one for the values, so a thread's
+# tile (BLOCK_M x its owned points) is what the registers bound; ``_prune``
+# keeps the configs whose tile fits each variant's budget.
 QUERY_CONFIGS = [
-    _cfg(4, BLOCK_N=128, BLOCK_M=32),
     _cfg(4, BLOCK_N=128, BLOCK_M=16),
     _cfg(4, BLOCK_N=128, BLOCK_M=8),
-    _cfg(4, BLOCK_N=256, BLOCK_M=32),
     _cfg(4, BLOCK_N=256, BLOCK_M=16),
-    _cfg(4, BLOCK_N=512, BLOCK_M=16),
+    _cfg(4, BLOCK_N=512, BLOCK_M=8),
     _cfg(8, BLOCK_N=256, BLOCK_M=16),
     _cfg(2, BLOCK_N=64, BLOCK_M=16),
 ]
@@ -148,6 +151,11 @@ KEY_CONFIGS = [
     _cfg(8, BLOCK_M=256, BLOCK_N=8),
     _cfg(2, BLOCK_M=64, BLOCK_N=16),
 ]
+# Tile elements a thread may hold at d = c = 1 in float32 or half precision;
+# a quarter of it for float64 (two registers an element, and float64 scores
+# take more temporaries), half where d or c > 1 and half again where d or
+# c >= 16 (a thread's float64 sums grow with d and c). More spills (bench sass).
+TILE_BUDGET = 32
 # Rows layout: 2-16 rows of 256-1024 contiguous keys a program. Taller
 # tiles spill on sm_90: every element carries its own 64-bit address.
 ROWS_FWD_CONFIGS = [
@@ -165,14 +173,25 @@ ROWS_BWD_CONFIGS = [
 ]
 
 
-def _prune(configs, named_args, **meta):
-    """tl.dot needs every dimension >= 16; a sparse pass owns the plan's block."""
+def _prune(configs, named_args, owned, **meta):
+    """tl.dot needs every dimension >= 16; a sparse pass owns the plan's block
+    (``owned``: BLOCK_N for the query-side passes, BLOCK_M for the key side);
+    a thread's tile stays within TILE_BUDGET, with one owned point a thread
+    where d or c >= 16."""
     if meta.get("USE_DOT_QK") or meta.get("USE_DOT_PV"):
         configs = [c for c in configs if min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) >= 16]
     if meta.get("SPARSE"):
-        owned = "BLOCK_M" if "DK" in named_args else "BLOCK_N"
         configs = [c for c in configs if c.kwargs[owned] == SPARSE_BLOCK]
-    return configs
+    width = max(named_args["D"], named_args.get("C", 1))
+    budget = TILE_BUDGET >> (2 * (meta.get("ACC") == tl.float64) + (width > 1) + (width >= 16))
+
+    def per_thread(c):
+        return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] // (32 * c.num_warps)
+
+    def fits(c):
+        return per_thread(c) <= budget and (width < 16 or c.kwargs[owned] <= 32 * c.num_warps)
+
+    return [c for c in configs if fits(c)] or [min(configs, key=per_thread)]
 
 
 # ---------------------------------------------------------------------------
@@ -408,52 +427,100 @@ def _store_owned(ptr, acc, offs, stored, WIDTH: tl.constexpr, BLOCK: tl.constexp
 
 @triton.jit
 def _fwd_tile(
-    hi, lo, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq, start, end,
-    D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
-    SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
+    hi, lo, q_ptr, k_ptr, c_ptr, q_rows, skip, q_t, qq, start, end,
+    D: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr, USE_DOT_QK: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, ONLINE: tl.constexpr,
-    VALUES: tl.constexpr, MASK: tl.constexpr,
+    HAS_SKIP: tl.constexpr, ONLINE: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
+    # A tile's weights p (left-out pairs 0), with the shift pair and the factor
+    # alpha (float64) that rescales what was summed before it (ONLINE only).
     offs_m, k_rows = _stream(start, end, MASK, BLOCK_M)
     if USE_DOT_QK:
         k = _load_tile(k_ptr, k_rows, D, BLOCK_D)
         dist2 = _sq_dist_dot(k, _sq_norm(k, 1, ACC), q_t, qq, DOT_PREC)
     else:
         dist2, _ = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
-    # One constant per key: log2(e) * w_j / 2 (or w_j / 2 in float64).
-    c2 = (tl.load(w_ptr + k_rows).to(ACC) * (-0.5 * SCALE))[:, None]
+    c2 = tl.load(c_ptr + k_rows)[:, None]
     keep = _keep(offs_m, end, skip, HAS_SKIP)
     if ONLINE:
         hi, lo, alpha, x = _pair_shift(hi, lo, dist2, c2, keep, 0, MASK, USE_EXP2)
-        l_i = l_i * alpha
-        acc = acc * alpha[None, :]
     else:
+        alpha = 1.0
         x = dist2 * c2  # <= 0: shift 0
     p = _masked(_exp(x, USE_EXP2), keep, MASK)
-    l_i += _sum64(p)
+    return hi, lo, alpha, p, k_rows, keep
+
+
+@triton.jit
+def _fwd_values(acc, p, v_ptr, k_rows, keep, C: tl.constexpr, ACC: tl.constexpr,
+                USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_C: tl.constexpr,
+                HAS_SKIP: tl.constexpr, MASK: tl.constexpr):  # fmt: skip
+    # acc (BLOCK_C, BLOCK_N) += sum_j p_j v_j, in acc's dtype.
+    if USE_DOT_PV and not (MASK and HAS_SKIP):
+        v_t = _load_tile_t(v_ptr, k_rows, C, BLOCK_C).to(tl.float32)
+        acc += tl.dot(v_t, p, input_precision=DOT_PREC).to(acc.dtype)
+    else:
+        for ch in range(C):
+            vc = tl.load(v_ptr + k_rows * C + ch).to(ACC)
+            pv = tl.sum(_masked(p * vc[:, None], keep, MASK), axis=0)
+            acc = _place_row(acc, pv.to(acc.dtype), ch, BLOCK_C)
+    return acc
+
+
+@triton.jit
+def _fwd_step(
+    hi, lo, l_i, acc, l_2d, a_2d, q_ptr, k_ptr, v_ptr, c_ptr, q_rows, skip, q_t, qq, start,
+    end, D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+    USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SKIP: tl.constexpr, ONLINE: tl.constexpr, VALUES: tl.constexpr,
+    PER_PAIR: tl.constexpr, MASK: tl.constexpr,
+):  # fmt: skip
+    # One tile into the sums. ONLINE: l_i and acc are float64 and rescaled.
+    # Else they are the chunk's float32 sums, and with PER_PAIR the weights
+    # and (C = 1) weighted values go into per-pair accumulators l_2d, a_2d
+    # (BLOCK_M, BLOCK_N) instead: one add and one fma a pair, the tile's
+    # reduction left to the end of the chunk.
+    hi, lo, alpha, p, k_rows, keep = _fwd_tile(
+        hi, lo, q_ptr, k_ptr, c_ptr, q_rows, skip, q_t, qq, start, end, D, ACC, USE_EXP2,
+        USE_DOT_QK, DOT_PREC, BLOCK_M, BLOCK_D, HAS_SKIP, ONLINE, MASK,
+    )  # fmt: skip
+    if ONLINE:
+        l_i = l_i * alpha + _sum64(p)
+        acc = acc * alpha[None, :]
+    elif PER_PAIR:
+        l_2d += p
+    else:
+        l_i += tl.sum(p, axis=0)
     if VALUES:
-        if USE_DOT_PV and not (MASK and HAS_SKIP):
-            v_t = _load_tile_t(v_ptr, k_rows, C, BLOCK_C).to(tl.float32)
-            acc += tl.dot(v_t, p, input_precision=DOT_PREC).to(tl.float64)
+        if PER_PAIR and not ONLINE:
+            v = tl.load(v_ptr + k_rows).to(ACC)[:, None]
+            if MASK:
+                a_2d += tl.where(keep, p * v, 0.0)
+            else:
+                a_2d = tl.fma(p, v, a_2d)
         else:
-            for ch in range(C):
-                vc = tl.load(v_ptr + k_rows * C + ch).to(ACC)
-                acc = _place_row(acc, _sum64(_masked(p * vc[:, None], keep, MASK)), ch, BLOCK_C)
-    return hi, lo, l_i, acc
+            acc = _fwd_values(acc, p, v_ptr, k_rows, keep, C, ACC, USE_DOT_PV, DOT_PREC,
+                              BLOCK_C, HAS_SKIP, MASK)  # fmt: skip
+    return hi, lo, l_i, acc, l_2d, a_2d
 
 
 @triton.jit
 def _fwd_sums(
-    Ptr, Spans, pid, active, m, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, skip_lo, skip_hi,
+    Ptr, Spans, pid, active, m, q_ptr, k_ptr, v_ptr, c_ptr, q_rows, skip, skip_lo, skip_hi,
     D: tl.constexpr, C: tl.constexpr, SPARSE: tl.constexpr, ACC: tl.constexpr,
-    USE_EXP2: tl.constexpr, SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr,
-    USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_SKIP: tl.constexpr, ONLINE: tl.constexpr, VALUES: tl.constexpr,
+    USE_EXP2: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_SKIP: tl.constexpr,
+    ONLINE: tl.constexpr, VALUES: tl.constexpr,
 ):  # fmt: skip
     # The owned queries' shift pair (hi, lo), sum of weights l_i and weighted
-    # values acc over the program's spans of keys; none where not ``active``.
+    # values acc (float64) over the program's spans of keys; none where not
+    # ``active``. The zero-shift pass sums CHUNK keys at a time in float32
+    # (nothing float64 in the tile loop) and adds each chunk's sums in
+    # float64: a float32 running sum over every key would drop the sub-ulp
+    # weights after a dominant one. The exact pass rescales float64 sums
+    # every tile.
     if USE_DOT_QK:
         q_t = _load_tile_t(q_ptr, q_rows, D, BLOCK_D)
         qq = _sq_norm(q_t, 0, ACC)
@@ -462,35 +529,60 @@ def _fwd_sums(
         qq = 0
     if ONLINE:
         hi = tl.full([BLOCK_N], float("-inf"), ACC)
+        chunk = BLOCK_M
     else:
         hi = tl.zeros([BLOCK_N], ACC)
+        chunk = BLOCK_M * CHUNK_TILES
+    PER_PAIR: tl.constexpr = not ONLINE and C == 1 and not USE_DOT_PV
     lo = tl.zeros([BLOCK_N], ACC)
-    # Sums across tiles in float64: a float32 running sum over m / BLOCK_M
-    # tiles would drop the sub-ulp weights after a dominant one.
     l_i = tl.zeros([BLOCK_N], tl.float64)
     acc = tl.zeros([BLOCK_C, BLOCK_N], tl.float64)
     s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
     for s in range(s_lo, tl.where(active, s_hi, s_lo)):
         lo_m, hi_m = _span(Spans, s, m, SPARSE)
-        for start in range(lo_m, hi_m, BLOCK_M):
-            if _needs_mask(start, hi_m, skip_lo, skip_hi, BLOCK_M):
-                hi, lo, l_i, acc = _fwd_tile(
-                    hi, lo, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq,
-                    start, hi_m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
-                    DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, ONLINE, VALUES, True,
-                )  # fmt: skip
+        for first in range(lo_m, hi_m, chunk):
+            if ONLINE:
+                l_c = l_i
+                acc_c = acc
             else:
-                hi, lo, l_i, acc = _fwd_tile(
-                    hi, lo, l_i, acc, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, q_t, qq,
-                    start, hi_m, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
-                    DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, ONLINE, VALUES, False,
-                )  # fmt: skip
+                l_c = tl.zeros([BLOCK_N], ACC)
+                acc_c = tl.zeros([BLOCK_C, BLOCK_N], ACC)
+            if PER_PAIR:
+                l_2d = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+                a_2d = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+            else:
+                l_2d = 0.0
+                a_2d = 0.0
+            for start in range(first, tl.minimum(first + chunk, hi_m), BLOCK_M):
+                if _needs_mask(start, hi_m, skip_lo, skip_hi, BLOCK_M):
+                    hi, lo, l_c, acc_c, l_2d, a_2d = _fwd_step(
+                        hi, lo, l_c, acc_c, l_2d, a_2d, q_ptr, k_ptr, v_ptr, c_ptr, q_rows,
+                        skip, q_t, qq, start, hi_m, D, C, ACC, USE_EXP2, USE_DOT_QK,
+                        USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, ONLINE,
+                        VALUES, PER_PAIR, True,
+                    )  # fmt: skip
+                else:
+                    hi, lo, l_c, acc_c, l_2d, a_2d = _fwd_step(
+                        hi, lo, l_c, acc_c, l_2d, a_2d, q_ptr, k_ptr, v_ptr, c_ptr, q_rows,
+                        skip, q_t, qq, start, hi_m, D, C, ACC, USE_EXP2, USE_DOT_QK,
+                        USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, ONLINE,
+                        VALUES, PER_PAIR, False,
+                    )  # fmt: skip
+            if ONLINE:
+                l_i = l_c
+                acc = acc_c
+            else:
+                if PER_PAIR:
+                    l_c += tl.sum(l_2d, axis=0)
+                    acc_c += tl.sum(a_2d, axis=0)[None, :]
+                l_i += l_c.to(tl.float64)
+                acc += acc_c.to(tl.float64)
     return hi, lo, l_i, acc
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, W, Bounded, Skip, Ptr, Spans, Out, Lse, n, m,
+    Q, K, V, Ck, Bounded, Skip, Ptr, Spans, Out, Lse, n, m,
     D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
     ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
     USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -502,7 +594,7 @@ def _fwd_kernel(
     # some w < 0) gets lse = -inf, which marks it for ONLINE True: the exact
     # pair shift, in programs that hold such a row.
     pid, b, offs_n, q_rows = _owner(n, BLOCK_N)
-    q_ptr, k_ptr, v_ptr, w_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, W + b * m
+    q_ptr, k_ptr, v_ptr, c_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, Ck + b * m
     skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
     stored = offs_n < n
     if ONLINE:
@@ -511,8 +603,8 @@ def _fwd_kernel(
     else:
         active = tl.load(Bounded + b) != 0
     hi, lo, l_i, acc = _fwd_sums(
-        Ptr, Spans, pid, active, m, q_ptr, k_ptr, v_ptr, w_ptr, q_rows, skip, skip_lo,
-        skip_hi, D, C, SPARSE, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC,
+        Ptr, Spans, pid, active, m, q_ptr, k_ptr, v_ptr, c_ptr, q_rows, skip, skip_lo,
+        skip_hi, D, C, SPARSE, ACC, USE_EXP2, USE_DOT_QK, USE_DOT_PV, DOT_PREC,
         BLOCK_D, BLOCK_C, BLOCK_N, BLOCK_M, HAS_SKIP, ONLINE, True,
     )  # fmt: skip
     if ONLINE:
@@ -531,7 +623,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _shift_kernel(
-    Q, K, W, Skip, Ptr, Spans, Lse, Lh, Ll, Scale, n, m,
+    Q, K, Ck, Skip, Ptr, Spans, Lse, Lh, Ll, Scale, n, m,
     D: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr, ACC: tl.constexpr,
     USE_EXP2: tl.constexpr, SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -545,14 +637,14 @@ def _shift_kernel(
     # apart: lo, the residual of a huge score, may be too coarse to hold
     # log(l_i) as well (a tie of two keys, say).
     pid, b, offs_n, q_rows = _owner(n, BLOCK_N)
-    q_ptr, k_ptr, w_ptr = Q + b * n * D, K + b * m * D, W + b * m
+    q_ptr, k_ptr, c_ptr = Q + b * n * D, K + b * m * D, Ck + b * m
     skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
     lse = tl.load(Lse + b * n + q_rows)
     far = (offs_n < n) & (tl.abs(lse) > EXACT_ABOVE)
     active = tl.max(far.to(tl.int32), axis=0) > 0
     hi, lo, l_i, _ = _fwd_sums(
-        Ptr, Spans, pid, active, m, q_ptr, k_ptr, k_ptr, w_ptr, q_rows, skip, skip_lo,
-        skip_hi, D, 1, SPARSE, ACC, USE_EXP2, SCALE, USE_DOT_QK, False, DOT_PREC,
+        Ptr, Spans, pid, active, m, q_ptr, k_ptr, k_ptr, c_ptr, q_rows, skip, skip_lo,
+        skip_hi, D, 1, SPARSE, ACC, USE_EXP2, USE_DOT_QK, False, DOT_PREC,
         BLOCK_D, 1, BLOCK_N, BLOCK_M, HAS_SKIP, True, False,
     )  # fmt: skip
     rows = b * n + offs_n.to(tl.int64)
@@ -567,7 +659,7 @@ def _shift_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, skip, q_t, qq, g_t,
+    dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, q_t, qq, g_t,
     lse_hi, lse_lo, delta, start, end,
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
@@ -582,8 +674,7 @@ def _dq_tile(
     else:
         # diff0 = k_j - q_i (first feature)
         dist2, diff0 = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
-    w = tl.load(w_ptr + k_rows).to(ACC)
-    c2 = (w * (-0.5 * SCALE))[:, None]
+    c2 = tl.load(c_ptr + k_rows)[:, None]
     p = _exp(tl.fma(dist2, c2, -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
 
     # g_i . v_j
@@ -599,9 +690,11 @@ def _dq_tile(
             gc = tl.load(g_ptr + q_rows * C + ch).to(ACC)
             gv = tl.fma(vc[:, None], gc[None, :], gv)
     # t_ij = dL/ds_ij and dq_i = -sum_j t_ij w_j (q_i - k_j)
-    #                          =  sum_j a_ij (k_j - q_i),  a_ij = t_ij w_j.
+    #                          =  sum_j a_ij (k_j - q_i) * (-2 / SCALE),
+    # a_ij = t_ij c_j with the key's constant c_j = -(SCALE / 2) w_j; the
+    # factor is applied once at the end.
     keep = _keep(offs_m, end, skip, HAS_SKIP)
-    a = _masked(p * (gv - delta[None, :]) * w[:, None], keep, MASK)
+    a = _masked(p * (gv - delta[None, :]) * c2, keep, MASK)
 
     if USE_DOT_QK and not (MASK and HAS_SKIP):
         # sum_j a_ij k_j on tensor cores; -A_i q_i is applied once at the end.
@@ -628,7 +721,7 @@ def _dq_tile(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, W, G, Lh, Ll, Delta, Skip, Ptr, Spans, DQ, n, m,
+    Q, K, V, Ck, G, Lh, Ll, Delta, Skip, Ptr, Spans, DQ, n, m,
     D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
     ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
     USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -636,7 +729,7 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     pid, b, offs_n, q_rows = _owner(n, BLOCK_N)
-    q_ptr, k_ptr, v_ptr, w_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, W + b * m
+    q_ptr, k_ptr, v_ptr, c_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, Ck + b * m
     g_ptr = G + b * n * C
     skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
     lse_hi, lse_lo = tl.load(Lh + b * n + q_rows), tl.load(Ll + b * n + q_rows)
@@ -660,26 +753,26 @@ def _dq_kernel(
         for start in range(lo, hi, BLOCK_M):
             if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
                 dq_t, a_sum = _dq_tile(
-                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, skip, q_t, qq,
+                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, q_t, qq,
                     g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2, SCALE,
                     USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
                     True,
                 )  # fmt: skip
             else:
                 dq_t, a_sum = _dq_tile(
-                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, q_rows, skip, q_t, qq,
+                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, q_t, qq,
                     g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2, SCALE,
                     USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
                     False,
                 )  # fmt: skip
     if USE_DOT_QK:
         dq_t -= a_sum[None, :] * q_t.to(tl.float64)
-    _store_owned(DQ + b * n * D, dq_t, offs_n, offs_n < n, D, BLOCK_D)
+    _store_owned(DQ + b * n * D, dq_t * (-2.0 / SCALE), offs_n, offs_n < n, D, BLOCK_D)
 
 
 @triton.jit
 def _tangent_tile(
-    acc, q_ptr, k_ptr, v_ptr, w_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
+    acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
     skip, lse_hi, lse_lo, start, end,
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -689,9 +782,9 @@ def _tangent_tile(
     # ds_ij = -(dw_j / 2) d_ij^2 - w_j (q_i - k_j) . (dq_i - dk_j).
     offs_m, k_rows = _stream(start, end, MASK, BLOCK_M)
     dist2, _ = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
-    w = tl.load(w_ptr + k_rows).to(ACC)
-    c2 = (w * (-0.5 * SCALE))[:, None]
-    p = _exp(tl.fma(dist2, c2, -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
+    c = tl.load(c_ptr + k_rows)
+    p = _exp(tl.fma(dist2, c[:, None], -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
+    w = c * (-2.0 / SCALE)
     ds = (tl.load(dw_ptr + k_rows).to(ACC) * -0.5)[:, None] * dist2
     for f in range(D):
         diff = (
@@ -715,13 +808,13 @@ def _tangent_tile(
 
 @triton.jit
 def _tangent_kernel(
-    Q, K, V, W, DQ, DK, DV, DW, Y, Lh, Ll, Scale, Skip, Ptr, Spans, DY, n, m,
+    Q, K, V, Ck, DQ, DK, DV, DW, Y, Lh, Ll, Scale, Skip, Ptr, Spans, DY, n, m,
     D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
     ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     pid, b, offs_n, q_rows = _owner(n, BLOCK_N)
-    q_ptr, k_ptr, v_ptr, w_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, W + b * m
+    q_ptr, k_ptr, v_ptr, c_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, Ck + b * m
     dq_ptr, dk_ptr, dv_ptr, dw_ptr = DQ + b * n * D, DK + b * m * D, DV + b * m * C, DW + b * m
     y_ptr = Y + b * n * C
     skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
@@ -733,13 +826,13 @@ def _tangent_kernel(
         for start in range(lo, hi, BLOCK_M):
             if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
                 acc = _tangent_tile(
-                    acc, q_ptr, k_ptr, v_ptr, w_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
+                    acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
                     q_rows, skip, lse_hi, lse_lo, start, hi, D, C, ACC, USE_EXP2, SCALE,
                     BLOCK_M, BLOCK_C, HAS_SKIP, True,
                 )  # fmt: skip
             else:
                 acc = _tangent_tile(
-                    acc, q_ptr, k_ptr, v_ptr, w_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
+                    acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
                     q_rows, skip, lse_hi, lse_lo, start, hi, D, C, ACC, USE_EXP2, SCALE,
                     BLOCK_M, BLOCK_C, HAS_SKIP, False,
                 )  # fmt: skip
@@ -835,7 +928,7 @@ def _dkv_tile(
 
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, W, G, Lh, Ll, Delta, Shift, Skip, SkippedBy, Ptr, Spans, DK, DV, DW, n, m,
+    Q, K, V, Ck, G, Lh, Ll, Delta, Shift, Skip, SkippedBy, Ptr, Spans, DK, DV, DW, n, m,
     D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
     ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
     USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -854,8 +947,7 @@ def _dkv_kernel(
     )
     _, skip_lo, skip_hi = _left_out(SkippedBy + b * m, k_rows, HAS_SKIP)
 
-    w = tl.load(W + b * m + k_rows).to(ACC)
-    c2 = w * (-0.5 * SCALE)
+    c2 = tl.load(Ck + b * m + k_rows)
     if USE_DOT_QK:
         k_t = _load_tile_t(k_ptr, k_rows, D, BLOCK_D)
         kk = _sq_norm(k_t, 0, ACC)
@@ -895,7 +987,7 @@ def _dkv_kernel(
     if NEED_DK:
         if USE_DOT_QK:
             dk_t -= t_sum[None, :] * k_t.to(tl.float64)
-        dk_t = dk_t * w.to(tl.float64)[None, :]
+        dk_t = dk_t * (c2.to(tl.float64) * (-2.0 / SCALE))[None, :]
         _store_owned(DK + b * m * D, dk_t, offs_m, offs_m < m, D, BLOCK_D)
     if NEED_DV:
         _store_owned(DV + b * m * C, dv_t, offs_m, offs_m < m, C, BLOCK_C)
@@ -1094,15 +1186,18 @@ def _rows_tangent_kernel(
 
 # Autotuned twins for the GPU; the interpreter calls the plain kernels with
 # INTERPRET_CONFIGS.
-_SHARED_TUNING = {
-    "key": ["n", "m", "D", "C", "SPARSE"],
-    "prune_configs_by": {"early_config_prune": _prune},
-}
+def _shared_tuning(configs, owned):
+    prune = functools.partial(_prune, owned=owned)
+    return triton.autotune(
+        configs, key=["n", "m", "D", "C", "SPARSE"], prune_configs_by={"early_config_prune": prune}
+    )
+
+
 _TUNED = {
-    _fwd_kernel: triton.autotune(QUERY_CONFIGS, **_SHARED_TUNING)(_fwd_kernel),
-    _dq_kernel: triton.autotune(QUERY_CONFIGS, **_SHARED_TUNING)(_dq_kernel),
-    _tangent_kernel: triton.autotune(QUERY_CONFIGS, **_SHARED_TUNING)(_tangent_kernel),
-    _dkv_kernel: triton.autotune(KEY_CONFIGS, **_SHARED_TUNING)(_dkv_kernel),
+    _fwd_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N")(_fwd_kernel),
+    _dq_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N")(_dq_kernel),
+    _tangent_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N")(_tangent_kernel),
+    _dkv_kernel: _shared_tuning(KEY_CONFIGS, "BLOCK_M")(_dkv_kernel),
     _rows_fwd_kernel: triton.autotune(ROWS_FWD_CONFIGS, key=["n", "m"])(_rows_fwd_kernel),
     _rows_tangent_kernel: triton.autotune(ROWS_FWD_CONFIGS, key=["n", "m"])(_rows_tangent_kernel),
     _rows_bwd_kernel: triton.autotune(ROWS_BWD_CONFIGS, key=["n", "m"])(_rows_bwd_kernel),
@@ -1175,6 +1270,14 @@ def _launch(kernel, side, count, args, meta, sparse_items=None, exact=False):
         _TUNED[kernel][lambda cfg: grid(cfg)](*args, **meta)
 
 
+def _key_scale(w, dtype):
+    """c_j = -(SCALE / 2) w_j (B, m), in the accumulator dtype: the constant of
+    a pair's exponent c_j d_ij^2, computed once per key rather than per pair,
+    and rounded alike for every pass (the backward's weights must match the
+    forward's exactly where scores are huge)."""
+    return (w.to(accumulator_dtype(dtype)) * (-0.5 * _scalar_meta(dtype)["SCALE"])).contiguous()
+
+
 def _bounded(w):
     """True per batch element where every w >= 0, so every score is <= 0 and
     the forward may shift by 0."""
@@ -1199,7 +1302,8 @@ def _shifts(q, k, w, lse, spans, dtype, d, exact=True):
         _shift_kernel,
         "query",
         n,
-        (q, k, w, spans.skip, spans.key_ptr, spans.key_spans, lse, high, low, scale)
+        (q, k, _key_scale(w, dtype), spans.skip, spans.key_ptr, spans.key_spans, lse)
+        + (high, low, scale)
         + (n, k.shape[1]),
         {
             **{key: meta[key] for key in ("ACC", "USE_EXP2", "SCALE", "USE_DOT_QK", "DOT_PREC")},
@@ -1274,7 +1378,8 @@ def forward(query, key, value, w, diagonal, tolerance):
     spans = _Spans(plan, diagonal, B, n, m, query.device)
     out = torch.empty((B, n, c), dtype=query.dtype, device=query.device)
     lse = torch.empty((B, n), dtype=torch.float64, device=query.device)
-    args = (q, k, v, w, _bounded(w), spans.skip, spans.key_ptr, spans.key_spans, out, lse)
+    ck = _key_scale(w, query.dtype)
+    args = (q, k, v, ck, _bounded(w), spans.skip, spans.key_ptr, spans.key_spans, out, lse)
     meta = {**_meta(query.dtype, d, c), "HAS_SKIP": spans.has_skip, "SPARSE": spans.sparse}
     # Shift 0 where every w >= 0, then the exact online softmax for the rows
     # that is not enough for (their programs alone stream keys).
@@ -1308,6 +1413,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     # so neither pass has to rebuild it.
     delta = (g.to(acc) * out.to(acc)).sum(-1).contiguous()
     meta = {**_meta(dtype, d, c), "HAS_SKIP": spans.has_skip, "SPARSE": spans.sparse}
+    ck = _key_scale(w_keys, dtype)
     dq = dk = dv = dw = None
     if need_q:
         dq = torch.empty_like(q)
@@ -1315,7 +1421,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
             _dq_kernel,
             "query",
             n,
-            (q, k, v, w_keys, g, lse_hi, lse_lo, delta, spans.skip, spans.key_ptr)
+            (q, k, v, ck, g, lse_hi, lse_lo, delta, spans.skip, spans.key_ptr)
             + (spans.key_spans, dq, n, m, d, c),
             meta,
             spans.items("query"),
@@ -1332,7 +1438,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
             _dkv_kernel,
             "key",
             m,
-            (q, k, v, w_keys, g, lse_hi, lse_lo, delta, shift, spans.skip, spans.skipped_by)
+            (q, k, v, ck, g, lse_hi, lse_lo, delta, shift, spans.skip, spans.skipped_by)
             + (spans.query_ptr, spans.query_spans, dk, dv, dw_keys, n, m, d, c),
             {**meta, "NEED_DK": need_k, "NEED_DV": need_v, "NEED_DW": need_w},
             spans.items("key"),
@@ -1361,7 +1467,8 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
         _tangent_kernel,
         "query",
         n,
-        (q, k, v, w, dq, dk, dv, dw, y, lse_hi, lse_lo, scale, spans.skip, spans.key_ptr)
+        (q, k, v, _key_scale(w, query.dtype), dq, dk, dv, dw, y, lse_hi, lse_lo, scale)
+        + (spans.skip, spans.key_ptr)
         + (spans.key_spans, dy, n, m, d, c),
         {
             **_scalar_meta(query.dtype),
