@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_blocks import family
 
 import nwfast
 from nwfast import reference, testing
@@ -36,21 +37,12 @@ def test_plans_expand_in_one_dimension_only(monkeypatch):
 
 
 def points(name, n, d):
-    """Points (n, d) float64 of a named family on roughly the unit scale."""
-    if name == "uniform":
-        return torch.rand(n, d, dtype=F64)
-    if name == "normal":
-        return 0.2 * torch.randn(n, d, dtype=F64)
-    if name == "clusters":  # tight clusters with wide gaps
-        centres = torch.tensor([[0.0] * d, [0.5] * d, [1.0] * d], dtype=F64)
-        return centres[torch.randint(3, (n,))] + 0.003 * torch.randn(n, d, dtype=F64)
-    if name == "duplicates":
-        return torch.rand(n // 4, d, dtype=F64).repeat(4, 1)[torch.randperm(n // 4 * 4)]
+    """test_blocks' families, and far outliers among uniform points."""
     if name == "outliers":  # far queries and keys among uniform ones
         x = torch.rand(n, d, dtype=F64)
         x[:3] = torch.tensor([-3.0, 5.0, 1e3], dtype=F64)[:, None]
         return x
-    raise ValueError(name)
+    return family(name, n, d)
 
 
 CASES = {
