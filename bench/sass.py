@@ -66,9 +66,9 @@ CHOICES = {
     "needs": tuple(n for n in itertools.product((1, 0), repeat=4) if any(n)),
 }
 # Points a launch sees: multiples of 16 as at scale, and enough pairs for the
-# block planner (blocks.MIN_PAIRS) with a bandwidth (w = 1e6 on [0, 1]) that
+# block planner (blocks.MIN_SAVED) with a bandwidth (w = 1e6 on [0, 1]) that
 # leaves it blocks to skip.
-SIZE = 2048
+SIZE = 4096
 ROWS = 64
 W = 1e6
 # The (streamed x owned) extents of a tile; BLOCK_D, BLOCK_C, BLOCK_P are widths.

@@ -28,7 +28,7 @@ __all__ = [
     "plan_summary",
     "reference",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 _ESTIMATORS = ("LocalLinearRegression", "NadarayaWatson")
 

@@ -100,7 +100,7 @@ def sparse_everywhere(monkeypatch):
     """Block-sparse plans at test sizes: no minimum size, small blocks."""
     from nwfast.kernels import blocks, numba_nw, triton_nw
 
-    monkeypatch.setattr(blocks, "MIN_PAIRS", 1)
+    monkeypatch.setattr(blocks, "MIN_SAVED", 0)
     monkeypatch.setattr(numba_nw, "BLOCK", 16)
     monkeypatch.setattr(triton_nw, "SPARSE_BLOCK", 64)
 

@@ -234,9 +234,11 @@ def test_a_larger_tolerance_keeps_its_stated_bound(sparse_kernel):
 def test_gradcheck_with_skipping():
     """float64 gradients and tangents through a block-sparse plan (on Numba:
     Triton's share the plan, and gradcheck under the interpreter takes minutes)."""
-    x = torch.sort(torch.rand(80, dtype=F64)).values
-    y = torch.randn(80, dtype=F64)
-    w = torch.full((80,), 4e3, dtype=F64)
+    # 6 blocks of 16 at h = 0.007: a plan keeps at most 2/3 of the pairs
+    # (2000 draws), at 80 points and h = 0.016 it kept over 3/4 in 1 of 13
+    x = torch.sort(torch.rand(96, dtype=F64)).values
+    y = torch.randn(96, dtype=F64)
+    w = torch.full((96,), 2e4, dtype=F64)
     inputs = [
         x.clone().requires_grad_(),
         x.clone().requires_grad_(),
@@ -269,14 +271,39 @@ def test_pairs_computed_counts_what_the_plan_sweeps(sparse_kernel):
         assert nwfast.pairs_computed(q, q, w, exclude_self=True, **dense) == n * n
 
 
-def test_a_plan_that_cannot_pay_is_not_made():
-    """The forecast from the extent and the bandwidth abandons planning where
-    every block of queries would reach every key (a wide kernel on the data),
-    and lets it run where most pairs can go (the skipping goals' cases)."""
-    wide = torch.rand(1, 16384, 1) * 5  # h = 0.5 on [0, 5)
-    assert blocks._reach(wide, wide, torch.tensor([[4.0]]), 2.0**-24, 64) == 1.0
-    assert blocks.plan(wide, wide, torch.tensor([[4.0]]), 2.0**-24, False, 64, 64) is None
+def test_a_plan_that_cannot_pay_is_not_made(monkeypatch):
+    """The forecast from sampled pairs and the bandwidth abandons planning
+    where too few pairs could go (a wide kernel on the data, or too few pairs
+    in all), and lets it run where most pairs can go (the skipping goals'
+    cases)."""
+    monkeypatch.undo()  # the planner's thresholds as shipped
+    wide = torch.rand(1, 16384, 1) * 5  # h = 0.7 on [0, 5)
+    assert blocks._reach(wide, wide, torch.tensor([[1.0]]), 2.0**-24, 64) > 0.9
+    assert blocks.plan(wide, wide, torch.tensor([[1.0]]), 2.0**-24, False, 64, 64) is None
     narrow = torch.rand(1, 2**18, 1) * 5  # h = 0.01: about 2.4% of pairs kept
     assert blocks._reach(narrow, narrow, torch.tensor([[1e4]]), 2.0**-24, 64) < 0.05
     square = torch.rand(1, 2**18, 2)  # the unit square, h = 0.01
     assert blocks._reach(square, square, torch.tensor([[1e4]]), 2.0**-24, 64) < 0.05
+    cube = torch.rand(1, 8192, 3) * 5  # h = 0.5: a plan would keep 93%, in whole blocks
+    assert blocks._reach(cube, cube, torch.tensor([[4.0]]), 2.0**-24, 64) > 0.9
+    few = torch.rand(1, 2048, 1) * 5  # 2^22 pairs: fewer than planning costs
+    assert blocks.plan(few, few, torch.tensor([[1e4]]), 2.0**-24, False, 64, 64) is None
+    many = few[:, :1024], wide  # 2^24 pairs, h = 0.007
+    assert blocks.plan(*many, torch.tensor([[1e4]]), 2.0**-24, False, 64, 64) is not None
+
+
+def test_the_forecast_follows_the_data_not_its_extent(monkeypatch):
+    """Normal points spread a few far ones over a wide extent, but most pairs
+    lie close: the forecast samples pairs too, so at Silverman's bandwidth it
+    comes within 0.1 of the fraction the plan keeps (about 3/4, too many to
+    pay at 4096 points), where the extent alone forecast about 0.4."""
+    monkeypatch.undo()  # the planner's thresholds as shipped
+    x = torch.randn(1, 4096, 1, generator=torch.Generator().manual_seed(3))
+    h = 1.06 * float(x.std()) * 4096**-0.2
+    w = torch.tensor([[0.5 / h**2]])
+    forecast = blocks._reach(x, x, w, 2.0**-24, 64)
+    assert blocks.plan(x, x, w, 2.0**-24, False, 64, 64) is None
+    monkeypatch.setattr(blocks, "MIN_SAVED", 0)
+    monkeypatch.setattr(blocks, "MAX_KEPT", 1.0)
+    kept = blocks.plan(x, x, w, 2.0**-24, False, 64, 64).pairs / 4096**2
+    assert abs(forecast - kept) < 0.1 and kept > 0.6

@@ -423,7 +423,7 @@ def test_skipping_keeps_the_stated_bound(name, monkeypatch, fresh_seed):
     the exact one."""
     from nwfast.kernels import blocks, numba_moments
 
-    monkeypatch.setattr(blocks, "MIN_PAIRS", 1)  # plans at test sizes, small blocks
+    monkeypatch.setattr(blocks, "MIN_SAVED", 0)  # plans at test sizes, small blocks
     monkeypatch.setattr(numba_moments, "BLOCK", 16)
     q, k, v, w, loo = adversarial(name, torch.Generator().manual_seed(fresh_seed))
     w = torch.tensor(w, dtype=torch.float64)
