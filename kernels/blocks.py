@@ -143,63 +143,121 @@ def _worth_planning(query, key, w, tolerance, q_block, k_block):
         return False
     if n < 2 * q_block or m < 4 * k_block:
         return False
-    finite = torch.isfinite(query).all() and torch.isfinite(key).all() and torch.isfinite(w).all()
-    if not (finite and (w >= 0).all()):
+    points = survey(query, key, w)
+    if not points.finite or (points.w < 0).any():
         return False
-    return (1 - _reach(query, key, w, tolerance, k_block)) * B * n * m >= MIN_SAVED
+    return (1 - _reach(points, tolerance, k_block)) * B * n * m >= MIN_SAVED
 
 
-def _reach(query, key, w, tolerance, k_block):
-    """A cheap forecast, before any sorting, of the fraction of pairs a plan
-    would keep. Key j is needed within r_j of a query, r_j where a block of
-    such keys weighs tolerance * SAFETY of a row's denominator, that
-    denominator taken as uniform density of the narrowest kernel over the
-    points' extent D, m * prod_f min(1, h sqrt(2 pi) / D_f), a quarter of it to
-    be safe. The forecast is the larger of two fractions: the mean over keys of
-    prod_f min(1, 2 r_j / D_f) (boxes: a plan keeps whole blocks, which in d > 1
-    reach well past r_j) and the fraction of sampled pairs closer than r_j
-    (which sees where the points crowd, as the extent does not). At 1 every
-    block of queries would reach every key and the planning would be spent for
-    nothing. It only decides whether to plan: the plan itself is proven,
-    whatever the data."""
-    query, key, w = query.detach(), key.detach(), w.detach().double()
-    top = torch.maximum(query.amax(dim=1), key.amax(dim=1)).double()
-    extent = (top - torch.minimum(query.amin(dim=1), key.amin(dim=1))).amax(dim=0)  # (d,)
-    if not (extent > 0).all() or not (w > 0).all():
-        return 1.0
-    h = math.sqrt(2 * math.pi / float(w.max()))
-    denominator = max(1.0, 0.25 * key.shape[1] * float((h / extent).clamp(max=1.0).prod()))
-    room = k_block / (tolerance * SAFETY * denominator)
-    if room <= 1:
-        return 0.0
-    r = (2 * math.log(room) / w).sqrt()
-    boxes = float((2 * r.flatten()[:, None] / extent).clamp(max=1.0).prod(dim=-1).mean())
-    return max(boxes, fraction_within(query, key, r))
+class Survey(NamedTuple):
+    """The points as the forecasts read them: host arrays (no copy of CPU
+    float32 or float64 tensors) and what one pass over them finds."""
+
+    q: np.ndarray  # (B, n, d)
+    k: np.ndarray  # (B, m, d)
+    w: np.ndarray  # (B, m) or (B, 1) float64
+    finite: bool  # every point and w finite
+    extent: np.ndarray  # (d,) float64: each feature's largest range over the batch
 
 
-def fraction_within(query, key, radius):
-    """The fraction of (query, key) pairs closer than ``radius`` ((B, m) per
-    key or (B, 1)), from strided samples of the queries and keys."""
-    B, n, _ = query.shape
-    m = key.shape[1]
-    batch = np.unique(np.linspace(0, B - 1, min(B, SAMPLE_BATCH)).round().astype(np.int64))
-    rows = slice(None, SAMPLE_QUERIES * max(1, n // SAMPLE_QUERIES), max(1, n // SAMPLE_QUERIES))
-    cols = slice(None, SAMPLE_KEYS * max(1, m // SAMPLE_KEYS), max(1, m // SAMPLE_KEYS))
-    sample = (query[batch, rows], key[batch, cols], radius.expand(B, m)[batch, cols])
-    return _fraction_within(*(x.detach().to("cpu", torch.float64).numpy() for x in sample))
+def survey(query, key, w):
+    q, k = _host(query), _host(key)
+    w = w.detach().to("cpu", torch.float64).numpy()
+    finite_q, lo_q, hi_q = _bounds(q)
+    finite_k, lo_k, hi_k = _bounds(k)
+    extent = (np.maximum(hi_q, hi_k) - np.minimum(lo_q, lo_k)).max(axis=0)
+    finite = finite_q and finite_k and bool(np.isfinite(w).all())
+    return Survey(q, k, w, finite, extent)
+
+
+def _host(t):
+    t = t.detach()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return t.cpu().numpy()
 
 
 @_jit
-def _fraction_within(q, k, r):
+def _bounds(points):
+    """(all finite, (B, d) least, (B, d) largest) of points (B, n, d)."""
+    B, n, d = points.shape
+    lo = np.full((B, d), np.inf)
+    hi = np.full((B, d), -np.inf)
+    finite = True
+    for b in range(B):
+        for i in range(n):
+            for f in range(d):
+                x = points[b, i, f]
+                finite = finite and np.isfinite(x)
+                lo[b, f] = min(lo[b, f], x)
+                hi[b, f] = max(hi[b, f], x)
+    return finite, lo, hi
+
+
+def _reach(points, tolerance, k_block):
+    """A cheap forecast, before any sorting, of the fraction of pairs a plan
+    would keep, from a ``Survey`` of finite points with w >= 0. Key j is
+    needed within r_j of a query, r_j where a block of such keys weighs
+    tolerance * SAFETY of a row's denominator, that denominator taken as
+    uniform density of the narrowest kernel over the points' extent D, m *
+    prod_f min(1, h sqrt(2 pi) / D_f), a quarter of it to be safe. The
+    forecast is the larger of two fractions: the mean over keys of prod_f
+    min(1, 2 r_j / D_f) (boxes: a plan keeps whole blocks, which in d > 1 reach
+    well past r_j) and the fraction of sampled pairs closer than r_j (which sees
+    where the points crowd, as the extent does not). At 1 every block of
+    queries would reach every key and the planning would be spent for nothing.
+    It only decides whether to plan: the plan itself is proven, whatever the
+    data."""
+    w, extent = points.w, points.extent
+    if not (extent > 0).all() or not (w > 0).all():
+        return 1.0
+    h = math.sqrt(2 * math.pi / float(w.max()))
+    denominator = max(1.0, 0.25 * points.k.shape[1] * float(np.minimum(h / extent, 1.0).prod()))
+    room = k_block / (tolerance * SAFETY * denominator)
+    if room <= 1:
+        return 0.0
+    r = np.sqrt(2 * math.log(room) / w)
+    boxes = float(np.minimum(2 * r.reshape(-1, 1) / extent, 1.0).prod(axis=-1).mean())
+    return max(boxes, fraction_within(points, r))
+
+
+def fraction_within(points, radius):
+    """The fraction of (query, key) pairs of a ``Survey`` closer than
+    ``radius`` ((B, m) per key or (B, 1)), from strided samples of the
+    queries and keys."""
+    B, n, _ = points.q.shape
+    m = points.k.shape[1]
+    batch = np.unique(np.linspace(0, B - 1, min(B, SAMPLE_BATCH)).round().astype(np.int64))
+    step_q, step_k = max(1, n // SAMPLE_QUERIES), max(1, m // SAMPLE_KEYS)
+    radius = np.broadcast_to(radius, (B, m))
+    samples = (step_q, SAMPLE_QUERIES, step_k, SAMPLE_KEYS)
+    return _fraction_within(points.q, points.k, radius, batch, *samples)
+
+
+@_jit
+def _fraction_within(q, k, r, batch, step_q, count_q, step_k, count_k):
+    d = q.shape[2]
+    rows = np.arange(0, min(q.shape[1], step_q * count_q), step_q)
+    cols = np.arange(0, min(k.shape[1], step_k * count_k), step_k)
     near = 0
-    for b in range(q.shape[0]):
-        for i in range(q.shape[1]):
-            for j in range(k.shape[1]):
-                sq = 0.0
-                for f in range(q.shape[2]):
-                    sq += (q[b, i, f] - k[b, j, f]) ** 2
-                near += sq <= r[b, j] ** 2
-    return near / max(1, q.shape[0] * q.shape[1] * k.shape[1])
+    for b in batch:
+        keys = np.empty((d, cols.size))  # feature-major, so the sums below vectorise
+        for f in range(d):
+            for t in range(cols.size):
+                keys[f, t] = k[b, cols[t], f]
+        reach = np.empty(cols.size)
+        for t in range(cols.size):
+            reach[t] = r[b, cols[t]] ** 2
+        sq = np.empty(cols.size)
+        for i in rows:
+            sq[:] = 0.0
+            for f in range(d):
+                x = float(q[b, i, f])
+                for t in range(cols.size):
+                    sq[t] += (x - keys[f, t]) ** 2
+            for t in range(cols.size):
+                near += sq[t] <= reach[t]
+    return near / max(1, batch.size * rows.size * cols.size)
 
 
 def _same_points(query, key):

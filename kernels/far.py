@@ -232,10 +232,10 @@ def applies(query, key, w, tolerance):
         return False
     if B * n * m < max(blocks.MIN_SAVED, MIN_NEAR_PAIRS):
         return False
-    finite = torch.isfinite(query).all() and torch.isfinite(key).all() and torch.isfinite(w).all()
-    if not (finite and (w > 0).all()):
+    points = blocks.survey(query, key, w)
+    if not (points.finite and (points.w > 0).all()):
         return False
-    near = m * blocks.fraction_within(query, key, (2.0 / w.double()).sqrt())
+    near = m * blocks.fraction_within(points, np.sqrt(2.0 / points.w))
     return near >= MIN_NEAR_KEYS and B * n * near >= MIN_NEAR_PAIRS
 
 

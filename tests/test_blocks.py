@@ -278,14 +278,14 @@ def test_a_plan_that_cannot_pay_is_not_made(monkeypatch):
     cases)."""
     monkeypatch.undo()  # the planner's thresholds as shipped
     wide = torch.rand(1, 16384, 1) * 5  # h = 0.7 on [0, 5)
-    assert blocks._reach(wide, wide, torch.tensor([[1.0]]), 2.0**-24, 64) > 0.9
+    assert blocks._reach(blocks.survey(wide, wide, torch.tensor([[1.0]])), 2.0**-24, 64) > 0.9
     assert blocks.plan(wide, wide, torch.tensor([[1.0]]), 2.0**-24, False, 64, 64) is None
     narrow = torch.rand(1, 2**18, 1) * 5  # h = 0.01: about 2.4% of pairs kept
-    assert blocks._reach(narrow, narrow, torch.tensor([[1e4]]), 2.0**-24, 64) < 0.05
+    assert blocks._reach(blocks.survey(narrow, narrow, torch.tensor([[1e4]])), 2.0**-24, 64) < 0.05
     square = torch.rand(1, 2**18, 2)  # the unit square, h = 0.01
-    assert blocks._reach(square, square, torch.tensor([[1e4]]), 2.0**-24, 64) < 0.05
+    assert blocks._reach(blocks.survey(square, square, torch.tensor([[1e4]])), 2.0**-24, 64) < 0.05
     cube = torch.rand(1, 8192, 3) * 5  # h = 0.5: a plan would keep 93%, in whole blocks
-    assert blocks._reach(cube, cube, torch.tensor([[4.0]]), 2.0**-24, 64) > 0.9
+    assert blocks._reach(blocks.survey(cube, cube, torch.tensor([[4.0]])), 2.0**-24, 64) > 0.9
     few = torch.rand(1, 2048, 1) * 5  # 2^22 pairs: fewer than planning costs
     assert blocks.plan(few, few, torch.tensor([[1e4]]), 2.0**-24, False, 64, 64) is None
     many = few[:, :1024], wide  # 2^24 pairs, h = 0.007
@@ -301,7 +301,7 @@ def test_the_forecast_follows_the_data_not_its_extent(monkeypatch):
     x = torch.randn(1, 4096, 1, generator=torch.Generator().manual_seed(3))
     h = 1.06 * float(x.std()) * 4096**-0.2
     w = torch.tensor([[0.5 / h**2]])
-    forecast = blocks._reach(x, x, w, 2.0**-24, 64)
+    forecast = blocks._reach(blocks.survey(x, x, w), 2.0**-24, 64)
     assert blocks.plan(x, x, w, 2.0**-24, False, 64, 64) is None
     monkeypatch.setattr(blocks, "MIN_SAVED", 0)
     monkeypatch.setattr(blocks, "MAX_KEPT", 1.0)
