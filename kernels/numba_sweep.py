@@ -449,6 +449,11 @@ def run(lo, hi, work, args):
         r1 = min(r0 + work.block, rows)
         s0, s1 = work.ptr[item], work.ptr[item + 1]
         zeros = sweep(args, b, begin(args, b, r0), 0, 0)
+        if s0 == s1:  # nothing to sweep (a plan's expansions hold the rows)
+            for r in range(r0, r1):
+                if wanted(args, b, r):
+                    finish(args, b, r, rebase(args, b, begin(args, b, r), 0.0), zeros)
+            continue
         partial = np.zeros((1, r1 - r0, len(zeros)))  # the rows' float64 sums
         shift = np.zeros(r1 - r0)
         if start_at_peak(args, b):
