@@ -105,8 +105,9 @@ def run_cases(groups: list[list[Case]], settings: dict, threads: int, on_row) ->
     """Every group of cases in its own worker; on_row(row) as each finishes."""
     done: dict[tuple, dict] = {}
     rows = []
-    # A case may compile, warm up and time up to the cap several times over.
-    timeout = 300 + 12 * settings["policy"]["time_cap_s"]
+    # A case may compile, warm up and time up to the cap several times over
+    # (at most a week: a larger wait overflows the platform's timestamps).
+    timeout = min(300 + 12 * settings["policy"]["time_cap_s"], 7 * 86400.0)
     for group in groups:
         pending = list(group)
         while pending:
