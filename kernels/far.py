@@ -93,11 +93,9 @@ from . import blocks
 from .blocks import _box_bounds, _jit, _nearest_leaf
 from .workers import parallel
 
-# The series work in d = 1 and 2 (tests/test_fgt.py runs both); plans use them
-# for d = 1 only: in d = 2 the planner's walk over the 2-D series costs more than
-# the expansions save at 2^18 points (8.4 s against 3.96 s for skipping alone,
-# Silverman's h), so d = 2 stays opt-in until its planning pays.
-MAX_DIM = 1
+# The series work in d = 1 and 2; in d = 2 they pay only with more keys near
+# each query than in d = 1 (MIN_NEAR_KEYS).
+MAX_DIM = 2
 CRAMER = 1.086435
 # Query boxes are the largest query-tree nodes whose half extent on every axis
 # is at most RHO * delta: their own expansions (evaluated at the keys, for the
@@ -124,7 +122,10 @@ PAIR_COST = 1e4
 # threads: at 1250 near keys and 32768 points 15.6 ms against 21.4 ms for
 # skipping alone; at 540 near keys and 65536 points 46 ms against 22 ms; at
 # 1660 near keys and 8192 points (2^23.6 near pairs) 4.8 ms against 4.1 ms.
-MIN_NEAR_KEYS = 1024
+# In d = 2 (the unit square, Silverman's h): at 1892 near keys and 2^18 points
+# 1.79 s against 0.83 s; at 3040 and 2^19 2.10 s against 2.38 s; at 5024 and
+# 2^20 2.44 s against 9.30 s.
+MIN_NEAR_KEYS = {1: 1024, 2: 2560}
 MIN_NEAR_PAIRS = 1 << 24
 # The walk keeps every key node's series where they fit in this many bytes.
 CACHE_BYTES = 1 << 26
@@ -236,7 +237,7 @@ def applies(query, key, w, tolerance):
     if not (points.finite and (points.w > 0).all()):
         return False
     near = m * blocks.fraction_within(points, np.sqrt(2.0 / points.w))
-    return near >= MIN_NEAR_KEYS and B * n * near >= MIN_NEAR_PAIRS
+    return near >= MIN_NEAR_KEYS[d] and B * n * near >= MIN_NEAR_PAIRS
 
 
 def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block):

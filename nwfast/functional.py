@@ -163,7 +163,8 @@ def plan_summary(query, key, w, *, exclude_self=False, backend="auto", tolerance
 
     The arguments are ``pairs_computed``'s. Expansions of far key boxes (the
     fast Gauss transform) enter plans on CPU with one w > 0 for all keys and
-    d = 1; block skipping as ``nw_pool`` describes.
+    d <= 2, where enough keys lie near the queries; block skipping as
+    ``nw_pool`` describes.
     """
     value = key[..., :1] if key.dim() > 1 else key  # shapes only
     args = prepare_shared(query, key, value, w, exclude_self)

@@ -22,34 +22,29 @@ def expansions_everywhere(sparse_everywhere, monkeypatch):
     these sizes an expansion would rarely beat its few thousand pairs."""
     monkeypatch.setattr(far, "TERM_COST", far.TERM_COST / 10)
     monkeypatch.setattr(far, "PAIR_COST", 0.0)
-    monkeypatch.setattr(far, "MIN_NEAR_KEYS", 0)
+    monkeypatch.setattr(far, "MIN_NEAR_KEYS", {1: 0, 2: 0})
     monkeypatch.setattr(far, "MIN_NEAR_PAIRS", 0)
-    monkeypatch.setattr(far, "MAX_DIM", 2)  # the series in d = 2 too (plans are d = 1)
-
-
-def test_plans_expand_in_one_dimension_only(monkeypatch):
-    """d = 2 plans skip blocks but expand nothing, until their planning pays."""
-    monkeypatch.undo()  # far.MAX_DIM as shipped
-    assert far.MAX_DIM == 1
-    monkeypatch.setattr(blocks, "MIN_SAVED", 0)
-    for name in ("MIN_NEAR_KEYS", "MIN_NEAR_PAIRS"):
-        monkeypatch.setattr(far, name, 0)
-    q1 = torch.rand(1, 600, 1, dtype=F64)
-    q2 = torch.rand(1, 600, 2, dtype=F64)
-    w = torch.tensor([[30.0]], dtype=F64)
-    assert far.applies(q1, q1, w, 1e-9) and not far.applies(q2, q2, w, 1e-9)
 
 
 def test_expansions_enter_only_where_they_pay(monkeypatch):
-    """Expansions enter plans where queries hold over MIN_NEAR_KEYS keys
-    within delta and the pass holds over MIN_NEAR_PAIRS such pairs; elsewhere
-    skipping alone is faster (far.py gives the measurements)."""
+    """Expansions enter plans where queries hold over MIN_NEAR_KEYS[d] keys
+    within delta and the pass holds over MIN_NEAR_PAIRS such pairs, in d = 1
+    and 2 (never in d = 3); elsewhere skipping alone is faster (far.py gives
+    the measurements)."""
     monkeypatch.undo()  # the thresholds as shipped
     gen = torch.Generator().manual_seed(5)
-    for n, h, expands in [(32768, 0.19, True), (65536, 0.0104, False), (8192, 0.25, False)]:
-        x = torch.rand(1, n, 1, generator=gen) * 5
-        w = torch.tensor([[0.5 / h**2]])
-        assert far.applies(x, x, w, 2.0**-24) == expands, (n, h)
+    cases = [
+        (32768, 1, 0.19, True),
+        (65536, 1, 0.0104, False),
+        (8192, 1, 0.25, False),
+        (2**20, 2, 0.0258, True),  # Silverman's h in the unit square
+        (2**18, 2, 0.0325, False),
+        (2**20, 3, 0.05, False),
+    ]
+    for n, d, h, expands in cases:
+        x = torch.rand(1, n, d, generator=gen) * (5 if d == 1 else 1)
+        w = torch.tensor([[(0.5 if d == 1 else 1.0) / h**2]])
+        assert far.applies(x, x, w, 2.0**-24) == expands, (n, d, h)
 
 
 def points(name, n, d):
