@@ -4,10 +4,12 @@ The Numba kernels are serial ``nogil`` functions over a range of work items.
 Running them on Python threads instead of Numba's own threading layer keeps
 a process that has called nwfast safe to fork (GNU OpenMP is not: DataLoader
 workers died), lets several Python threads call at once, and compiles much
-faster than ``parallel=True`` kernels. The pool has ``torch.get_num_threads()``
-threads, so ``torch.set_num_threads`` (or OMP_NUM_THREADS) sets it.
+faster than ``parallel=True`` kernels. A call uses ``torch.get_num_threads()``
+threads, the calling one among them, so ``torch.set_num_threads`` (or
+OMP_NUM_THREADS) sets it.
 """
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +18,12 @@ import numpy as np
 import torch
 
 # Below this much work (pairs of points) a call runs on the calling thread:
-# handing work to the pool costs tens of microseconds.
-PARALLEL_WORK = 1 << 18
+# waking a pool thread costs 50-100 microseconds here, a pass over 2^20 pairs
+# about as much.
+PARALLEL_WORK = 1 << 20
+# Chunks per thread: enough to even out items of unequal work (block-sparse
+# plans), few enough that claiming one costs nothing beside it.
+CHUNKS_PER_THREAD = 4
 
 _pool = None
 _pool_threads = 0
@@ -33,25 +39,62 @@ def _forget_pool():
 os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _helpers(count):
+    """The pool, with at least ``count`` threads."""
+    global _pool, _pool_threads
+    with _pool_lock:
+        if _pool_threads < count:
+            _pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="nwfast")
+            _pool_threads = count
+        return _pool
+
+
+class _Chunks:
+    """The chunks of one call, claimed in order by whichever thread is free."""
+
+    def __init__(self, kernel, bounds, args):
+        self.kernel, self.bounds, self.args = kernel, bounds, args
+        self.count = len(bounds) - 1
+        self.results = [None] * self.count
+        self.errors = []
+        self._next = itertools.count()  # next() is atomic under the GIL
+        self._left = self.count
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+
+    def work(self):
+        """Claim and run chunks until none is left. A helper that starts after
+        the others took every chunk returns at once."""
+        while (c := next(self._next)) < self.count:
+            try:
+                lo, hi = int(self.bounds[c]), int(self.bounds[c + 1])
+                self.results[c] = self.kernel(lo, hi, *self.args)
+            except BaseException as error:  # re-raised on the calling thread
+                self.errors.append(error)
+            with self._lock:
+                self._left -= 1
+                if self._left == 0:
+                    self.done.set()
+
+
 def parallel(kernel, items, work, *args):
-    """kernel(lo, hi, *args) over items [0, items), split over the pool.
+    """kernel(lo, hi, *args) over items [0, items), split over the threads.
 
     Each item's outputs are its own, so the split changes nothing but the
-    time. Chunks are handed out in order to whichever thread is free, which
-    evens out items of unequal work (block-sparse plans). Returns the list of
-    the chunks' return values, in order.
+    time. The calling thread works too, and waits only for chunks that other
+    threads are running: a pool busy with another call never holds this one
+    up. Returns the list of the chunks' return values, in order.
     """
-    global _pool, _pool_threads
     threads = min(torch.get_num_threads(), items)
     if threads <= 1 or work < PARALLEL_WORK:
         return [kernel(0, items, *args)]
-    with _pool_lock:
-        if _pool_threads < threads:
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nwfast")
-            _pool_threads = threads
-        pool = _pool
-    bounds = np.linspace(0, items, min(items, 4 * threads) + 1).astype(np.int64)
-    futures = [
-        pool.submit(kernel, int(lo), int(hi), *args) for lo, hi in zip(bounds[:-1], bounds[1:])
-    ]
-    return [future.result() for future in futures]
+    bounds = np.linspace(0, items, min(items, CHUNKS_PER_THREAD * threads) + 1).astype(np.int64)
+    chunks = _Chunks(kernel, bounds, args)
+    pool = _helpers(threads - 1)
+    for _ in range(threads - 1):
+        pool.submit(chunks.work)
+    chunks.work()
+    chunks.done.wait()
+    if chunks.errors:
+        raise chunks.errors[0]
+    return chunks.results

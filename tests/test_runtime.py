@@ -64,8 +64,9 @@ def test_fork_after_a_call_and_dataloader_workers(tmp_path):
 
 
 def test_threads_calling_at_once_get_the_serial_results():
-    q, k = torch.randn(3, 700, 2), torch.randn(3, 900, 2)
-    v, w = torch.randn(3, 900, 2), torch.rand(3, 900) + 0.5
+    # 1200 x 1000 pairs: enough work for each call to use the pool too
+    q, k = torch.randn(3, 1200, 2), torch.randn(3, 1000, 2)
+    v, w = torch.randn(3, 1000, 2), torch.rand(3, 1000) + 0.5
     serial = [nwfast.nw_pool(q[i], k[i], v[i], w[i]) for i in range(3)] * 2
     results = [None] * 6
 
@@ -78,6 +79,24 @@ def test_threads_calling_at_once_get_the_serial_results():
     for t in threads:
         t.join()
     assert all(torch.equal(a, b) for a, b in zip(results, serial))
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_the_pool_returns_chunks_in_order_and_raises_their_errors(monkeypatch, threads):
+    from nwfast.kernels import workers
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    chunks = workers.parallel(lambda lo, hi: (lo, hi), 101, workers.PARALLEL_WORK)
+    assert chunks[0][0] == 0 and chunks[-1][1] == 101
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(chunks, chunks[1:]))
+
+    def failing(lo, hi):
+        if lo > 0:
+            raise ValueError(f"chunk at {lo}")
+        return lo
+
+    with pytest.raises(ValueError, match="chunk at"):
+        workers.parallel(failing, 101, workers.PARALLEL_WORK)
 
 
 def _installed_copy(into):
