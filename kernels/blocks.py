@@ -98,16 +98,19 @@ def _everything(items, size):
     return np.arange(items + 1, dtype=np.int64), spans
 
 
-def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block):
+def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block, points=None):
     """The plan for query (B, n, d), key (B, m, d), w (B, m) or (B, 1), or
     None where the module doc says the pass should be dense.
 
     ``leaves_one_out``: a query may leave one key out of its softmax (its
-    lower bound loses that key).
+    lower bound loses that key). ``points``: a function that returns the
+    ``Survey`` of these points, for a caller that shares one (default: survey
+    them here, where the forecast needs it).
     """
     B, n, d = query.shape
     m = key.shape[1]
-    if not _worth_planning(query, key, w, tolerance, q_block, k_block):
+    points = points or (lambda: survey(query, key, w))
+    if not _worth_planning(query, key, tolerance, q_block, k_block, points):
         return None
     points_k = key.detach().to("cpu", torch.float64).numpy()
     if _same_points(query, key):
@@ -136,14 +139,14 @@ def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block):
     return Plan(q_block, k_block, *spans[:4], pairs, order)
 
 
-def _worth_planning(query, key, w, tolerance, q_block, k_block):
+def _worth_planning(query, key, tolerance, q_block, k_block, points):
     B, n, d = query.shape
     m = key.shape[1]
     if not tolerance > 0 or d > MAX_DIM or B * n * m < MIN_SAVED:
         return False
     if n < 2 * q_block or m < 4 * k_block:
         return False
-    points = survey(query, key, w)
+    points = points()
     if not points.finite or (points.w < 0).any():
         return False
     return (1 - _reach(points, tolerance, k_block)) * B * n * m >= MIN_SAVED
@@ -218,6 +221,8 @@ def _reach(points, tolerance, k_block):
         return 0.0
     r = np.sqrt(2 * math.log(room) / w)
     boxes = float(np.minimum(2 * r.reshape(-1, 1) / extent, 1.0).prod(axis=-1).mean())
+    if boxes >= 1.0:  # every key reaches across the extent: no sample can lower it
+        return 1.0
     return max(boxes, fraction_within(points, r))
 
 

@@ -223,17 +223,18 @@ class Far(NamedTuple):
         return cls(*values)
 
 
-def applies(query, key, w, tolerance):
+def applies(query, key, w, tolerance, points=None):
     """Whether expansions may enter this call's plan: one w > 0 for all keys,
     finite points, d <= MAX_DIM, a tolerance, and enough keys near the queries
-    (MIN_NEAR_KEYS, MIN_NEAR_PAIRS) for expansions to pay."""
+    (MIN_NEAR_KEYS, MIN_NEAR_PAIRS) for expansions to pay. ``points``: as
+    ``blocks.plan`` takes it."""
     B, n, d = query.shape
     m = key.shape[1]
     if not SWITCH["enabled"] or w.shape[-1] != 1 or d > MAX_DIM or not tolerance > 0:
         return False
     if B * n * m < max(blocks.MIN_SAVED, MIN_NEAR_PAIRS):
         return False
-    points = blocks.survey(query, key, w)
+    points = points() if points else blocks.survey(query, key, w)
     if not (points.finite and (points.w > 0).all()):
         return False
     near = m * blocks.fraction_within(points, np.sqrt(2.0 / points.w))

@@ -51,6 +51,7 @@ How the work is laid out:
   spans per query; ``dk``, ``dv``, ``dw`` a sweep over query spans per key.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -935,9 +936,10 @@ def _key_work(plan, skipped_by):
 def make_plan(query, key, w, diagonal, tolerance):
     """The block-sparse plan (with expansions of far key boxes where they
     apply, ``far``), or None for a dense pass."""
-    if far.applies(query, key, w, tolerance):
+    points = functools.cache(lambda: blocks.survey(query, key, w))  # read once, if at all
+    if far.applies(query, key, w, tolerance, points):
         return far.plan(query, key, w, tolerance, diagonal is not None, BLOCK, BLOCK)
-    return blocks.plan(query, key, w, tolerance, diagonal is not None, BLOCK, BLOCK)
+    return blocks.plan(query, key, w, tolerance, diagonal is not None, BLOCK, BLOCK, points)
 
 
 def _or_dense(plan, B, n, m):
