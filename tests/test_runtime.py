@@ -98,6 +98,11 @@ def test_the_pool_returns_chunks_in_order_and_raises_their_errors(monkeypatch, t
     with pytest.raises(ValueError, match="chunk at"):
         workers.parallel(failing, 101, workers.PARALLEL_WORK)
 
+    # too little work to wake a helper: one chunk, on the calling thread
+    caller = threading.get_ident()
+    small = workers.parallel(lambda lo, hi: (lo, hi, threading.get_ident()), 101, 1000)
+    assert small == [(0, 101, caller)]
+
 
 def _installed_copy(into):
     """nwfast laid out as an install does it: nwfast/ with kernels/ inside."""
