@@ -153,11 +153,14 @@ KEY_CONFIGS = [
 ]
 # Tile elements a thread may hold at d = c = 1 in float32 or half precision;
 # a quarter of it for float64 (two registers an element, and float64 scores
-# take more temporaries), half where d or c > 1 and half again where d or
-# c >= 16 (a thread's float64 sums grow with d and c). More spills (bench sass).
+# take more temporaries), half where d or c > 1 (half again for the tangent
+# of a sparse plan, which carries per-feature terms beside each pair at a
+# fixed 128 owned points) and half again where d or c >= 16 (a thread's
+# float64 sums grow with d and c). More spills (bench sass).
 TILE_BUDGET = 32
 # Rows layout: 2-16 rows of 256-1024 contiguous keys a program. Taller
-# tiles spill on sm_90: every element carries its own 64-bit address.
+# tiles spill on sm_90: every element carries its own 64-bit address. The
+# float64 tangent keeps to 2 rows (ROWS_TALLEST_FLOAT64_TANGENT).
 ROWS_FWD_CONFIGS = [
     _cfg(4, BLOCK_R=2, BLOCK_M=1024),
     _cfg(8, BLOCK_R=4, BLOCK_M=1024),
@@ -173,17 +176,23 @@ ROWS_BWD_CONFIGS = [
 ]
 
 
-def _prune(configs, named_args, owned, **meta):
+ROWS_TALLEST_FLOAT64_TANGENT = 2
+
+
+def _prune(configs, named_args, owned, heavy=False, **meta):
     """tl.dot needs every dimension >= 16; a sparse pass owns the plan's block
     (``owned``: BLOCK_N for the query-side passes, BLOCK_M for the key side);
-    a thread's tile stays within TILE_BUDGET, with one owned point a thread
-    where d or c >= 16."""
+    a thread's tile stays within TILE_BUDGET (``heavy``: the tangent), with
+    one owned point a thread where d or c >= 16."""
     if meta.get("USE_DOT_QK") or meta.get("USE_DOT_PV"):
         configs = [c for c in configs if min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) >= 16]
     if meta.get("SPARSE"):
         configs = [c for c in configs if c.kwargs[owned] == SPARSE_BLOCK]
     width = max(named_args["D"], named_args.get("C", 1))
-    budget = TILE_BUDGET >> (2 * (meta.get("ACC") == tl.float64) + (width > 1) + (width >= 16))
+    heavy = heavy and width > 1 and meta.get("SPARSE")
+    budget = TILE_BUDGET >> (
+        2 * (meta.get("ACC") == tl.float64) + (width > 1) + heavy + (width >= 16)
+    )
 
     def per_thread(c):
         return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] // (32 * c.num_warps)
@@ -192,6 +201,12 @@ def _prune(configs, named_args, owned, **meta):
         return per_thread(c) <= budget and (width < 16 or c.kwargs[owned] <= 32 * c.num_warps)
 
     return [c for c in configs if fits(c)] or [min(configs, key=per_thread)]
+
+
+def _prune_rows_tangent(configs, named_args, **meta):
+    if meta.get("ACC") != tl.float64:
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_R"] <= ROWS_TALLEST_FLOAT64_TANGENT]
 
 
 # ---------------------------------------------------------------------------
@@ -1186,8 +1201,8 @@ def _rows_tangent_kernel(
 
 # Autotuned twins for the GPU; the interpreter calls the plain kernels with
 # INTERPRET_CONFIGS.
-def _shared_tuning(configs, owned):
-    prune = functools.partial(_prune, owned=owned)
+def _shared_tuning(configs, owned, heavy=False):
+    prune = functools.partial(_prune, owned=owned, heavy=heavy)
     return triton.autotune(
         configs, key=["n", "m", "D", "C", "SPARSE"], prune_configs_by={"early_config_prune": prune}
     )
@@ -1196,10 +1211,14 @@ def _shared_tuning(configs, owned):
 _TUNED = {
     _fwd_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N")(_fwd_kernel),
     _dq_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N")(_dq_kernel),
-    _tangent_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N")(_tangent_kernel),
+    _tangent_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N", heavy=True)(_tangent_kernel),
     _dkv_kernel: _shared_tuning(KEY_CONFIGS, "BLOCK_M")(_dkv_kernel),
     _rows_fwd_kernel: triton.autotune(ROWS_FWD_CONFIGS, key=["n", "m"])(_rows_fwd_kernel),
-    _rows_tangent_kernel: triton.autotune(ROWS_FWD_CONFIGS, key=["n", "m"])(_rows_tangent_kernel),
+    _rows_tangent_kernel: triton.autotune(
+        ROWS_FWD_CONFIGS,
+        key=["n", "m"],
+        prune_configs_by={"early_config_prune": _prune_rows_tangent},
+    )(_rows_tangent_kernel),
     _rows_bwd_kernel: triton.autotune(ROWS_BWD_CONFIGS, key=["n", "m"])(_rows_bwd_kernel),
 }
 
