@@ -833,7 +833,7 @@ def notes_text(head: dict, rows: list[dict], path: Path) -> str:
               for t, f in (count.get((n, dt), (0, 0)) for dt in dtypes)))
         for n in order
     ])  # fmt: skip
-    cold = [r for r in rows if r["status"] == "ok" and r.get("cold_spill_bytes")]
+    cold = [r for r in rows if r["status"] == "ok" and not r["spills"] and r["cold_spill_bytes"]]
     if cold:
         worst = max(cold, key=lambda r: r["cold_spill_bytes"])
         lines += ["", f"Spilling outside every loop only: {len(cold)} of {len(rows)}, at most "

@@ -131,11 +131,13 @@ def _exact_config(side):
     return {**blocks_[side], "num_warps": 4, "num_stages": 2}
 
 
-# Owned extent >= 32 * num_warps in every shared-layout config (see above):
-# 1, 2 or 4 owned points a thread. The forward keeps a per-pair accumulator
-# (streamed x owned) for the weights and one for the values, so a thread's
-# tile (BLOCK_M x its owned points) is what the registers bound; ``_prune``
-# keeps the configs whose tile fits each variant's budget.
+# Where d, c < 16 the owned extent is >= 32 * num_warps: 1, 2 or 4 owned
+# points a thread. The forward keeps a per-pair accumulator (streamed x owned)
+# for the weights and one for the values, so a thread's tile (BLOCK_M x its
+# owned points) is what the registers bound; ``_prune`` keeps the configs
+# whose tile fits each variant's budget. Where d or c >= 16 a thread holds
+# d + c float64 sums for each point it owns, and the configs marked "shared"
+# give a point 2 or 4 threads (``_threads_a_wide_point``).
 QUERY_CONFIGS = [
     _cfg(4, BLOCK_N=128, BLOCK_M=16),
     _cfg(4, BLOCK_N=128, BLOCK_M=8),
@@ -143,6 +145,9 @@ QUERY_CONFIGS = [
     _cfg(4, BLOCK_N=512, BLOCK_M=8),
     _cfg(8, BLOCK_N=256, BLOCK_M=16),
     _cfg(2, BLOCK_N=64, BLOCK_M=16),
+    # shared
+    _cfg(8, BLOCK_N=128, BLOCK_M=16),
+    _cfg(8, BLOCK_N=128, BLOCK_M=8),
 ]
 KEY_CONFIGS = [
     _cfg(4, BLOCK_M=128, BLOCK_N=16),
@@ -150,14 +155,19 @@ KEY_CONFIGS = [
     _cfg(4, BLOCK_M=256, BLOCK_N=16),
     _cfg(8, BLOCK_M=256, BLOCK_N=8),
     _cfg(2, BLOCK_M=64, BLOCK_N=16),
+    # shared
+    _cfg(8, BLOCK_M=128, BLOCK_N=16),
+    _cfg(8, BLOCK_M=64, BLOCK_N=32),
 ]
 # Tile elements a thread may hold at d = c = 1 in float32 or half precision;
 # a quarter of it for float64 (two registers an element, and float64 scores
 # take more temporaries), half where d or c > 1 (half again for the tangent
 # of a sparse plan, which carries per-feature terms beside each pair at a
-# fixed 128 owned points) and half again where d or c >= 16 (a thread's
-# float64 sums grow with d and c). More spills (bench sass).
+# fixed 128 owned points). Where d or c >= 16: WIDE_TILE_BUDGET (half for the
+# tangent), at most WIDE_OWNED points a program. More spills (bench sass).
 TILE_BUDGET = 32
+WIDE_TILE_BUDGET = 8
+WIDE_OWNED = 128
 # Rows layout: 2-16 rows of 256-1024 contiguous keys a program. Taller
 # tiles spill on sm_90: every element carries its own 64-bit address. The
 # float64 tangent keeps to 2 rows (ROWS_TALLEST_FLOAT64_TANGENT).
@@ -179,28 +189,57 @@ ROWS_BWD_CONFIGS = [
 ROWS_TALLEST_FLOAT64_TANGENT = 2
 
 
-def _prune(configs, named_args, owned, heavy=False, **meta):
+def _threads_a_wide_point(kernel, meta):
+    """Threads that share an owned point where d or c >= 16: the fewest at which
+    no such variant spills inside a loop (bench sass, sm_90, d = c = 32). Both
+    gradients dk and dv (2 (d + c) float64 sums a key) take 4; 2 take float64
+    dq and tangent, float32 or float64 dk or dv beside dw, the float32 forward
+    with exclude_self, and half-precision dq and dk with exclude_self (whose
+    left-out tiles leave tl.dot for a loop over features)."""
+    is64 = meta.get("ACC") == tl.float64
+    half = meta.get("USE_DOT_QK")
+    loo = meta.get("HAS_SKIP")
+    if kernel == "dkv":
+        k, v, w = meta.get("NEED_DK"), meta.get("NEED_DV"), meta.get("NEED_DW")
+        if k and v:
+            return 4
+        return 2 if ((k or v) and w and not half) or (half and loo and k) else 1
+    if kernel == "fwd":
+        return 2 if loo and not half and not is64 else 1
+    if kernel == "dq":
+        return 2 if is64 or (half and loo) else 1
+    return 2 if is64 else 1
+
+
+def _prune(configs, named_args, kernel, **meta):
     """tl.dot needs every dimension >= 16; a sparse pass owns the plan's block
-    (``owned``: BLOCK_N for the query-side passes, BLOCK_M for the key side);
-    a thread's tile stays within TILE_BUDGET (``heavy``: the tangent), with
-    one owned point a thread where d or c >= 16."""
+    (BLOCK_N for the query-side passes, BLOCK_M for ``kernel`` "dkv"); a
+    thread's tile stays within TILE_BUDGET, owning whole points, where d, c < 16,
+    and within WIDE_TILE_BUDGET, sharing points as ``_threads_a_wide_point``
+    says, where d or c >= 16; where no config fits its budget, the lightest
+    that shares points as needed."""
+    owned = "BLOCK_M" if kernel == "dkv" else "BLOCK_N"
     if meta.get("USE_DOT_QK") or meta.get("USE_DOT_PV"):
         configs = [c for c in configs if min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"]) >= 16]
     if meta.get("SPARSE"):
         configs = [c for c in configs if c.kwargs[owned] == SPARSE_BLOCK]
     width = max(named_args["D"], named_args.get("C", 1))
-    heavy = heavy and width > 1 and meta.get("SPARSE")
-    budget = TILE_BUDGET >> (
-        2 * (meta.get("ACC") == tl.float64) + (width > 1) + heavy + (width >= 16)
-    )
+    wide = width >= 16
+    heavy = kernel == "tangent" and width > 1 and meta.get("SPARSE")
+    budget = TILE_BUDGET >> (2 * (meta.get("ACC") == tl.float64) + (width > 1) + heavy)
+    if wide:
+        budget = WIDE_TILE_BUDGET >> (kernel == "tangent")
+        share = _threads_a_wide_point(kernel, meta)
 
     def per_thread(c):
         return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] // (32 * c.num_warps)
 
-    def fits(c):
-        return per_thread(c) <= budget and (width < 16 or c.kwargs[owned] <= 32 * c.num_warps)
+    def shared_as_needed(c):
+        threads, points = 32 * c.num_warps, c.kwargs[owned]
+        return points * share == threads and points <= WIDE_OWNED if wide else points >= threads
 
-    return [c for c in configs if fits(c)] or [min(configs, key=per_thread)]
+    shaped = [c for c in configs if shared_as_needed(c)] or configs
+    return [c for c in shaped if per_thread(c) <= budget] or [min(shaped, key=per_thread)]
 
 
 def _prune_rows_tangent(configs, named_args, **meta):
@@ -1201,18 +1240,24 @@ def _rows_tangent_kernel(
 
 # Autotuned twins for the GPU; the interpreter calls the plain kernels with
 # INTERPRET_CONFIGS.
-def _shared_tuning(configs, owned, heavy=False):
-    prune = functools.partial(_prune, owned=owned, heavy=heavy)
-    return triton.autotune(
-        configs, key=["n", "m", "D", "C", "SPARSE"], prune_configs_by={"early_config_prune": prune}
-    )
+def _shared_tuning(configs, kernel):
+    def tune(fn):
+        # The key holds every flag of fn's that changes the pruned list.
+        flags = [f for f in ("HAS_SKIP", "NEED_DK", "NEED_DV", "NEED_DW") if f in fn.arg_names]
+        return triton.autotune(
+            configs,
+            key=["n", "m", "D", "C", "SPARSE", *flags],
+            prune_configs_by={"early_config_prune": functools.partial(_prune, kernel=kernel)},
+        )(fn)
+
+    return tune
 
 
 _TUNED = {
-    _fwd_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N")(_fwd_kernel),
-    _dq_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N")(_dq_kernel),
-    _tangent_kernel: _shared_tuning(QUERY_CONFIGS, "BLOCK_N", heavy=True)(_tangent_kernel),
-    _dkv_kernel: _shared_tuning(KEY_CONFIGS, "BLOCK_M")(_dkv_kernel),
+    _fwd_kernel: _shared_tuning(QUERY_CONFIGS, "fwd")(_fwd_kernel),
+    _dq_kernel: _shared_tuning(QUERY_CONFIGS, "dq")(_dq_kernel),
+    _tangent_kernel: _shared_tuning(QUERY_CONFIGS, "tangent")(_tangent_kernel),
+    _dkv_kernel: _shared_tuning(KEY_CONFIGS, "dkv")(_dkv_kernel),
     _rows_fwd_kernel: triton.autotune(ROWS_FWD_CONFIGS, key=["n", "m"])(_rows_fwd_kernel),
     _rows_tangent_kernel: triton.autotune(
         ROWS_FWD_CONFIGS,

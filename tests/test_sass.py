@@ -32,22 +32,7 @@ COLD_SPILL_LIMIT = 64
 
 # What still spills inside a loop, each xfail(strict=True): a fix fails its entry
 # until removed.
-WIDE = (
-    "d = c = 32 backward/tangent: a thread's float64 sums hold d + c values for each point "
-    "it owns, beyond the registers at any streamed extent"
-)
-KNOWN_FAILURES = {
-    "sm90-dq-float64-d32c32-N128M8w4s2": WIDE,
-    "sm80-dkv-float32-d32c32-needs_kvw-M128N16w4s2": WIDE,
-    "sm90-dkv-float32-d32c32-needs_kvw-M128N16w4s2": WIDE,
-    "sm80-dkv-float64-d32c32-needs_kvw-M128N8w4s2": WIDE,
-    "sm90-dkv-float64-d32c32-needs_kvw-M128N8w4s2": WIDE,
-    "sm80-dkv-float16-d32c32-needs_kvw-M128N16w4s2": WIDE,
-    "sm90-dkv-float16-d32c32-needs_kvw-M128N16w4s2": WIDE,
-    "sm80-dkv-bfloat16-d32c32-needs_kvw-M128N16w4s2": WIDE,
-    "sm90-dkv-bfloat16-d32c32-needs_kvw-M128N16w4s2": WIDE,
-    "sm90-tangent-float64-d32c32-N128M8w4s2": WIDE,
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _found():
