@@ -178,15 +178,13 @@ ROWS_FWD_CONFIGS = [
     _cfg(4, BLOCK_R=8, BLOCK_M=256),
     _cfg(8, BLOCK_R=16, BLOCK_M=256),
 ]
+ROWS_TALLEST_FLOAT64_TANGENT = 2
 ROWS_BWD_CONFIGS = [
     _cfg(4, BLOCK_R=2),
     _cfg(4, BLOCK_R=4),
     _cfg(4, BLOCK_R=8),
     _cfg(8, BLOCK_R=8),
 ]
-
-
-ROWS_TALLEST_FLOAT64_TANGENT = 2
 
 
 def _threads_a_wide_point(kernel, meta):
@@ -225,11 +223,12 @@ def _prune(configs, named_args, kernel, **meta):
         configs = [c for c in configs if c.kwargs[owned] == SPARSE_BLOCK]
     width = max(named_args["D"], named_args.get("C", 1))
     wide = width >= 16
-    heavy = kernel == "tangent" and width > 1 and meta.get("SPARSE")
-    budget = TILE_BUDGET >> (2 * (meta.get("ACC") == tl.float64) + (width > 1) + heavy)
     if wide:
         budget = WIDE_TILE_BUDGET >> (kernel == "tangent")
         share = _threads_a_wide_point(kernel, meta)
+    else:
+        heavy = kernel == "tangent" and width > 1 and meta.get("SPARSE")
+        budget = TILE_BUDGET >> (2 * (meta.get("ACC") == tl.float64) + (width > 1) + heavy)
 
     def per_thread(c):
         return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] // (32 * c.num_warps)
