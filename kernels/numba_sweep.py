@@ -53,12 +53,14 @@ jit = functools.partial(njit, fastmath=FLAGS, error_model="numpy", cache=True, n
 inner = functools.partial(njit, fastmath=FLAGS, error_model="numpy", nogil=True)
 
 # Sums run in the input dtype over at most SUM_BLOCK points, SIMD lanes each
-# adding SUM_BLOCK / lanes terms (32 on AVX-512, 64 on AVX2, with LLVM's four
+# adding SUM_BLOCK / lanes terms (8 on AVX-512, 16 on AVX2, with LLVM's four
 # accumulators), and then go into float64: the depth of a float32 sum, and so
 # its error, stays bounded whatever m, even where one dominant weight makes a
 # lane drop the sub-ulp terms after it. Each block ends in a horizontal
-# reduction: at 512 points those cost 4-6% of a d = 1 pass on AVX-512.
-SUM_BLOCK = 2048
+# reduction: at 512 points those cost 4-6% of a d = 1 pass on AVX-512. Blocks
+# of 2048 put the float32 rows forward with signed w, whose sums the compiler
+# does not split across lanes, beyond the rounding bound of nwfast.testing.
+SUM_BLOCK = 512
 # Points of the swept side a tile: every row of a work item sweeps a tile in
 # turn, so that it is read from memory once and from L2 (96 KiB at d = c = 1,
 # 160 KiB at d = 3 in float32) by the rest. A row's visit of a tile costs about
