@@ -111,6 +111,17 @@ def _f64(x):
     return x.detach().to("cpu", F64)
 
 
+def _two_norm(x):
+    """The 2-norm of x's entries, as a float. Scaled by the largest entry first:
+    torch squares the entries as they are, and an error of 1e155 (a far query's
+    gradient times w = 1e171) would read as inf."""
+    x = _f64(x).flatten()
+    scale = float(x.abs().max()) if x.numel() else 0.0
+    if scale == 0.0 or scale == float("inf"):
+        return scale
+    return scale * float((x / scale).norm())
+
+
 def compare(out, ref, allowed, name="result"):
     """``||out - ref|| <= allowed`` over finite entries, NaN/inf in the same places."""
     out, ref = _f64(out), _f64(ref)
@@ -125,7 +136,7 @@ def compare(out, ref, allowed, name="result"):
             detail = f"{what} placement differs at {count} entries, first {where}"
             return Verdict(name, float("inf"), allowed, False, detail)
     diff = (out - ref).where(torch.isfinite(ref), 0.0)
-    error = float(diff.norm())
+    error = _two_norm(diff)
     detail = ""
     if error > allowed:
         worst = int(diff.abs().flatten().argmax())
@@ -145,8 +156,8 @@ def relative_error(out, ref):
     """||out - ref|| / ||ref|| over the finite entries of ref, in float64."""
     out, ref = _f64(out), _f64(ref)
     finite = torch.isfinite(ref)
-    scale = float(ref[finite].norm())
-    diff = float((out[finite] - ref[finite]).norm())
+    scale = _two_norm(ref[finite])
+    diff = _two_norm(out[finite] - ref[finite])
     return diff / scale if scale > 0 else diff
 
 
@@ -159,7 +170,7 @@ def assert_close(out, ref, tolerance=None, name="result"):
 
 def _norm(x):
     x = _f64(x)
-    return float(x[torch.isfinite(x)].norm())
+    return _two_norm(x[torch.isfinite(x)])
 
 
 def _compute_roundoff(dtype):
@@ -175,7 +186,7 @@ def _bound_norm(bound, ref):
     bound, judged = _f64(bound), torch.isfinite(_f64(ref))
     while judged.dim() > bound.dim():
         judged = judged.all(-1)
-    return float(torch.where(judged, bound.nan_to_num(nan=0.0), 0.0).norm())
+    return _two_norm(torch.where(judged, bound.nan_to_num(nan=0.0), 0.0))
 
 
 def _allowed(ref, bound, dtype, tolerance=TOLERANCE):
@@ -404,7 +415,7 @@ def _probe_error(want, rough, dtype, probe):
     """TORCH_FACTOR times the probe's error, scaled to dtype's roundoff. Where
     the probe is NaN or inf and the reference is not, it tells nothing: 0."""
     diff = _f64(rough.reshape(want.shape)) - _f64(want)
-    error = float(torch.where(torch.isfinite(diff), diff, 0.0).norm())
+    error = _two_norm(torch.where(torch.isfinite(diff), diff, 0.0))
     return TORCH_FACTOR * UNIT_ROUNDOFF[dtype] / UNIT_ROUNDOFF[probe] * error
 
 

@@ -14,7 +14,7 @@ hypothesis prints any failing case.
 import os
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import nwfast
@@ -134,8 +134,30 @@ def build(case):
     return q, k, v, w
 
 
+# One key far from its query at w = 1e171: the gradient is 0, a kernel's rounding
+# makes it ~1e155 (within its bound), whose square overflows an unscaled norm.
+FAR_SINGLE_KEY = {
+    "batch": (1,),
+    "n": 1,
+    "m": 1,
+    "d": 2,
+    "c": 1,
+    "loo": False,
+    "w_kind": "float",
+    "w": 1e171,
+    "placement": ("with-keys", 1.0, -1),
+    "strided": False,
+    "expanded": False,
+    "dtype": torch.float64,
+    "backend": "numba",
+    "seed": 0,
+}
+
+
 @budget
 @given(cases())
+@example(case=FAR_SINGLE_KEY)
+@example(case={**FAR_SINGLE_KEY, "backend": "triton"})
 def test_nw_pool_forward_and_gradients(case):
     q, k, v, w = build(case)
     device = "cuda" if case["backend"] == "triton" and torch.cuda.is_available() else "cpu"
@@ -159,6 +181,7 @@ def test_nw_pool_forward_and_gradients(case):
 
 @budget
 @given(cases())
+@example(case=FAR_SINGLE_KEY)
 def test_tangent_matches_the_reference(case):
     case = {**case, "backend": "numba"}
     q, k, v, w = build(case)
@@ -172,3 +195,10 @@ def test_tangent_matches_the_reference(case):
     # forward mode cannot take a stride-0 (expanded) primal: torch's own limit
     _, dout = torch.func.jvp(pool, (q, k, v.contiguous(), w), tuple(tangents))
     testing.assert_ok(testing.check_pool_tangent(dout, q, k, v, w, tangents, case["loo"]))
+
+
+def test_errors_whose_squares_overflow_are_measured():
+    error = torch.tensor([8.7e154, -2.0e154], dtype=torch.float64)
+    verdict = testing.compare(error, torch.zeros(2, dtype=torch.float64), 1e300)
+    assert verdict.ok and abs(verdict.error / 8.9269e154 - 1) < 1e-4, verdict
+    assert testing.relative_error(error, 2 * error) == 0.5
