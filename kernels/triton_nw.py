@@ -79,7 +79,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import EXACT_SHIFT_ABOVE, UNDERFLOW, accumulator_dtype, blocks, distance_shift, per_key
+from . import (
+    EXACT_SHIFT_ABOVE,
+    UNDERFLOW,
+    accumulator_dtype,
+    blocks,
+    distance_shift,
+    far,
+    per_key,
+    triton_fgt,
+)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -1391,10 +1400,13 @@ def _plan_blocks():
     return SPARSE_BLOCK, SPARSE_BLOCK
 
 
-def _dw(dw_keys, w):
-    """The per-key sums as w's gradient: summed over keys for a shared w."""
+def _dw(dw_keys, w, expanded=None):
+    """The per-key sums as w's gradient: summed over keys for a shared w, with
+    the expanded pairs' share (B,) where the plan has one."""
     if w.shape[-1] == 1:
         dw_keys = dw_keys.double().sum(-1, keepdim=True)
+    if expanded is not None:
+        dw_keys = dw_keys + expanded[:, None]
     return dw_keys.to(w.dtype)
 
 
@@ -1427,9 +1439,13 @@ class _Spans:
 
 
 def make_plan(query, key, w, diagonal, tolerance):
-    """The block-sparse plan, or None for a dense pass."""
+    """The block-sparse plan (with expansions of far key boxes where they
+    apply, ``far``), or None for a dense pass."""
     q_block, k_block = _plan_blocks()
-    return blocks.plan(query, key, w, tolerance, diagonal is not None, q_block, k_block)
+    points = functools.cache(lambda: blocks.survey(query, key, w))  # read once, if at all
+    if far.applies(query, key, w, tolerance, points):
+        return far.plan(query, key, w, tolerance, diagonal is not None, q_block, k_block)
+    return blocks.plan(query, key, w, tolerance, diagonal is not None, q_block, k_block, points)
 
 
 def forward(query, key, value, w, diagonal, tolerance):
@@ -1456,6 +1472,8 @@ def forward(query, key, value, w, diagonal, tolerance):
             spans.items("query"),
             exact=online,
         )
+    if plan is not None and plan.far is not None:
+        triton_fgt.forward(plan, q, k, v, spans.skip, spans.has_skip, out, lse)
     out, lse = blocks.queries_back(plan, out, lse)
     return out, lse, blocks.pack(plan, B, n, m)
 
@@ -1465,12 +1483,20 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     B, n, d = query.shape
     m, c = key.shape[1], value.shape[2]
     dtype, device = query.dtype, query.device
-    plan = blocks.unpack(packed)
+    plan = blocks.unpack(packed, far.Far)
     q, g, out, lse = blocks.queries_in_order(plan, query, grad_out, out, lse)
     k, v, w_keys = blocks.keys_in_order(plan, key, value, per_key(w, m))
     spans = _Spans(plan, diagonal, B, n, m, device)
     acc = accumulator_dtype(dtype)
-    lse_hi, lse_lo, scale = _shifts(q, k, w_keys, lse, spans, dtype, d, exact=keys is None)
+    shift = distance_shift(lse, w, spans.rows_kept if keys is None else keys)
+    far_dq = far_dk = far_dv = far_dw = None  # the expanded pairs' shares (float64)
+    every_pair = spans  # what a row's exact shift sweeps: the expanded pairs too
+    if plan is not None and plan.far is not None:
+        far_dq, far_dk, far_dv, far_dw = triton_fgt.backward_shares(
+            plan, (need_q, need_k, need_v, need_w), q, g, k, v, w, out, lse, shift, diagonal
+        )
+        every_pair = _Spans(far.as_direct(plan, n, m), diagonal, B, n, m, device)
+    lse_hi, lse_lo, scale = _shifts(q, k, w_keys, lse, every_pair, dtype, d, exact=keys is None)
     g = (g * scale[..., None].to(dtype)).contiguous()
     # delta_i = g_i . y_i, the per-query term of t_ij; O(n c), done once here
     # so neither pass has to rebuild it.
@@ -1489,6 +1515,8 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
             meta,
             spans.items("query"),
         )
+        if far_dq is not None:
+            dq = (dq + far_dq).to(dtype)
         (dq,) = blocks.queries_back(plan, dq)
     if need_k or need_v or need_w:
         # Unneeded outputs get a stand-in pointer that the kernel never touches.
@@ -1496,18 +1524,21 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
         dv = torch.empty_like(v) if need_v else v
         # float32 partial sums per key: summed in float64 for a shared w.
         dw_keys = torch.empty(w_keys.shape, dtype=acc, device=device) if need_w else w_keys
-        shift = distance_shift(lse, w, spans.rows_kept if keys is None else keys).to(acc)
         _launch(
             _dkv_kernel,
             "key",
             m,
-            (q, k, v, ck, g, lse_hi, lse_lo, delta, shift, spans.skip, spans.skipped_by)
+            (q, k, v, ck, g, lse_hi, lse_lo, delta, shift.to(acc), spans.skip, spans.skipped_by)
             + (spans.query_ptr, spans.query_spans, dk, dv, dw_keys, n, m, d, c),
             {**meta, "NEED_DK": need_k, "NEED_DV": need_v, "NEED_DW": need_w},
             spans.items("key"),
         )
+        if far_dk is not None:
+            dk = (dk + far_dk).to(dtype)
+        if far_dv is not None:
+            dv = (dv + far_dv).to(dtype)
         dk, dv, dw_keys = blocks.keys_back(plan, dk, dv, dw_keys)
-        dw = _dw(dw_keys, w) if need_w else None
+        dw = _dw(dw_keys, w, far_dw) if need_w else None
     return dq, dk if need_k else None, dv if need_v else None, dw
 
 
@@ -1518,7 +1549,7 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
         torch.zeros_like(x) if t is None else t for t, x in zip(tangents, (query, key, value, w))
     )
     dq, dk, dv, dw = zeros
-    plan = blocks.unpack(packed)
+    plan = far.as_direct(blocks.unpack(packed, far.Far), n, m)
     q, dq, y, lse = blocks.queries_in_order(plan, query, dq, out, lse)
     k, dk, v, dv, w, dw = blocks.keys_in_order(
         plan, key, dk, value, dv, per_key(w, m), per_key(dw, m)

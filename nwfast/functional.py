@@ -162,8 +162,8 @@ def plan_summary(query, key, w, *, exclude_self=False, backend="auto", tolerance
     """The plan ``nw_pool`` makes for these arguments, in numbers (``PlanSummary``).
 
     The arguments are ``pairs_computed``'s. Expansions of far key boxes (the
-    fast Gauss transform) enter plans on CPU with one w > 0 for all keys and
-    d <= 2, where enough keys lie near the queries; block skipping as
+    fast Gauss transform) enter plans of either backend with one w > 0 for all
+    keys and d <= 2, where enough keys lie near the queries; block skipping as
     ``nw_pool`` describes.
     """
     value = key[..., :1] if key.dim() > 1 else key  # shapes only

@@ -10,7 +10,7 @@ from test_blocks import family
 import nwfast
 from nwfast import reference, testing
 from nwfast._checks import prepare_shared
-from nwfast.kernels import blocks, far, numba_fgt, numba_nw
+from nwfast.kernels import blocks, far, numba_fgt, numba_nw, triton_nw
 
 F64 = torch.float64
 
@@ -67,6 +67,9 @@ CASES = {
     "tiny-w-1d-batch": ("uniform", "normal", 1200, 1000, 1, 30.0, 1, 2),
     "uniform-2d": ("uniform", "uniform", 2500, 2500, 2, 0.25, 1, 1),
     "normal-2d-loo-batch": ("normal", None, 1800, 1800, 2, 0.1, 2, 2),
+    # smaller, for the interpreter's Triton path (p^2 terms a pair, a Python loop each)
+    "uniform-2d-small": ("uniform", "uniform", 640, 700, 2, 0.25, 1, 1),
+    "normal-2d-loo-small": ("normal", None, 900, 900, 2, 0.2, 2, 2),
 }
 
 
@@ -349,3 +352,115 @@ def test_the_leave_one_out_search_with_expansions(monkeypatch):
     assert len(expanded) > 3  # passes that expanded something
     (h, mse), (h_ref, mse_ref) = fits
     assert abs(h / h_ref - 1) < 1e-4 and abs(mse / mse_ref - 1) < 1e-8
+
+
+# --- the Triton path: the same plans, the far sums in Triton kernels ------------
+
+# Under the interpreter a program owns 256 points by default, too many for a
+# box to expand anything at these sizes; 64 as on a GPU here (sparse_everywhere).
+FAR_TILES = {"query": {"BLOCK_N": 64, "BLOCK_M": 256}, "key": {"BLOCK_N": 256, "BLOCK_M": 64}}
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_blocks(monkeypatch):
+    for side, config in FAR_TILES.items():
+        monkeypatch.setitem(triton_nw.INTERPRET_CONFIGS, side, config)
+
+
+def triton_plan_of(q, k, w, loo, tolerance):
+    args = prepare_shared(q, k, k[..., :1], w, loo)
+    return triton_nw.make_plan(args.q, args.k, args.w, 0 if loo else None, tolerance)
+
+
+def on_device(*tensors):
+    return [x.to(TRITON_DEVICE) for x in tensors]
+
+
+TRITON_CASES = [
+    (name, dtype)
+    for name in ("uniform-1d", "normal-1d-loo-channels", "tiny-w-1d-batch", "normal-2d-loo-small")
+    for dtype in (torch.float32, F64)
+] + (  # the interpreter computes no half precision
+    [("uniform-1d", torch.float16), ("normal-2d-loo-small", torch.bfloat16)]
+    if torch.cuda.is_available()
+    else []
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"), TRITON_CASES, ids=[f"{n}-{str(t)[6:]}" for n, t in TRITON_CASES]
+)
+def test_triton_expansions_forward_and_gradients(name, dtype, triton_blocks):
+    q, k, v, w, loo = case_inputs(name, dtype)
+    plan = triton_plan_of(q, k, w, loo, nwfast._checks.resolve_tolerance(None, dtype))
+    if q.shape[-1] == 1 or dtype != F64:
+        assert plan is not None and plan.far is not None and plan.far.expanded > 0
+    leaves = [x.clone().requires_grad_() for x in on_device(q, k, v, w)]
+    out = nwfast.nw_pool(*leaves, exclude_self=loo, backend="triton")
+    g = torch.randn_like(out)
+    out.backward(g)
+    testing.assert_ok(
+        testing.check_pool(out, q, k, v, w, loo),
+        *testing.check_pool_gradients([x.grad for x in leaves], q, k, v, w, g, loo),
+    )
+
+
+@pytest.mark.parametrize("name", ["outliers-1d", "clusters-1d-loo", "uniform-2d-small"])
+def test_triton_rows_within_their_bound(name, triton_blocks):
+    """As ``test_every_row_within_its_bound``, through the Triton kernels."""
+    q, k, v, w, loo = case_inputs(name)
+    tolerance = 1e-6
+    plan = triton_plan_of(q, k, w, loo, tolerance)
+    assert plan.far is not None and plan.far.expanded > 0
+    bound = far.row_bounds(plan, q.shape[1])
+    out = nwfast.nw_pool(
+        *on_device(q, k, v, w), exclude_self=loo, tolerance=tolerance, backend="triton"
+    )
+    exact = reference.pool_and_lse(q, k, v, w, loo)[0]
+    error = (out.cpu() - exact).norm(dim=-1)
+    assert float(error.max()) > 1e-12  # the expansions truncate something, past rounding
+    allowed = 2 * bound * v.norm(dim=-1).amax(dim=-1, keepdim=True) + 1e-13
+    assert (error <= allowed).all(), f"row error {float((error / allowed).max()):.3g} x its bound"
+
+
+def test_triton_tangent_by_the_direct_path(triton_blocks):
+    q, k, v, w, loo = case_inputs("uniform-1d")
+    tangents = tuple(torch.randn_like(x) for x in (q, k, v, w))
+    assert triton_plan_of(q, k, w, loo, 2.0**-53).far is not None
+    _, dout = torch.func.jvp(
+        lambda *a: nwfast.nw_pool(*a, exclude_self=loo, backend="triton"),
+        tuple(on_device(q, k, v, w)),
+        tuple(on_device(*tangents)),
+    )
+    testing.assert_ok(testing.check_pool_tangent(dout, q, k, v, w, tangents, loo))
+
+
+def test_triton_far_queries_beside_expansions(triton_blocks):
+    """As ``test_far_queries_beside_expansions``, through the Triton kernels:
+    far rows among expanded ones keep their nearest key's value, and their
+    gradients (an exact shift each) stay within the policy."""
+    h = 0.01
+    k = torch.rand(1500, 1, dtype=F64)
+    far_q = torch.tensor([1 + 10 * h, -10 * h, 1 + 1e3 * h, -1e3 * h, 1 + 1e4, -1e4], dtype=F64)
+    q = torch.cat([torch.rand(1400, 1, dtype=F64), far_q[:, None]])[torch.randperm(1406)]
+    v = torch.randn(1500, 2, dtype=F64)
+    q, k, v = (x.float() for x in (q, k, v))
+    w = torch.tensor(h**-2)
+    assert triton_plan_of(q[None], k[None], w, False, 2.0**-24).far.expanded > 0
+    leaves = [x.clone().requires_grad_() for x in on_device(q, k, v, w)]
+    out = nwfast.nw_pool(*leaves, backend="triton")
+    g = torch.randn_like(out)
+    out.backward(g)
+    testing.assert_ok(
+        testing.check_pool(out, q, k, v, w),
+        *testing.check_pool_gradients([x.grad for x in leaves], q, k, v, w, g),
+    )
+
+
+def test_triton_plan_summary(triton_blocks):
+    q, k, _, w, loo = case_inputs("uniform-1d")
+    plan = triton_plan_of(q, k, w, loo, 2.0**-53)
+    summary = nwfast.plan_summary(*on_device(q, k, w), exclude_self=loo, backend="triton")
+    assert summary.expanded == plan.far.expanded > 0
+    assert summary.computed == plan.pairs
