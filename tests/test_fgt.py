@@ -391,7 +391,7 @@ TRITON_CASES = [
 @pytest.mark.parametrize(
     ("name", "dtype"), TRITON_CASES, ids=[f"{n}-{str(t)[6:]}" for n, t in TRITON_CASES]
 )
-def test_triton_expansions_forward_and_gradients(name, dtype, triton_blocks):
+def test_triton_expansions_forward_and_gradients(name, dtype, triton_blocks, poisoned):
     q, k, v, w, loo = case_inputs(name, dtype)
     plan = triton_plan_of(q, k, w, loo, nwfast._checks.resolve_tolerance(None, dtype))
     if q.shape[-1] == 1 or dtype != F64:
