@@ -9,17 +9,19 @@ this file computes what ``numba_fgt.forward`` computes, in float64:
   node's keys, s_j = (k_j - centre) / delta, for the values' channels and a
   channel of ones. A term is exp(n log|s| - log n!) with its sign: no
   recurrence across orders, so every order of a chunk of keys is one tile.
-- ``_fgt_fold_kernel``: one program per query block evaluates the Hermite series
-  of every node its box expands at its rows (h_0 = exp(-t^2), h_1 = 2 t h_0,
-  h_{n+1} = 2 t h_n - 2 n h_{n-1}), subtracts each row's left-out key exactly,
-  and folds the sums into the direct pass's out and lse: sum = exp(lse) +
-  expanded, out = (out exp(lse) + expanded values) / sum, lse = log(sum).
+- ``_fgt_locals_kernel``: one program per (query box, channel) translates the
+  Hermite expansions of the nodes a box expands into its local (Taylor)
+  expansion, where the plan gives it one: B_k = prod_f (-1)^k_f / k_f! sum_n
+  A_n prod_f h_{n_f + k_f}(t0_f), t0 the box's centre seen from the node's.
+- ``_fgt_fold_kernel``: one program per query block evaluates, at its rows,
+  the box's local expansion by Horner's rule, or else the Hermite series of
+  every node the box expands (h_0 = exp(-t^2), h_1 = 2 t h_0, h_{n+1} = 2 t
+  h_n - 2 n h_{n-1}); subtracts each row's left-out key exactly; and folds the
+  sums into the direct pass's out and lse: sum = exp(lse) + expanded, out =
+  (out exp(lse) + expanded values) / sum, lse = log(sum).
 
-A box whose plan has a local (Taylor) expansion evaluates each node's Hermite
-series instead: the local expansion only adds truncation error, so the bound
-the planner proved for the Hermite series holds. The backward's far shares
-come from ``numba_fgt`` on the host, the tangent computes the expanded pairs
-directly (``far.as_direct``), as on the CPU.
+The backward's far shares come from ``numba_fgt`` on the host, the tangent
+computes the expanded pairs directly (``far.as_direct``), as on the CPU.
 """
 
 import math
@@ -104,15 +106,86 @@ def _odd_power(s, n):
 
 
 @triton.jit
+def _shifted_hermite(t0, count, n, k):
+    # T[n, k] = h_{n + k}(t0) for n + k < count (0 beyond): the recurrence
+    # along n + k, each value placed where the index meets it.
+    j = n[:, None] + k[None, :]
+    h_prev = tl.exp(-t0 * t0)
+    h = 2.0 * t0 * h_prev
+    T = tl.where(j == 0, h_prev, 0.0)
+    T = tl.where(j == 1, h, T)  # count >= 2: a Hermite order and a local one
+    for i in range(1, count - 1):
+        h_prev, h = h, 2.0 * t0 * h - 2.0 * i * h_prev
+        T = tl.where(j == i + 1, h, T)
+    return T
+
+
+@triton.jit
+def _fgt_locals_kernel(
+    QBox, QCentre, QLocal, RowPtr, RowPairs, KCentre, Delta, Moments, MOffset, MOrder,
+    LogFact, LOffset, Coef,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    # Program (box x, channel ch): the box's local expansion, Coef[LOffset[x]
+    # + ch * pl^D + ...], B_k = prod_f (-1)^k_f / k_f! sum_n A_n prod_f
+    # h_{n_f + k_f}(t0_f), t0 = (box centre - node centre) / delta, from the
+    # Hermite moments of every node the box expands (at its value order).
+    x = tl.program_id(0)
+    ch = tl.program_id(1)
+    pl = tl.load(QLocal + x).to(tl.int32)
+    b = tl.load(QBox + 3 * x)
+    inv = 1.0 / tl.load(Delta + b)
+    first = tl.load(RowPtr + x)
+    last = tl.load(RowPtr + x + 1)
+    n = tl.arange(0, BLOCK_N)
+    k = tl.arange(0, BLOCK_L)
+    # (-1)^k / k!
+    scale = tl.exp(-tl.load(LogFact + k, mask=k < pl, other=0.0))
+    scale = tl.where(k % 2 == 1, -scale, scale)
+    if D == 1:
+        acc = tl.zeros([BLOCK_L], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_L, BLOCK_L], dtype=tl.float64)
+    for pair in range(first, last):
+        u = tl.load(RowPairs + 4 * pair)
+        p = tl.load(RowPairs + 4 * pair + 1).to(tl.int32)
+        p_node = tl.load(MOrder + u).to(tl.int32)
+        size = p_node * p_node if D == 2 else p_node
+        at = tl.load(MOffset + u) + ch * size
+        t01 = (tl.load(QCentre + D * x) - tl.load(KCentre + D * u)) * inv
+        T1 = _shifted_hermite(t01, p + pl, n, k)
+        if D == 1:
+            a = tl.load(Moments + at + n, mask=n < p, other=0.0)
+            acc += tl.sum(a[:, None] * T1, axis=0)
+        else:
+            t02 = (tl.load(QCentre + D * x + 1) - tl.load(KCentre + D * u + 1)) * inv
+            T2 = _shifted_hermite(t02, p + pl, n, k)
+            for n1 in range(0, p):
+                a = tl.load(Moments + at + n1 * p_node + n, mask=n < p, other=0.0)
+                inner = tl.sum(a[:, None] * T2, axis=0)  # over k2
+                outer = tl.sum(tl.where(n[:, None] == n1, T1, 0.0), axis=0)  # h_{n1+k1}
+                acc += outer[:, None] * inner[None, :]
+    base = tl.load(LOffset + x)
+    if D == 1:
+        tl.store(Coef + base + ch * pl + k, acc * scale, mask=k < pl)
+    else:
+        coef = acc * scale[:, None] * scale[None, :]
+        at = base + ch * pl * pl + k[:, None] * pl + k[None, :]
+        tl.store(Coef + at, coef, mask=(k[:, None] < pl) & (k[None, :] < pl))
+
+
+@triton.jit
 def _fgt_fold_kernel(
     Q, K, V, Out, Lse, Skip, BoxOfBlock, RowPtr, RowPairs, KNode, KCentre, Delta, Moments,
-    MOffset, MOrder, n, m,
+    MOffset, MOrder, QCentre, QLocal, LOffset, Coef, n, m,
     D: tl.constexpr, C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_SKIP: tl.constexpr,
 ):  # fmt: skip
     # Query block ``item`` (batch b, rows [i0, i0 + BLOCK_R)): the sums of the
     # nodes its box expands, column ch < C the values', column C the weights',
-    # folded into Out (B, n, C) and Lse (B, n).
+    # folded into Out (B, n, C) and Lse (B, n). A box with a local expansion
+    # (QLocal > 0) evaluates it by Horner's rule; one without evaluates each
+    # node's Hermite series.
     item = tl.program_id(0)
     blocks = tl.cdiv(n, BLOCK_R)
     b = item // blocks
@@ -129,14 +202,33 @@ def _fgt_fold_kernel(
         x2 = tl.load(Q + row * D + 1, mask=kept, other=0.0).to(tl.float64)
     if HAS_SKIP:
         left_out = tl.load(Skip + row, mask=kept, other=-1)
+    chan_kept = chans < C + 1
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+    p_local = tl.load(QLocal + box).to(tl.int32)
+    if p_local > 0:
+        at = tl.load(LOffset + box) + chans * (p_local * p_local if D == 2 else p_local)
+        tau1 = (x1 - tl.load(QCentre + D * box)) * inv
+        if D == 2:
+            tau2 = (x2 - tl.load(QCentre + D * box + 1)) * inv
+        for step1 in range(0, p_local):
+            k1 = p_local - 1 - step1
+            if D == 1:
+                c = tl.load(Coef + at + k1, mask=chan_kept, other=0.0)
+                acc = acc * tau1[:, None] + c[None, :]
+            else:
+                inner = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
+                for step2 in range(0, p_local):
+                    k2 = p_local - 1 - step2
+                    c = tl.load(Coef + at + k1 * p_local + k2, mask=chan_kept, other=0.0)
+                    inner = inner * tau2[:, None] + c[None, :]
+                acc = acc * tau1[:, None] + inner
     for pair in range(first, last):
         u = tl.load(RowPairs + 4 * pair)
         p = tl.load(RowPairs + 4 * pair + 1).to(tl.int32)
+        p = tl.where(p_local > 0, 0, p)  # the local expansion holds this node's sum
         p_node = tl.load(MOrder + u).to(tl.int32)
         size = p_node * p_node if D == 2 else p_node
         at = tl.load(MOffset + u) + chans * size
-        chan_kept = chans < C + 1
         t1 = (x1 - tl.load(KCentre + D * u)) * inv
         h_prev = tl.exp(-t1 * t1)
         h = 2.0 * t1 * h_prev
@@ -207,8 +299,8 @@ def forward(plan, q, k, v, skip, has_skip, out, lse):
     np.maximum.at(order, expansions.row_pairs[:, 0], expansions.row_pairs[:, 1])
     offset, total = numba_fgt._moment_layout(order, c + 1, d)
     moments = torch.empty(max(total, 1), dtype=torch.float64, device=device)
-    top = far.MAX_ORDER[d]
-    log_fact = torch.tensor([math.lgamma(i + 1.0) for i in range(top + 1)], dtype=torch.float64)
+    top = max(far.MAX_ORDER[d], far.MAX_LOCAL[d])
+    log_fact = torch.tensor([math.lgamma(i + 1.0) for i in range(2 * top)], dtype=torch.float64)
     nodes, delta = _device(expansions.k_node, device), _device(expansions.delta, device)
     # one tile width per d, for every order the planner may choose: one compile
     terms = triton.next_power_of_2(far.MAX_ORDER[d] ** d)
@@ -217,11 +309,25 @@ def forward(plan, q, k, v, skip, has_skip, out, lse):
         _device(offset, device), log_fact.to(device), moments, k.shape[1],
         D=d, C=c, BLOCK_K=MOMENT_KEYS[d], BLOCK_T=terms,
     )  # fmt: skip
+    row_ptr, row_pairs = _device(expansions.row_ptr, device), _device(expansions.row_pairs, device)
+    k_centre, q_centre = _device(expansions.k_centre, device), _device(expansions.q_centre, device)
+    m_offset, m_order = _device(offset, device), _device(order, device)
+    # the boxes' local expansions, from the moments of the nodes they expand
+    q_local = expansions.q_local
+    l_offset, l_total = numba_fgt._moment_layout(q_local, c + 1, d)
+    coef = torch.empty(max(l_total, 1), dtype=torch.float64, device=device)
+    l_offset, q_local = _device(l_offset, device), _device(q_local, device)
+    if l_total:
+        _fgt_locals_kernel[(len(expansions.q_local), c + 1)](
+            _device(expansions.q_box, device), q_centre, q_local, row_ptr, row_pairs, k_centre,
+            delta, moments, m_offset, m_order, log_fact.to(device), l_offset, coef,
+            D=d, BLOCK_N=triton.next_power_of_2(far.MAX_ORDER[d]),
+            BLOCK_L=triton.next_power_of_2(far.MAX_LOCAL[d]),
+        )  # fmt: skip
     _fgt_fold_kernel[(len(expansions.box_of_block),)](
-        q, k, v, out, lse, skip, _device(expansions.box_of_block, device),
-        _device(expansions.row_ptr, device), _device(expansions.row_pairs, device), nodes,
-        _device(expansions.k_centre, device), delta, moments, _device(offset, device),
-        _device(order, device), n, k.shape[1],
+        q, k, v, out, lse, skip, _device(expansions.box_of_block, device), row_ptr, row_pairs,
+        nodes, k_centre, delta, moments, m_offset, m_order, q_centre, q_local, l_offset, coef,
+        n, k.shape[1],
         D=d, C=c, BLOCK_R=plan.q_block, BLOCK_C=triton.next_power_of_2(c + 1),
         HAS_SKIP=has_skip,
     )  # fmt: skip

@@ -413,6 +413,8 @@ def test_triton_rows_within_their_bound(name, triton_blocks):
     tolerance = 1e-6
     plan = triton_plan_of(q, k, w, loo, tolerance)
     assert plan.far is not None and plan.far.expanded > 0
+    # boxes that evaluate a local expansion and boxes that evaluate each series
+    assert (plan.far.q_local > 0).any() and (plan.far.q_local == 0).any()
     bound = far.row_bounds(plan, q.shape[1])
     out = nwfast.nw_pool(
         *on_device(q, k, v, w), exclude_self=loo, tolerance=tolerance, backend="triton"
