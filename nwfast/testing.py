@@ -49,9 +49,11 @@ float64 (scores near 1e300), NaN/inf placement is what is judged.
   is at most ``tau_ij = p_ij (1 + |s_ij|) ||g_i|| (||v_j|| + sum_k p_ik ||v_k||)``,
   and each gradient sums it times its own factor (``|w_j| ||q_i - k_j||`` for dq
   and dk, ``| ||q_i - k_j||^2 - r_i | / 2`` for dw with the kernel contract's
-  distance shift r_i, ``p_ij (1 + |s_ij|) |g_i|`` for dv): torch is exact by
-  luck where a softmax is exactly one-hot, and an equally accurate kernel
-  need not be. ``GRAD_TOLERANCE`` is the floor (1e-10 in float64).
+  distance shift r_i, ``p_ij (1 + |s_ij|) |g_i|`` for dv). dw also carries the
+  rounding of the shifted distance itself, ``|t_ij| 4 u (d_ij^2 + |r_i|) / 2``,
+  large beside the difference for a far query. Torch is exact by luck where a
+  softmax is exactly one-hot, and an equally accurate kernel need not be.
+  ``GRAD_TOLERANCE`` is the floor (1e-10 in float64).
 * **Local-linear moments** (``check_moments``, ``check_moments_gradient``): the
   moments are a softmax pooling of the terms phi_ij (``nwfast.local_linear``),
   judged as outputs are. Their gradient in w_f sums ``t_ij (u_ijf^2 - r_if) / 2``
@@ -456,12 +458,20 @@ def _pair_floors(pairs, upstream, shared_w, roundoff):
     tau = pairs.rounding * g_size[..., None] * (v_size + a[..., None])
     dist = torch.where(used, pairs.diff.norm(dim=-1), 0.0)
     dist2 = dist * dist
+    distance_rounding = 0.0
     if shared_w:
         shift = distance_shift(pairs.lse, pairs.w[..., 0], pairs.keys)[..., None]
         # The shifted distance is a difference of two rounded numbers, a few u
         # (d^2 + |r|) off, and r = -2 (lse - log m) / w carries the lse's own
         # error divided by w: that matters where the difference is ~0.
         lse_error = 2 * roundoff * _lse_bound(pairs)[..., None] / pairs.w.abs()
+        # Those few u (d^2 + |r|) also meet t_ij itself, not only its rounding:
+        # |t_ij| 4 u (d^2 + |r|), first order (queries 13 bandwidths out at
+        # w = 3e-10: d^2 ~ 5e11, u d^2 ~ 3e4 in float32), in the floor over
+        # what _allowed multiplies it by.
+        t = (g[..., None, :] * (pairs.values - pairs.out[..., None, :])).sum(-1)
+        t_size = torch.where(used, p * t.abs(), 0.0)
+        distance_rounding = t_size * 4 * (dist2 + shift.abs()) / ROUNDING_FACTOR
         # The float64 reference sums t_ij d_ij^2 unshifted: its own error, about
         # u64 sum |t_ij| d_ij^2, is as far as it can judge (queries ~1e12 out).
         reference_error = UNIT_ROUNDOFF[F64] / roundoff * dist2
@@ -469,7 +479,7 @@ def _pair_floors(pairs, upstream, shared_w, roundoff):
         dist2 = dist2 + reference_error
     pair_q = tau * pairs.w.abs() * dist
     pair_v = pairs.rounding[..., None] * g[..., None, :].abs()
-    return pair_q, pair_v, 0.5 * tau * dist2
+    return pair_q, pair_v, 0.5 * (tau * dist2 + distance_rounding)
 
 
 def _w_size(w):

@@ -154,10 +154,29 @@ FAR_SINGLE_KEY = {
 }
 
 
+# Queries 13 bandwidths beyond the keys at w = 3e-10 in float32: d^2 ~ 5e11,
+# whose rounding (u d^2 ~ 3e4 a pair) meets dw at first order.
+FAR_TINY_W = {
+    **FAR_SINGLE_KEY,
+    "batch": (),
+    "n": 17,
+    "m": 6,
+    "d": None,
+    "c": None,
+    "w_kind": "one-element",
+    "w": 3.1622776601683795e-10,
+    "placement": ("apart", 1.109375, -1),
+    "strided": True,
+    "dtype": torch.float32,
+    "seed": 16777215,
+}
+
+
 @budget
 @given(cases())
 @example(case=FAR_SINGLE_KEY)
 @example(case={**FAR_SINGLE_KEY, "backend": "triton"})
+@example(case=FAR_TINY_W)
 def test_nw_pool_forward_and_gradients(case):
     q, k, v, w = build(case)
     device = "cuda" if case["backend"] == "triton" and torch.cuda.is_available() else "cpu"
