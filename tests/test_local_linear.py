@@ -450,9 +450,10 @@ def test_skipping_keeps_the_stated_bound(name, monkeypatch, fresh_seed):
     *_, smallest, m_q = skipping_bound(q, k, v, w, loo, planned, exact)
     dense = nwfast.local_linear_pool(q, k, v, w, exclude_self=loo, tolerance=0.0)
     fit = nwfast.local_linear_pool(q, k, v, w, exclude_self=loo, tolerance=tolerance)
-    # The moments' rounding, amplified by the solve as the conditioning allows;
+    # The moments' rounding, amplified by the solve as the conditioning allows,
+    # in both solvers (the fused one and lstsq: 1.3x 1e-14 seen between them);
     # rows too thin for a line take the local-constant value, not lstsq's.
-    amplified = 1e-14 * (1 + m_q**2) / smallest
+    amplified = 4e-14 * (1 + m_q**2) / smallest
     noise = 4 * (dense - exact[:, 0]).abs() + amplified[:, None] * v.abs().max()
     lines = (smallest > 1e-8) & (conditioned > 1e-8)
     assert ((fit - through_planned[:, 0]).abs() <= noise)[lines].all()
