@@ -9,8 +9,10 @@ backward, float32 and bfloat16, shared keys n = m = 4096 ... 2^20, rows layout
 torch.compile and pykeops where it imports; (3) block skipping: the sparse
 preset's goal cases (n = m = 2^18, h = 0.01, d = 1 and 2, forward and fwd+bwd)
 beside tolerance=0; (3b) the tensor-core route: d = 32 in bfloat16 beside
-``scaled_dot_product_attention`` with the key bias (the same softmax); (4) the
-goals, judged on their rows; (5) the plots.
+``scaled_dot_product_attention`` with the key bias (the same softmax); (3c) far
+fields: the fgt preset's 2^20 points at Silverman's h (d = 1, forward and
+fwd+bwd), the expansions beside block skipping alone; (4) the goals, judged on
+their rows; (5) the plots.
 OUTDIR gets the two JSON files (their headers hold the goals), the test log
 and the PNGs.
 
@@ -34,6 +36,18 @@ from bench.report import console
 BUDGET_S = 9 * 60
 TEST_BUDGET_S = 240
 SASS_BUDGET_S = 60
+FAR_BUDGET_S = 45
+# The far fields on the GPU: the fgt preset's cases at 2^20 points (forward and
+# fwd+bwd), the expansions beside block skipping alone.
+FAR_PEERS = ["nwfast", "nwfast-skip"]
+FAR_CASES = {
+    "ops": ("shared",),
+    "sizes": (1 << 20,),
+    "dims": (1,),
+    "data": ("uniform",),
+    "h_rules": ("silverman",),
+    "dtypes": ("float32",),
+}
 PEERS = ["nwfast", "torch-compile", "pykeops", "torch-broadcast", "torch-repeat"]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,8 +128,8 @@ def suite(out: Path, skip_tests: bool = False) -> int:
     con.rule("2. GPU sweep")
     from bench.run import run
 
-    # Leave a minute and a half for block skipping, a minute for the goals and plots,
-    # one for the sass report.
+    # Leave a minute and a half for block skipping, 45 s for the far fields, a minute for
+    # the goals and plots, one for the sass report.
     path, head, rows = run(
         con,
         kind="gpu",
@@ -126,7 +140,12 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         ops=("shared", "rows"),
         modes=("forward", "backward"),
         dtypes=("float32", "bfloat16"),
-        deadline=time.time() + BUDGET_S - 150 - SASS_BUDGET_S - (time.monotonic() - start),
+        deadline=time.time()
+        + BUDGET_S
+        - 150
+        - FAR_BUDGET_S
+        - SASS_BUDGET_S
+        - (time.monotonic() - start),
     )
 
     con.rule("3. Block skipping: the sparse preset's goal cases")
@@ -143,7 +162,12 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         data=("uniform", "unit"),
         h_rules=("h=0.01",),
         dtypes=("float32",),
-        deadline=time.time() + BUDGET_S - 60 - SASS_BUDGET_S - (time.monotonic() - start),
+        deadline=time.time()
+        + BUDGET_S
+        - 60
+        - FAR_BUDGET_S
+        - SASS_BUDGET_S
+        - (time.monotonic() - start),
     )
 
     con.rule("3b. The tensor-core route: d = 32, bfloat16, beside dot-product attention")
@@ -159,7 +183,24 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         sizes=(1 << 14, 1 << 16),
         dims=(32,),
         dtypes=("bfloat16",),
-        deadline=time.time() + BUDGET_S - 75 - SASS_BUDGET_S - (time.monotonic() - start),
+        deadline=time.time()
+        + BUDGET_S
+        - 75
+        - FAR_BUDGET_S
+        - SASS_BUDGET_S
+        - (time.monotonic() - start),
+    )
+
+    con.rule("3c. Far fields: 2^20 points, d = 1, Silverman's h, beside skipping alone")
+    far_path, _, _ = run(
+        con,
+        kind="gpu",
+        preset="fgt",
+        device="cuda",
+        peers=FAR_PEERS,
+        out_dir=out,
+        **FAR_CASES,
+        deadline=time.time() + BUDGET_S - 60 - SASS_BUDGET_S - (time.monotonic() - start),
     )
 
     con.rule("4. Goals")
@@ -173,7 +214,7 @@ def suite(out: Path, skip_tests: bool = False) -> int:
     con.rule("5. Plots")
     from bench.plot import plot_files
 
-    for made in plot_files([path, sparse_path, tensor_path], out):
+    for made in plot_files([path, sparse_path, tensor_path, far_path], out):
         con.print(str(made))
     sass_code, sass_path = sass_report(out, con)
     beside = sass_path and measured_beside_predicted(out, path, sass_path, con)

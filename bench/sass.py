@@ -276,9 +276,13 @@ def _launch_all(rec: _Recorder) -> None:
             w = torch.full((1, 1), FAR_W, dtype=dtype)
             block = triton_nw.SPARSE_BLOCK
             plan = far.plan(q, k, w, 2.0**-24, loo, block, block)
-            skip, _ = blocks.skips(plan, 0 if loo else None, 1, SIZE, SIZE)
+            skip, skipped_by = blocks.skips(plan, 0 if loo else None, 1, SIZE, SIZE)
+            skip, skipped_by = torch.from_numpy(skip), torch.from_numpy(skipped_by)
             out, lse = torch.empty_like(v), torch.empty(1, SIZE, dtype=torch.float64)
-            triton_fgt.forward(plan, q, k, v, torch.from_numpy(skip), loo, out, lse)
+            triton_fgt.forward(plan, q, k, v, skip, loo, out, lse)
+            shift = torch.zeros(1, SIZE, dtype=torch.float64)
+            args = (q, out, k, v, w, out, lse, shift, skip, skipped_by, loo)
+            triton_fgt.backward_shares(plan, (True,) * 4, *args)
 
 
 def _enumerate() -> list[dict]:

@@ -358,3 +358,18 @@ def test_fgt_plan_goals_and_peers(tmp_path):
          str(tmp_path)], cwd=REPO, check=True, capture_output=True,
     )  # fmt: skip
     assert list(tmp_path.glob("bench_fgt_cpu_float32.png"))
+
+
+def test_the_gpu_suite_times_the_far_fields():
+    """The GPU suite's far-field step: its cases, forward and fwd+bwd, with
+    the expansions and with block skipping alone, on the GPU."""
+    from bench import gpu
+
+    cases = plan(PRESETS["fgt"], gpu.FAR_PEERS, device="cuda", **gpu.FAR_CASES)
+    got = {(c.peer, c.mode, c.n, c.d, c.h_rule, c.device) for c in cases}
+    want = {
+        (peer, mode, 1 << 20, 1, "silverman", "cuda")
+        for peer in ("nwfast", "nwfast-skip")
+        for mode in ("forward", "fwd+bwd")
+    }
+    assert got == want

@@ -1493,8 +1493,9 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     every_pair = spans  # what a row's exact shift sweeps: the expanded pairs too
     if plan is not None and plan.far is not None:
         far_dq, far_dk, far_dv, far_dw = triton_fgt.backward_shares(
-            plan, (need_q, need_k, need_v, need_w), q, g, k, v, w, out, lse, shift, diagonal
-        )
+            plan, (need_q, need_k, need_v, need_w), q, g, k, v, w, out, lse, shift,
+            spans.skip, spans.skipped_by, spans.has_skip,
+        )  # fmt: skip
         every_pair = _Spans(far.as_direct(plan, n, m), diagonal, B, n, m, device)
     lse_hi, lse_lo, scale = _shifts(q, k, w_keys, lse, every_pair, dtype, d, exact=keys is None)
     g = (g * scale[..., None].to(dtype)).contiguous()

@@ -10,7 +10,7 @@ from test_blocks import family
 import nwfast
 from nwfast import reference, testing
 from nwfast._checks import prepare_shared
-from nwfast.kernels import blocks, far, numba_fgt, numba_nw, triton_nw
+from nwfast.kernels import blocks, far, numba_fgt, numba_nw, triton_fgt, triton_nw
 
 F64 = torch.float64
 
@@ -377,11 +377,12 @@ def on_device(*tensors):
     return [x.to(TRITON_DEVICE) for x in tensors]
 
 
-TRITON_CASES = [
-    (name, dtype)
-    for name in ("uniform-1d", "normal-1d-loo-channels", "tiny-w-1d-batch", "normal-2d-loo-small")
-    for dtype in (torch.float32, F64)
-] + (  # the interpreter computes no half precision
+BOTH_DTYPES = ("uniform-1d", "normal-1d-loo-channels", "tiny-w-1d-batch", "normal-2d-loo-small")
+TRITON_CASES = (
+    [(name, dtype) for name in BOTH_DTYPES for dtype in (torch.float32, F64)]
+    # the skipping tests' adversarial families, once each
+    + [("clusters-1d-loo", F64), ("duplicates-1d-loo", torch.float32), ("outliers-1d", F64)]
+) + (  # the interpreter computes no half precision
     [("uniform-1d", torch.float16), ("normal-2d-loo-small", torch.bfloat16)]
     if torch.cuda.is_available()
     else []
@@ -466,3 +467,35 @@ def test_triton_plan_summary(triton_blocks):
     summary = nwfast.plan_summary(*on_device(q, k, w), exclude_self=loo, backend="triton")
     assert summary.expanded == plan.far.expanded > 0
     assert summary.computed == plan.pairs
+
+
+@pytest.mark.parametrize(
+    ("name", "tolerance"),
+    [("outliers-1d", 1e-6), ("clusters-1d-loo", 1e-6), ("uniform-2d-small", 1e-6)]
+    + [("normal-2d-loo-small", 1e-6)],
+)
+def test_triton_backward_shares_match_the_cpu_kernels(name, tolerance, triton_blocks):
+    """The expanded pairs' shares of every gradient, from the Triton kernels
+    and from ``numba_fgt`` on one plan: the same series, so the same sums to
+    float64 rounding. The plans hold boxes with a local expansion and boxes
+    evaluating each series, and leave-one-out rows subtracting their own key
+    (and keys their own query)."""
+    q, k, v, w, loo = case_inputs(name)
+    tolerance = nwfast._checks.resolve_tolerance(tolerance, F64)
+    plan = triton_plan_of(q, k, w, loo, tolerance)
+    assert plan.far is not None and plan.far.expanded > 0
+    assert (plan.far.q_local > 0).any() and (plan.far.q_local == 0).any()
+    B, n, _ = q.shape
+    m = k.shape[1]
+    out, lse = reference.pool_and_lse(q, k, v, w, loo)
+    q, g, out, lse = blocks.queries_in_order(plan, q, torch.randn_like(out), out, lse)
+    k, v = blocks.keys_in_order(plan, k, v)
+    args = (q, g, k, v, w.reshape(1, 1).expand(B, 1), out, lse, torch.randn(B, n, dtype=F64))
+    skip, skipped_by = blocks.skips(plan, 0 if loo else None, B, n, m)
+    needs = (True, True, True, True)
+    want = numba_fgt.backward_shares(plan, needs, *args, skip, skipped_by)
+    skips = (torch.from_numpy(skip), torch.from_numpy(skipped_by))
+    got = triton_fgt.backward_shares(plan, needs, *on_device(*args, *skips), loo)
+    for label, a, b in zip("qkvw", got, want):
+        error = float((a.cpu() - b).norm() / b.norm())
+        assert error < 1e-11, (label, error)

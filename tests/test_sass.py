@@ -84,6 +84,7 @@ def test_the_choices_reach_every_kernel_and_flag():
     names = {v["name"] for v in FOUND}
     assert names >= {"fwd", "dq", "dkv", "tangent", "rows_fwd", "rows_bwd", "rows_tangent"}
     assert names >= {"moments_fwd", "moments_bwd", "fgt_moments", "fgt_locals", "fgt_fold"}
+    assert names >= {"fgt_rows", "fgt_columns"}
     fwd = [v for v in FOUND if v["name"] == "fwd"]
     assert {v["dtype"] for v in fwd} == set(sass.CHOICES["dtypes"])
     # The planner makes block-sparse plans up to blocks.MAX_DIM features, never beyond.
