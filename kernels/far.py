@@ -4,8 +4,9 @@ This is the planner's half of the fast Gauss transform (Greengard and Strain,
 "The fast Gauss transform", SIAM J. Sci. Stat. Comput. 12, 1991): where a box
 of keys lies far enough from a box of queries, its keys' contribution to those
 rows comes from a few moments of the keys instead of their pairs; the kernels
-(``numba_fgt``) compute the moments and evaluate them. Only one w for all keys
-(the expansion needs one scale), w > 0, finite data and d <= MAX_DIM.
+(``numba_fgt``, ``triton_fgt``) compute the moments and evaluate them. Only one
+w for all keys (the expansion needs one scale), w > 0, finite data and d <=
+MAX_DIM.
 
 The expansion. With delta = sqrt(2 / w), every weight is exp(-||x - y||^2 /
 delta^2). For keys y of a box with centre c, s = (y - c) / delta, and a target
