@@ -128,6 +128,11 @@ def suite(out: Path, skip_tests: bool = False) -> int:
     con.rule("2. GPU sweep")
     from bench.run import run
 
+    def deadline(reserve_s):
+        """When a step must stop starting cases: reserve_s and the sass report's
+        budget before the suite's end."""
+        return time.time() + BUDGET_S - reserve_s - SASS_BUDGET_S - (time.monotonic() - start)
+
     # Leave a minute and a half for block skipping, 45 s for the far fields, a minute for
     # the goals and plots, one for the sass report.
     path, head, rows = run(
@@ -140,12 +145,7 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         ops=("shared", "rows"),
         modes=("forward", "backward"),
         dtypes=("float32", "bfloat16"),
-        deadline=time.time()
-        + BUDGET_S
-        - 150
-        - FAR_BUDGET_S
-        - SASS_BUDGET_S
-        - (time.monotonic() - start),
+        deadline=deadline(150 + FAR_BUDGET_S),
     )
 
     con.rule("3. Block skipping: the sparse preset's goal cases")
@@ -162,12 +162,7 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         data=("uniform", "unit"),
         h_rules=("h=0.01",),
         dtypes=("float32",),
-        deadline=time.time()
-        + BUDGET_S
-        - 60
-        - FAR_BUDGET_S
-        - SASS_BUDGET_S
-        - (time.monotonic() - start),
+        deadline=deadline(60 + FAR_BUDGET_S),
     )
 
     con.rule("3b. The tensor-core route: d = 32, bfloat16, beside dot-product attention")
@@ -183,12 +178,7 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         sizes=(1 << 14, 1 << 16),
         dims=(32,),
         dtypes=("bfloat16",),
-        deadline=time.time()
-        + BUDGET_S
-        - 75
-        - FAR_BUDGET_S
-        - SASS_BUDGET_S
-        - (time.monotonic() - start),
+        deadline=deadline(75 + FAR_BUDGET_S),
     )
 
     con.rule("3c. Far fields: 2^20 points, d = 1, Silverman's h, beside skipping alone")
@@ -200,7 +190,7 @@ def suite(out: Path, skip_tests: bool = False) -> int:
         peers=FAR_PEERS,
         out_dir=out,
         **FAR_CASES,
-        deadline=time.time() + BUDGET_S - 60 - SASS_BUDGET_S - (time.monotonic() - start),
+        deadline=deadline(60),
     )
 
     con.rule("4. Goals")

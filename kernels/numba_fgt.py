@@ -527,11 +527,27 @@ def _columns(
 # ------------------------------------------------------------------ entry points
 
 
-def _key_moments(far, kT, vT, need, d):
-    """Moments of the expanded key nodes up to the largest order ``need`` of
-    their pairs asks for, weights the values and 1: (moments, offsets, orders)."""
+def key_orders(far, largest):
+    """Each expanded key node's moment order per axis: the largest its row
+    pairs ask for, of the values or, where ``largest`` (the backward's), of
+    any of their derivatives."""
+    need = far.row_pairs[:, 1:4].max(axis=1) if largest else far.row_pairs[:, 1]
     order = np.zeros(len(far.k_node), np.int64)
     np.maximum.at(order, far.row_pairs[:, 0], need)
+    return order
+
+
+def query_orders(far):
+    """Each query box's moment order per axis: the largest its column pairs ask for."""
+    order = np.zeros(len(far.q_box), np.int64)
+    np.maximum.at(order, far.col_pairs[:, 0], far.col_pairs[:, 1:3].max(axis=1))
+    return order
+
+
+def _key_moments(far, kT, vT, largest, d):
+    """Moments of the expanded key nodes to their orders (``key_orders``),
+    weights the values and 1: (moments, offsets, orders)."""
+    order = key_orders(far, largest)
     channels = vT.shape[1] + 1
     offset, total = _moment_layout(order, channels, d)
     moments = np.empty(total)
@@ -557,10 +573,9 @@ def _local_coefficients(far, moments, channels, largest, d):
 
 
 def _query_moments(far, qT, wT, d):
-    """Moments of the query boxes, weights wT (B, C, n), up to the largest
-    order their column pairs ask for: (moments, offsets, orders)."""
-    order = np.zeros(len(far.q_box), np.int64)
-    np.maximum.at(order, far.col_pairs[:, 0], far.col_pairs[:, 1:3].max(axis=1))
+    """Moments of the query boxes, weights wT (B, C, n), to their orders
+    (``query_orders``): (moments, offsets, orders)."""
+    order = query_orders(far)
     offset, total = _moment_layout(order, wT.shape[1], d)
     moments = np.empty(total)
     work = int((order.astype(np.int64) ** d * (far.q_box[:, 2] - far.q_box[:, 1])).sum())
@@ -577,7 +592,7 @@ def forward(far, q_block, q, kT, vT, skip, out, lse):
     kT (B, d, m), vT (B, c, m)."""
     B, n, d = q.shape
     qT = np.ascontiguousarray(q.transpose(0, 2, 1))
-    moments = _key_moments(far, kT, vT, far.row_pairs[:, 1], d)
+    moments = _key_moments(far, kT, vT, False, d)
     local = _local_coefficients(far, moments, vT.shape[1] + 1, False, d)
     parallel(
         _fold_rows, len(far.box_of_block), n * B * 64, qT, q_block, far.box_of_block,
@@ -616,7 +631,7 @@ def _backward(far, plan, q, g, kT, vT, w, lse, delta_i, shift, skip, skipped_by,
     dq = dk = dv = dw = None
     qT = np.ascontiguousarray(q.transpose(0, 2, 1))
     if need_q or need_w:
-        moments = _key_moments(far, kT, vT, far.row_pairs[:, 1:4].max(axis=1), d)
+        moments = _key_moments(far, kT, vT, True, d)
         local = _local_coefficients(far, moments, vT.shape[1] + 1, True, d)
         dq = np.zeros((B, n, d))
         dw_rows = np.zeros((B, n))

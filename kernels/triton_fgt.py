@@ -315,6 +315,45 @@ def _subtract_source(
 
 
 @triton.jit
+def _target_block(
+    Pts, LeftOut, Delta, count,
+    C: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+):  # fmt: skip
+    # Block program_id(0) of the targets Pts (B, count, D) (a query block for
+    # the rows, a key block for the columns): (its item, batch element, flat
+    # indices, mask, the channel columns and their mask (C + 1 of them), 1 /
+    # delta, the coordinates (y2 = y1 where D == 1), the source each target
+    # leaves out (-1: none)).
+    item = tl.program_id(0)
+    blocks = tl.cdiv(count, BLOCK_R)
+    b = item // blocks
+    points = (item % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kept = points < count
+    flat = b.to(tl.int64) * count + points
+    chans = tl.arange(0, BLOCK_C)
+    inv = 1.0 / tl.load(Delta + b)
+    y1 = tl.load(Pts + flat * D, mask=kept, other=0.0).to(tl.float64)
+    y2 = y1
+    if D == 2:
+        y2 = tl.load(Pts + flat * D + 1, mask=kept, other=0.0).to(tl.float64)
+    left_out = tl.full([BLOCK_R], -1, tl.int64)
+    if HAS_SKIP:
+        left_out = tl.load(LeftOut + flat, mask=kept, other=-1)
+    return item, b, flat, kept, chans, chans < C + 1, inv, y1, y2, left_out
+
+
+@triton.jit
+def _offsets(y1, y2, Centre, x, inv, D: tl.constexpr):
+    # The targets seen from centre x of Centre (N, D), in units of delta.
+    t1 = (y1 - tl.load(Centre + D * x)) * inv
+    t2 = t1
+    if D == 2:
+        t2 = (y2 - tl.load(Centre + D * x + 1)) * inv
+    return t1, t2
+
+
+@triton.jit
 def _row_sums(
     Q, K, V, Skip, BoxOfBlock, RowPtr, RowPairs, KNode, KCentre, Delta, Moments, MOffset,
     MOrder, QCentre, QLocal, LOffset, Coef, n, m,
@@ -328,24 +367,12 @@ def _row_sums(
     # with a local expansion (QLocal > 0) evaluates it; one without evaluates
     # each node's Hermite series. Returns (b, the flat rows, kept, whether the
     # box expands anything, S, F1, F2, Sec).
-    item = tl.program_id(0)
-    blocks = tl.cdiv(n, BLOCK_R)
-    b = item // blocks
-    rows = (item % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    kept = rows < n
-    row = b.to(tl.int64) * n + rows
-    chans = tl.arange(0, BLOCK_C)
-    chan_kept = chans < C + 1
+    item, b, row, kept, chans, chan_kept, inv, x1, x2, left_out = _target_block(
+        Q, Skip, Delta, n, C=C, D=D, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, HAS_SKIP=HAS_SKIP
+    )
     box = tl.load(BoxOfBlock + item)
     first = tl.load(RowPtr + box)
     last = tl.load(RowPtr + box + 1)
-    inv = 1.0 / tl.load(Delta + b)
-    x1 = tl.load(Q + row * D, mask=kept, other=0.0).to(tl.float64)
-    x2 = x1
-    if D == 2:
-        x2 = tl.load(Q + row * D + 1, mask=kept, other=0.0).to(tl.float64)
-    if HAS_SKIP:
-        left_out = tl.load(Skip + row, mask=kept, other=-1)
     S = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
     F1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
     F2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
@@ -353,10 +380,7 @@ def _row_sums(
     p_local = tl.load(QLocal + box).to(tl.int32)
     if p_local > 0:
         l_at = tl.load(LOffset + box) + chans * (p_local * p_local if D == 2 else p_local)
-        tau1 = (x1 - tl.load(QCentre + D * box)) * inv
-        tau2 = tau1
-        if D == 2:
-            tau2 = (x2 - tl.load(QCentre + D * box + 1)) * inv
+        tau1, tau2 = _offsets(x1, x2, QCentre, box, inv, D=D)
         S, F1, F2, Sec = _local_series(
             S, F1, F2, Sec, Coef, l_at, p_local, tau1, tau2, chan_kept, D=D, SLOPES=GRAD
         )
@@ -369,10 +393,7 @@ def _row_sums(
         p = tl.where(p_local > 0, 0, p)  # the local expansion holds this node's sum
         p_node = tl.load(MOrder + u).to(tl.int32)
         at = tl.load(MOffset + u) + chans * (p_node * p_node if D == 2 else p_node)
-        t1 = (x1 - tl.load(KCentre + D * u)) * inv
-        t2 = t1
-        if D == 2:
-            t2 = (x2 - tl.load(KCentre + D * u + 1)) * inv
+        t1, t2 = _offsets(x1, x2, KCentre, u, inv, D=D)
         S, F1, F2, Sec = _series(
             S, F1, F2, Sec, Moments, at, p_node, p, t1, t2, chan_kept,
             D=D, FIRST=GRAD, SECOND=GRAD,
@@ -389,7 +410,7 @@ def _row_sums(
             )  # fmt: skip
     # rows whose box expands something (as a tensor: a scalar mask term is
     # not a mask the interpreter takes)
-    folded = kept & ((rows * 0 + (last - first)) > 0)
+    folded = kept & ((row * 0 + (last - first)) > 0)
     return b, row, kept, folded, S, F1, F2, Sec
 
 
@@ -397,6 +418,12 @@ def _row_sums(
 def _column_of(T, chans, C: tl.constexpr):
     # column C of a (targets, channels) tile
     return tl.sum(tl.where(chans[None, :] == C, T, 0.0), axis=1)
+
+
+@triton.jit
+def _weighted(T, u, z, chans, C: tl.constexpr):
+    # per target: u . T[:, :C] - z T[:, C] (u zero from column C on)
+    return tl.sum(u * T, axis=1) - z * _column_of(T, chans, C)
 
 
 @triton.jit
@@ -450,14 +477,14 @@ def _fgt_rows_kernel(
     y = tl.load(Out + at, mask=mine, other=0.0).to(tl.float64)
     delta_i = tl.sum(g * y, axis=1)
     inv_s = tl.exp(-tl.load(Lse + row, mask=folded, other=0.0))
-    t0 = inv_s * (tl.sum(g * S, axis=1) - delta_i * _column_of(S, chans, C))
-    t1 = inv_s * (tl.sum(g * F1, axis=1) - delta_i * _column_of(F1, chans, C))
-    t_sec = inv_s * (tl.sum(g * Sec, axis=1) - delta_i * _column_of(Sec, chans, C))
+    t0 = inv_s * _weighted(S, g, delta_i, chans, C)
+    t1 = inv_s * _weighted(F1, g, delta_i, chans, C)
+    t_sec = inv_s * _weighted(Sec, g, delta_i, chans, C)
     wd = tl.load(Wd + b)
     scale = tl.load(Delta + b)
     tl.store(DQ + row * D, -wd * t1, mask=folded)
     if D == 2:
-        t2 = inv_s * (tl.sum(g * F2, axis=1) - delta_i * _column_of(F2, chans, C))
+        t2 = inv_s * _weighted(F2, g, delta_i, chans, C)
         tl.store(DQ + row * D + 1, -wd * t2, mask=folded)
     shift = tl.load(Shift + row, mask=folded, other=0.0)
     tl.store(DWRows + row, -0.5 * (scale * scale * t_sec - shift * t0), mask=folded)
@@ -477,21 +504,9 @@ def _fgt_columns_kernel(
     # = delta_i e^-lse_i (channel C) (Wts (B, n, C + 1)): DV[b, j] = sum_i u_i
     # e_ij and DK[b, j] = -w delta (v_j . sum_i u_i (t - s_i) e_ij - sum_i z_i
     # (t - s_i) e_ij).
-    item = tl.program_id(0)
-    blocks = tl.cdiv(m, BLOCK_R)
-    b = item // blocks
-    keys = (item % blocks) * BLOCK_R + tl.arange(0, BLOCK_R)
-    kept = keys < m
-    key = b.to(tl.int64) * m + keys
-    chans = tl.arange(0, BLOCK_C)
-    chan_kept = chans < C + 1
-    inv = 1.0 / tl.load(Delta + b)
-    y1 = tl.load(K + key * D, mask=kept, other=0.0).to(tl.float64)
-    y2 = y1
-    if D == 2:
-        y2 = tl.load(K + key * D + 1, mask=kept, other=0.0).to(tl.float64)
-    if HAS_SKIP:
-        left_out = tl.load(SkippedBy + key, mask=kept, other=-1)
+    item, b, key, kept, chans, chan_kept, inv, y1, y2, left_out = _target_block(
+        K, SkippedBy, Delta, m, C=C, D=D, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, HAS_SKIP=HAS_SKIP
+    )
     S = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
     F1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
     F2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)
@@ -503,10 +518,7 @@ def _fgt_columns_kernel(
             p = tl.maximum(p, tl.load(ColPairs + 3 * pair + 2).to(tl.int32))
             p_box = tl.load(MOrder + x).to(tl.int32)
             at = tl.load(MOffset + x) + chans * (p_box * p_box if D == 2 else p_box)
-            t1 = (y1 - tl.load(QCentre + D * x)) * inv
-            t2 = t1
-            if D == 2:
-                t2 = (y2 - tl.load(QCentre + D * x + 1)) * inv
+            t1, t2 = _offsets(y1, y2, QCentre, x, inv, D=D)
             S, F1, F2, _ = _series(
                 S, F1, F2, S, Moments, at, p_box, p, t1, t2, chan_kept,
                 D=D, FIRST=True, SECOND=False,
@@ -525,10 +537,9 @@ def _fgt_columns_kernel(
     tl.store(DV + at, S, mask=mine)
     v = tl.load(V + at, mask=mine, other=0.0).to(tl.float64)
     wd = tl.load(Wd + b)
-    tl.store(DK + key * D, -wd * (tl.sum(v * F1, axis=1) - _column_of(F1, chans, C)), mask=kept)
+    tl.store(DK + key * D, -wd * _weighted(F1, v, 1.0, chans, C), mask=kept)
     if D == 2:
-        dk2 = -wd * (tl.sum(v * F2, axis=1) - _column_of(F2, chans, C))
-        tl.store(DK + key * D + 1, dk2, mask=kept)
+        tl.store(DK + key * D + 1, -wd * _weighted(F2, v, 1.0, chans, C), mask=kept)
 
 
 def _device(array, device):
@@ -576,9 +587,7 @@ def _key_series(expansions, arrays, k, v, largest, log_fact):
     ``largest``), and the boxes' local expansions built from them: (moments,
     offsets, orders) and (coefficients, offsets)."""
     d, c = k.shape[2], v.shape[2]
-    need = expansions.row_pairs[:, 1:4].max(axis=1) if largest else expansions.row_pairs[:, 1]
-    order = np.zeros(len(expansions.k_node), np.int64)
-    np.maximum.at(order, expansions.row_pairs[:, 0], need)
+    order = numba_fgt.key_orders(expansions, largest)
     moments = _moments(k, v, arrays.k_node, arrays.k_centre, arrays.delta, order, c + 1, log_fact)
     l_offset, l_total = numba_fgt._moment_layout(expansions.q_local, c + 1, d)
     coef = torch.empty(max(l_total, 1), dtype=torch.float64, device=k.device)
@@ -653,8 +662,7 @@ def backward_shares(plan, needs, q, g, k, v, w, out, lse, shift, skip, skipped_b
         g64 = g.double()
         delta_i = (g64 * out.double()).sum(-1, keepdim=True)
         weights = torch.cat([g64 * inv_s, delta_i * inv_s], dim=2).contiguous()
-        order = np.zeros(len(expansions.q_box), np.int64)
-        np.maximum.at(order, expansions.col_pairs[:, 0], expansions.col_pairs[:, 1:3].max(axis=1))
+        order = numba_fgt.query_orders(expansions)
         moments = _moments(
             q, weights, arrays.q_box, arrays.q_centre, arrays.delta, order, c + 1, log_fact
         )
