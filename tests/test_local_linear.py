@@ -333,8 +333,9 @@ def adversarial(name, generator):
         t = torch.rand(n, 1, **f64)
         k = torch.cat([t, 0.3 * t + 1e-3 * torch.randn(n, 1, **f64)], 1)
         return k, k, torch.cos(5 * t) + k[:, 1:], [3e3, 3e3], True
-    if name == "clusters-3d":
-        centres = torch.rand(4, 3, **f64)
+    if name == "clusters-3d":  # four clusters at a tetrahedron's corners, 1.4 apart
+        corners = [[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]
+        centres = torch.tensor(corners, dtype=torch.float64) + 0.1 * torch.rand(4, 3, **f64)
         k = centres[torch.randint(4, (n,), generator=generator)] + 0.1 * torch.randn(n, 3, **f64)
         return k, k, torch.randn(n, 2, **f64), [400.0, 200.0, 800.0], True
     raise ValueError(name)
