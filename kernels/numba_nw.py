@@ -14,10 +14,11 @@ How the work is laid out:
   number of threads.
 - One loop, specialised per d. For d <= FUSED_DIMS features and c <=
   FUSED_CHANNELS value channels every pass is a set of parts on the loop of
-  ``numba_sweep``: its argument structure (``Pool``, ``Shift``, ``QueryGrad``,
-  ``KeyGrad``, ``Tangent``) carries d and c in its type, so Numba compiles the
+  ``numba_sweep`` (the backward's key side on a loop of its own, ``_key_grads``):
+  its argument structure (``Pool``, ``Shift``, ``QueryGrad``, ``KeyGrad``,
+  ``Tangent``) carries d and c in its type, so Numba compiles the
   pass once per (d, c, dtype) with the features and channels in registers and
-  one fused sweep over the other side's points, no buffer. Larger d or c take
+  one fused sweep over the other side's points, no buffer of scores. Larger d or c take
   the general kernels, which build tiles of squared distances in buffers.
 - Threads. Items run on a small pool of Python threads calling ``nogil``
   kernels (``workers.parallel``), not on Numba's OpenMP/TBB layer: a process that has
@@ -47,8 +48,11 @@ How the work is laid out:
   are in the input dtype (SIMD lanes) and go into float64, so float32 error
   does not grow with m.
 - The backward recomputes ``p_ij = 2**(c2_j d_ij^2 - lse_i log2(e))`` with the
-  lse as a (high, low) pair of the input dtype. ``dq`` is a sweep over key
-  spans per query; ``dk``, ``dv``, ``dw`` a sweep over query spans per key.
+  lse as a (high, low) pair of the input dtype, once a pair for every
+  gradient: ``dk``, ``dv``, ``dw`` are a sweep over query spans per key
+  (``_key_grads``), which also adds each pair's share of ``dq`` into a tile
+  of the queries. ``dq`` alone, or a dq whose shares would not fit
+  DQ_SHARES_BYTES, is a sweep over key spans per query.
 """
 
 import functools
@@ -61,7 +65,19 @@ import torch
 from . import EXACT_SHIFT_ABOVE, UNDERFLOW, blocks, distance_shift, far, numba_fgt, per_key
 from . import numba_sweep as sweep
 from .numba_exp import fma, fmax, mul
-from .numba_sweep import SUM_BLOCK, axpy, column, dot, minus, part, row, splat, weight
+from .numba_sweep import (
+    SUM_BLOCK,
+    axpy,
+    column,
+    dot,
+    minus,
+    part,
+    put_column,
+    row,
+    splat,
+    times,
+    weight,
+)
 from .workers import parallel as _parallel
 
 LOG2E = 1.4426950408889634
@@ -81,6 +97,12 @@ TILE = 2048
 # amortise its set-up, few enough rows that a handful of queries over many
 # keys still spreads over the cores.
 ITEM_PAIRS = 1 << 15
+# The backward's key-side pass sums dq too (one exp2 a pair for every
+# gradient), into this many fixed chunks of work items, each with its own
+# float64 dq of the queries (summed in order afterwards), where they take at
+# most DQ_SHARES_BYTES; else dq is a pass of its own.
+DQ_CHUNKS = 16
+DQ_SHARES_BYTES = 256 << 20
 # The rows-layout dw is summed over rows in this many fixed chunks (partials
 # summed afterwards in order), independent of the thread count.
 DW_CHUNKS = 32
@@ -437,7 +459,9 @@ def _(args, b, r, row, sums):
 
 class KeyGrad(NamedTuple):
     """Per key j: dv_j = sum_i p_ij g_i, dk_j = w_j sum_i t_ij (q_i - k_j),
-    dw_j = -1/2 sum_i t_ij (||q_i - k_j||^2 - shift_i)."""
+    dw_j = -1/2 sum_i t_ij (||q_i - k_j||^2 - shift_i); and, where ``with_dq``
+    is (0,), each query's share of dq_i = sum_j w_j t_ij (k_j - q_i) from the
+    same pairs, into dq[chunk] (``_key_grads``)."""
 
     k: np.ndarray  # (B, m, d)
     v: np.ndarray  # (B, m, c)
@@ -452,18 +476,16 @@ class KeyGrad(NamedTuple):
     dk: np.ndarray  # (B, m, d)
     dv: np.ndarray  # (B, m, c)
     dw: np.ndarray  # (B, m) float64
+    dq: np.ndarray  # (chunks, B, d, n) float64, zeros; (1, 1, 1, 1) without dq
     dims: tuple
     chans: tuple
+    with_dq: tuple  # () or (0,): whether the pass sums dq, in its type
 
 
-@part(sweep.begin, KeyGrad)
-def _(args, b, r):
-    return row(args.k, b, r, args.dims), row(args.v, b, r, args.chans), args.c2[b, r]
-
-
-@part(sweep.sweep, KeyGrad)
-def _(args, b, row, ja, jb):
-    k, v, c2 = row
+@sweep.inner(inline="always")
+def _key_sums(args, b, k, v, c2, w, ja, jb, share, t0):
+    """Key k's sums over queries [ja, jb): (dv..., dk / w..., -2 dw), and,
+    with dq, share[0, :, i - t0] += w t_ij (k - q_i)."""
     zero = args.k.dtype.type(0)
     sums_v, sums_k, sum_w = splat(0.0, args.chans), splat(0.0, args.dims), 0.0
     for i0 in range(ja, jb, SUM_BLOCK):
@@ -475,21 +497,64 @@ def _(args, b, row, ja, jb):
             p = weight(c2, sq, args.high[b, ii], args.low[b, ii])
             g = column(args.gT, b, ii, args.chans)
             t = p * (dot(g, v) - args.delta[b, ii])
+            moment = times(splat(t, args.dims), diff)
             acc_v = axpy(acc_v, p, g)
-            acc_k = axpy(acc_k, t, diff)
+            acc_k = sweep.add(acc_k, moment)
             acc_w += t * (sq - args.shift[b, ii])
+            if len(args.with_dq):
+                slot = _u(i - t0)
+                put_column(share, 0, slot, axpy(column(share, 0, slot, args.dims), -w, moment))
         sums_v, sums_k, sum_w = sweep.add(sums_v, acc_v), sweep.add(sums_k, acc_k), sum_w + acc_w
     return sums_v + sums_k + (sum_w,)
 
 
-@part(sweep.finish, KeyGrad)
-def _(args, b, r, row, sums):
-    c = len(args.chans)
-    for ch in range(c):
-        args.dv[b, r, ch] = sums[ch]
-    for f in range(len(args.dims)):
-        args.dk[b, r, f] = args.w[b, r] * sums[c + f]
-    args.dw[b, r] = -0.5 * sums[c + len(args.dims)]
+@_jit
+def _key_grads(lo, hi, bounds, work, args):
+    """Chunks [lo, hi) of the key-side backward: chunk h runs the work items
+    bounds[h] .. bounds[h + 1] (runs of keys, each sweeping its spans of
+    queries; ``numba_sweep.Work``) in order and adds their dq shares to
+    args.dq[h]. Every key's sums and every chunk's dq are summed in a fixed
+    order: results repeat bit for bit whatever the number of threads.
+
+    An item's keys take turns over a tile of queries, whose dq shares sum in
+    the input dtype (as deep as the item has keys, at most 64) before they go
+    into the chunk's float64 dq."""
+    c, d = len(args.chans), len(args.dims)
+    rows = work.skip.shape[1]
+    per_batch = (rows + work.block - 1) // work.block
+    share = np.zeros((1, d, sweep.TILE), args.k.dtype)
+    for h in range(lo, hi):
+        for item in range(bounds[h], bounds[h + 1]):
+            b = item // per_batch
+            r0 = (item % per_batch) * work.block
+            r1 = min(r0 + work.block, rows)
+            sums = np.zeros((r1 - r0, c + d + 1))
+            for s in range(work.ptr[item], work.ptr[item + 1]):
+                for t0 in range(work.spans[s, 0], work.spans[s, 1], sweep.TILE):
+                    t1 = min(t0 + sweep.TILE, work.spans[s, 1])
+                    if len(args.with_dq):
+                        share[0, :, : t1 - t0] = 0
+                    for r in range(r0, r1):
+                        k, v = row(args.k, b, r, args.dims), row(args.v, b, r, args.chans)
+                        skip = work.skip[b, r]
+                        ja, jb = t0, (skip if t0 <= skip < t1 else t1)
+                        while ja < t1:
+                            part = _key_sums(
+                                args, b, k, v, args.c2[b, r], args.w[b, r], ja, jb, share, t0
+                            )
+                            for x in range(c + d + 1):
+                                sums[r - r0, x] += part[x]
+                            ja, jb = jb + 1, t1
+                    if len(args.with_dq):
+                        for f in range(d):
+                            for i in range(t0, t1):
+                                args.dq[h, b, f, _u(i)] += share[0, f, _u(i - t0)]
+            for r in range(r0, r1):
+                for ch in range(c):
+                    args.dv[b, r, ch] = sums[r - r0, ch]
+                for f in range(d):
+                    args.dk[b, r, f] = args.w[b, r] * sums[r - r0, c + f]
+                args.dw[b, r] = -0.5 * sums[r - r0, c + d]
 
 
 class Tangent(NamedTuple):
@@ -933,6 +998,26 @@ def _key_work(plan, skipped_by):
     return sweep.Work(plan.query_ptr, plan.query_spans, plan.k_block, skipped_by)
 
 
+def _dq_shares_fit(B, n, d):
+    """Whether the key-side pass's per-chunk dq (float64) fits DQ_SHARES_BYTES."""
+    return DQ_CHUNKS * B * n * d * 8 <= DQ_SHARES_BYTES
+
+
+def _chunk_bounds(work, count):
+    """The first item of each of ``count`` chunks of ``work`` (and the item
+    count), split where the pairs swept so far cross a multiple of 1/count of
+    them: a function of the plan alone, never of the threads."""
+    items = len(work.ptr) - 1
+    rows = work.skip.shape[1]
+    per_batch = -(-rows // work.block)
+    first_row = (np.arange(items) % per_batch) * work.block
+    swept = np.concatenate(([0], np.cumsum(work.spans[:, 1] - work.spans[:, 0])))[work.ptr]
+    pairs = np.diff(swept) * np.minimum(work.block, rows - first_row)
+    before = np.cumsum(pairs) - pairs
+    chunk = before * count // max(int(pairs.sum()), 1)
+    return np.searchsorted(chunk, np.arange(count + 1)).astype(np.int64)
+
+
 def make_plan(query, key, w, diagonal, tolerance):
     """The block-sparse plan (with expansions of far key boxes where they
     apply, ``far``), or None for a dense pass."""
@@ -1000,26 +1085,12 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     far_dq, far_dk, far_dv, far_dw = numba_fgt.backward_shares(
         plan, (need_q, need_k, need_v, need_w), q, g, k, v, w, out, lse, shift, skip, skipped_by
     )
+    need_kvw = need_k or need_v or need_w
+    direct = plan.pairs > 0  # or expansions alone
+    # dq from the key-side pass's pairs where its chunks' shares fit
+    together = fused and direct and need_q and need_kvw and _dq_shares_fit(B, n, d)
     dq = dk = dv = dw = None
-    if need_q and plan.pairs == 0:  # expansions alone
-        dq = torch.zeros(q.shape, dtype=dtype)
-    elif need_q:
-        dq = torch.empty(q.shape, dtype=dtype)
-        qn, gn, kT, vT = _np(q), _np(g), _feature_major(k), _feature_major(v)
-        if fused:
-            args = QueryGrad(qn, gn, delta, high, low, kT, vT, wn, c2, dq.numpy(), *_markers(d, c))
-            _parallel(_run, len(plan.key_ptr) - 1, plan.pairs, _query_work(plan, skip), args)
-        else:
-            _parallel(
-                _dq_general, len(plan.key_ptr) - 1, plan.pairs, qn, gn, delta, high, low, kT, vT,
-                wn, c2, skip, plan.key_ptr, plan.key_spans, plan.q_block, dq.numpy(),
-            )  # fmt: skip
-    if far_dq is not None:
-        dq = (dq + far_dq).to(dtype)
-    if need_q:
-        (dq,) = blocks.queries_back(plan, dq)
-    if need_k or need_v or need_w:
-        direct = plan.pairs > 0  # or expansions alone
+    if need_kvw:
         dk = (torch.empty if direct else torch.zeros)(k.shape, dtype=dtype)
         dv = (torch.empty if direct else torch.zeros)(v.shape, dtype=dtype)
         dw_keys = (torch.empty if direct else torch.zeros)(w_keys.shape, dtype=torch.float64)
@@ -1027,10 +1098,17 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
         outputs = (dk.numpy(), dv.numpy(), dw_keys.numpy())
         key_shift = _np(shift.to(dtype))
         if direct and fused:
+            work = _key_work(plan, skipped_by)
+            shares = np.zeros((DQ_CHUNKS, B, d, n) if together else (1, 1, 1, 1))
             args = KeyGrad(
-                kn, vn, wn, c2, qT, gT, delta, high, low, key_shift, *outputs, *_markers(d, c)
-            )
-            _parallel(_run, len(plan.query_ptr) - 1, plan.pairs, _key_work(plan, skipped_by), args)
+                kn, vn, wn, c2, qT, gT, delta, high, low, key_shift, *outputs, shares,
+                *_markers(d, c), (0,) if together else (),
+            )  # fmt: skip
+            # without dq every item is a chunk: each key's sums are its own
+            bounds = _chunk_bounds(work, DQ_CHUNKS) if together else np.arange(len(work.ptr))
+            _parallel(_key_grads, len(bounds) - 1, plan.pairs, bounds, work, args)
+            if together:
+                dq = torch.from_numpy(np.ascontiguousarray(shares.sum(axis=0).transpose(0, 2, 1)))
         elif direct:
             _parallel(
                 _dkv_general, len(plan.query_ptr) - 1, plan.pairs, kn, vn, wn, c2, qT, gT, delta,
@@ -1045,6 +1123,23 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
         dw = _dw(dw_keys, w, torch.float64 if far_dw is not None else dtype)
         if far_dw is not None:
             dw = (dw + far_dw[:, None]).to(dtype)
+    if need_q and plan.pairs == 0:  # expansions alone
+        dq = torch.zeros(q.shape, dtype=dtype)
+    elif need_q and dq is None:
+        dq = torch.empty(q.shape, dtype=dtype)
+        qn, gn, kT, vT = _np(q), _np(g), _feature_major(k), _feature_major(v)
+        if fused:
+            args = QueryGrad(qn, gn, delta, high, low, kT, vT, wn, c2, dq.numpy(), *_markers(d, c))
+            _parallel(_run, len(plan.key_ptr) - 1, plan.pairs, _query_work(plan, skip), args)
+        else:
+            _parallel(
+                _dq_general, len(plan.key_ptr) - 1, plan.pairs, qn, gn, delta, high, low, kT, vT,
+                wn, c2, skip, plan.key_ptr, plan.key_spans, plan.q_block, dq.numpy(),
+            )  # fmt: skip
+    if need_q:
+        if far_dq is not None:
+            dq = dq + far_dq
+        (dq,) = blocks.queries_back(plan, dq.to(dtype))
     return (
         dq,
         dk if need_k else None,

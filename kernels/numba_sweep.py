@@ -1,11 +1,13 @@
-"""The one loop every fused Numba pass runs on, and the per-d arithmetic it sweeps with.
+"""The loop the fused Numba passes run on, and the per-d arithmetic they sweep with.
 
 A pass is a sweep of each row of one side (queries, or keys for dk/dv/dw)
 over spans of the other side, in work items (``Work``): the same loop for the
-forward, the gradients, the tangent and the local-linear moments, dense or
-block-sparse, d = 1 or 4. What differs between passes is what a row carries and
-what a sweep sums; each pass says so in *parts* registered for the class of its
-argument structure (a ``NamedTuple`` of arrays)::
+forward, dq, the tangent and the local-linear moments, dense or block-sparse,
+d = 1 or 4. (The backward's key side, which also sums dq over the swept
+queries, walks the same items on a loop of its own, ``numba_nw._key_grads``.)
+What differs between passes is what a row carries and what a sweep sums; each
+pass says so in *parts* registered for the class of its argument structure (a
+``NamedTuple`` of arrays)::
 
     row = begin(args, b, r)                     # per-row constants, a tuple
     sums = sweep(args, b, row, ja, jb)          # float64 sums over points [ja, jb)
@@ -141,6 +143,30 @@ def _gather(axis):
 column = _gather(1)
 row = _gather(2)
 gather_row = row
+
+
+@intrinsic
+def put_column(typingctx, A, b, j, values):
+    """A[b, :, j] = values: a point's features into a feature-major 3-D array
+    (``column``'s inverse)."""
+    if not (isinstance(A, types.Array) and A.ndim == 3 and isinstance(values, types.UniTuple)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        array = context.make_array(A)(context, builder, args[0])
+        shape = cgutils.unpack_tuple(builder, array.shape)
+        strides = cgutils.unpack_tuple(builder, array.strides)
+        b_, j_ = (context.cast(builder, x, t, types.intp) for x, t in zip(args[1:3], sig.args[1:3]))
+        items = _items(builder, args[3], values.count)
+        for k, item in enumerate(_cast(context, builder, items, values.dtype, A.dtype)):
+            index = [b_, context.get_constant(types.intp, k), j_]
+            pointer = cgutils.get_item_pointer2(
+                context, builder, array.data, shape, strides, A.layout, index, wraparound=False
+            )
+            builder.store(item, pointer)
+        return context.get_dummy_value()
+
+    return types.none(A, b, j, values), codegen
 
 
 def _elementwise(combine):

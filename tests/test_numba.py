@@ -14,7 +14,7 @@ from numba import njit
 
 import nwfast
 from nwfast import testing
-from nwfast.kernels import numba_nw
+from nwfast.kernels import blocks, numba_nw
 from nwfast.kernels.numba_exp import exp2
 
 
@@ -108,19 +108,25 @@ def test_work_items_cover_every_row_once():
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86 assembly")
 def test_per_d_passes_are_vectorised(tmp_path):
-    """Each pass on the shared loop, at d = 3 with two channels, compiles to
-    packed SIMD code: the tuple arithmetic left no inner loop in its way.
-    (A fresh cache: Numba shows no assembly for cached code.)"""
+    """Each per-d pass, at d = 3 with two channels, compiles to packed SIMD
+    code: the tuple arithmetic left no inner loop in its way. The backward
+    runs three ways: every gradient (the key-side pass with dq), dq alone and
+    dw alone. (A fresh cache: Numba shows no assembly for cached code.)"""
     code = """
         import re, torch, nwfast
         from nwfast.kernels import numba_nw
         q, k = torch.rand(70, 3, requires_grad=True), torch.rand(90, 3, requires_grad=True)
         v, w = torch.randn(90, 2, requires_grad=True), torch.rand(90, requires_grad=True)
         nwfast.nw_pool(q, k, v, w).sum().backward()
-        for sig in numba_nw._run.signatures:
-            asm = numba_nw._run.inspect_asm(sig)
-            packed = len(re.findall(r"vfmadd\\w*ps\\s+%[yz]mm", asm))
-            print(sig[3].instance_class.__name__, packed)
+        nwfast.nw_pool(q, k.detach(), v.detach(), w.detach()).sum().backward()
+        nwfast.nw_pool(q.detach(), k.detach(), v.detach(), w).sum().backward()
+        for kernel, at in ((numba_nw._run, 3), (numba_nw._key_grads, 4)):
+            for sig in kernel.signatures:
+                asm = kernel.inspect_asm(sig)
+                packed = len(re.findall(r"vfmadd\\w*ps\\s+%[yz]mm", asm))
+                fields = dict(zip(sig[at].fields, sig[at].types))
+                dq = "+dq" if len(fields.get("with_dq", ())) else ""
+                print(sig[at].instance_class.__name__ + dq, packed)
     """
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
@@ -131,6 +137,51 @@ def test_per_d_passes_are_vectorised(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     packed = dict(line.split() for line in done.stdout.split("\n") if line)
-    assert set(packed) == {"Pool", "QueryGrad", "KeyGrad"}
+    assert set(packed) == {"Pool", "QueryGrad", "KeyGrad", "KeyGrad+dq"}
     # the polynomial exp2 alone puts five packed FMAs in every vectorised loop
     assert all(int(count) >= 5 for count in packed.values()), packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tolerance", [0.0, 1e-6], ids=["dense", "block-sparse"])
+def test_dq_from_the_key_side_pass(monkeypatch, dtype, tolerance):
+    """With every gradient wanted, the key-side pass sums dq from the pairs it
+    already weighs (one exp2 a pair for the whole backward); where its chunks'
+    shares would not fit, dq is a pass of its own. Both within the policy, on
+    leave-one-out clusters with per-key w, dense and block-sparse."""
+    gen = torch.Generator().manual_seed(11)
+    centres = torch.tensor([[x, y] for x in range(3) for y in range(2)], dtype=dtype)
+    q = centres[torch.arange(2 * 700) % 6] + 0.02 * torch.randn(1400, 2, generator=gen, dtype=dtype)
+    q = q.reshape(2, 700, 2)
+    v = torch.randn(2, 700, 3, generator=gen, dtype=dtype)
+    w = 300.0 + 200.0 * torch.rand(2, 700, generator=gen, dtype=dtype)
+    upstream = torch.randn(2, 700, 3, generator=gen, dtype=dtype)
+    monkeypatch.setattr(blocks, "MIN_SAVED", 0)  # plans at test sizes
+    pairs = nwfast.pairs_computed(q, q, w, exclude_self=True, tolerance=tolerance)
+    assert (pairs < 2 * 700 * 700) == (tolerance > 0)
+    kernels = []
+    parallel = numba_nw._parallel
+
+    def recording(kernel, *args):
+        kernels.append(kernel.__name__)
+        return parallel(kernel, *args)
+
+    monkeypatch.setattr(numba_nw, "_parallel", recording)
+
+    def gradients():
+        leaves = [x.clone().requires_grad_() for x in (q, q, v, w)]
+        out = nwfast.nw_pool(*leaves, exclude_self=True, tolerance=tolerance)
+        kernels.clear()
+        grads = torch.autograd.grad(out, leaves, upstream)
+        testing.assert_ok(
+            *testing.check_pool_gradients(grads, q, q, v, w, upstream, exclude_self=True)
+        )
+        return grads, list(kernels)
+
+    together, passes = gradients()
+    assert passes == ["_key_grads"]
+    monkeypatch.setattr(numba_nw, "DQ_SHARES_BYTES", 0)
+    apart, passes = gradients()
+    assert sorted(passes) == ["_key_grads", "_run"]
+    for a, b in zip(together, apart):
+        testing.assert_close(a, b, 1e-5 if dtype == torch.float32 else 1e-12)

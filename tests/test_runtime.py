@@ -189,7 +189,8 @@ def test_a_cold_start_compiles_only_what_the_call_needs(tmp_path):
         def described(args):  # a pass's class, d and dtype from its Numba type
             fields = dict(zip(args.fields, args.types))
             return args.instance_class.__name__, fields["dims"].count, str(fields["c2"].dtype)
-        passes = sorted(described(sig[3]) for sig in numba_nw._run.signatures)
+        passes = sorted([described(sig[3]) for sig in numba_nw._run.signatures]
+            + [described(sig[4]) for sig in numba_nw._key_grads.signatures])
         general = {name: len(getattr(numba_nw, name).signatures) for name in (
             "_forward_general", "_dq_general", "_dkv_general", "_tangent_items")}
         print((passes, general))
