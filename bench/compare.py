@@ -77,6 +77,7 @@ CASES = {
     "forward": _pick("shared", "forward", "float32", 16384),
     "fwd+bwd": _pick("shared", "fwd+bwd", "float32", 4096),
     "fwd+bwd-dense": _pick("shared", "fwd+bwd", "float32", 8192, tolerance=0.0),
+    "fwd+bwd-d=3": _pick("shared", "fwd+bwd", "float32", 8192, d=3, tolerance=0.0),
     "float64": _pick("shared", "forward", "float64", 16384),
     "d=3": _pick("shared", "forward", "float32", 8192, d=3),
     "rows": _pick("rows", "forward", "float32", 4096),

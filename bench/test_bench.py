@@ -6,6 +6,7 @@ processes and takes about a minute on 2 cores.
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -293,6 +294,10 @@ def test_compare_options_and_revisions():
         compare.resolve("0123456789abcdef0123")
     assert len(compare.resolve(compare.baseline())) == 40
     assert set(compare.GUARD_CASES) <= set(compare.CASES)
+    # the benchmarks page lists the cases as they are
+    page = (Path(__file__).parents[1] / "docs" / "benchmarks.md").read_text()
+    listed = re.search(r"Its cases are the sweep's: (.*?)\s\(`--cases`", page, re.S).group(1)
+    assert re.findall(r"`([^`]+)`", listed) == list(compare.CASES)
 
 
 def test_fit_features_plan_and_tied_data():
