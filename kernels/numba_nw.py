@@ -48,11 +48,11 @@ How the work is laid out:
   are in the input dtype (SIMD lanes) and go into float64, so float32 error
   does not grow with m.
 - The backward recomputes ``p_ij = 2**(c2_j d_ij^2 - lse_i log2(e))`` with the
-  lse as a (high, low) pair of the input dtype, once a pair for every
-  gradient: ``dk``, ``dv``, ``dw`` are a sweep over query spans per key
-  (``_key_grads``), which also adds each pair's share of ``dq`` into a tile
-  of the queries. ``dq`` alone, or a dq whose shares would not fit
-  DQ_SHARES_BYTES, is a sweep over key spans per query.
+  lse as a (high, low) pair of the input dtype. ``dk``, ``dv``, ``dw`` are a
+  sweep over query spans per key (``_key_grads``); at d = 1 it also adds each
+  pair's share of ``dq`` into a tile of the queries, once a pair for every
+  gradient. Otherwise (more features, dq alone, or dq shares that would not
+  fit DQ_SHARES_BYTES) ``dq`` is a sweep over key spans per query.
 """
 
 import functools
@@ -103,6 +103,11 @@ ITEM_PAIRS = 1 << 15
 # most DQ_SHARES_BYTES; else dq is a pass of its own.
 DQ_CHUNKS = 16
 DQ_SHARES_BYTES = 256 << 20
+# ... for d up to this. With more features the pass's d shares a pair (a load
+# and a store each) cost more than the exp2 they save: float32, dense, 8192²
+# forward + backward against two passes, 0.895 at d = 2 and 0.915 at d = 3
+# (1.16-1.24 faster at d = 1).
+DQ_FROM_KEYS_DIMS = 1
 # The rows-layout dw is summed over rows in this many fixed chunks (partials
 # summed afterwards in order), independent of the thread count.
 DW_CHUNKS = 32
@@ -497,13 +502,15 @@ def _key_sums(args, b, k, v, c2, w, ja, jb, share, t0):
             p = weight(c2, sq, args.high[b, ii], args.low[b, ii])
             g = column(args.gT, b, ii, args.chans)
             t = p * (dot(g, v) - args.delta[b, ii])
-            moment = times(splat(t, args.dims), diff)
             acc_v = axpy(acc_v, p, g)
-            acc_k = sweep.add(acc_k, moment)
             acc_w += t * (sq - args.shift[b, ii])
-            if len(args.with_dq):
+            if len(args.with_dq):  # t (q - k) once, for dk and for dq
+                moment = times(splat(t, args.dims), diff)
+                acc_k = sweep.add(acc_k, moment)
                 slot = _u(i - t0)
                 put_column(share, 0, slot, axpy(column(share, 0, slot, args.dims), -w, moment))
+            else:
+                acc_k = axpy(acc_k, t, diff)
         sums_v, sums_k, sum_w = sweep.add(sums_v, acc_v), sweep.add(sums_k, acc_k), sum_w + acc_w
     return sums_v + sums_k + (sum_w,)
 
@@ -1088,7 +1095,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     need_kvw = need_k or need_v or need_w
     direct = plan.pairs > 0  # or expansions alone
     # dq from the key-side pass's pairs where its chunks' shares fit
-    together = fused and direct and need_q and need_kvw and _dq_shares_fit(B, n, d)
+    together = d <= DQ_FROM_KEYS_DIMS and direct and need_q and need_kvw and _dq_shares_fit(B, n, d)
     dq = dk = dv = dw = None
     if need_kvw:
         dk = (torch.empty if direct else torch.zeros)(k.shape, dtype=dtype)

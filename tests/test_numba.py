@@ -110,8 +110,9 @@ def test_work_items_cover_every_row_once():
 def test_per_d_passes_are_vectorised(tmp_path):
     """Each per-d pass, at d = 3 with two channels, compiles to packed SIMD
     code: the tuple arithmetic left no inner loop in its way. The backward
-    runs three ways: every gradient (the key-side pass with dq), dq alone and
-    dw alone. (A fresh cache: Numba shows no assembly for cached code.)"""
+    runs three ways: every gradient (two passes at d = 3; the key-side pass
+    with dq at d = 1), dq alone and dw alone. (A fresh cache: Numba shows no
+    assembly for cached code.)"""
     code = """
         import re, torch, nwfast
         from nwfast.kernels import numba_nw
@@ -120,6 +121,7 @@ def test_per_d_passes_are_vectorised(tmp_path):
         nwfast.nw_pool(q, k, v, w).sum().backward()
         nwfast.nw_pool(q, k.detach(), v.detach(), w.detach()).sum().backward()
         nwfast.nw_pool(q.detach(), k.detach(), v.detach(), w).sum().backward()
+        nwfast.nw_pool(q[:, :1], k[:, :1], v, w).sum().backward()
         for kernel, at in ((numba_nw._run, 3), (numba_nw._key_grads, 4)):
             for sig in kernel.signatures:
                 asm = kernel.inspect_asm(sig)
@@ -148,11 +150,12 @@ def test_dq_from_the_key_side_pass(monkeypatch, dtype, tolerance):
     """With every gradient wanted, the key-side pass sums dq from the pairs it
     already weighs (one exp2 a pair for the whole backward); where its chunks'
     shares would not fit, dq is a pass of its own. Both within the policy, on
-    leave-one-out clusters with per-key w, dense and block-sparse."""
+    leave-one-out clusters with per-key w, dense and block-sparse (d = 1: with
+    more features dq keeps its own pass, DQ_FROM_KEYS_DIMS)."""
     gen = torch.Generator().manual_seed(11)
-    centres = torch.tensor([[x, y] for x in range(3) for y in range(2)], dtype=dtype)
-    q = centres[torch.arange(2 * 700) % 6] + 0.02 * torch.randn(1400, 2, generator=gen, dtype=dtype)
-    q = q.reshape(2, 700, 2)
+    centres = torch.arange(6, dtype=dtype)
+    q = centres[torch.arange(2 * 700) % 6] + 0.02 * torch.randn(1400, generator=gen, dtype=dtype)
+    q = q.reshape(2, 700, 1)
     v = torch.randn(2, 700, 3, generator=gen, dtype=dtype)
     w = 300.0 + 200.0 * torch.rand(2, 700, generator=gen, dtype=dtype)
     upstream = torch.randn(2, 700, 3, generator=gen, dtype=dtype)
