@@ -1013,7 +1013,8 @@ def _dq_shares_fit(B, n, d):
 def _chunk_bounds(work, count):
     """The first item of each of ``count`` chunks of ``work`` (and the item
     count), split where the pairs swept so far cross a multiple of 1/count of
-    them: a function of the plan alone, never of the threads."""
+    them: a function of the plan alone, never of the threads. Items after the
+    last pair (keys whose pairs are all expanded) go to the last chunk."""
     items = len(work.ptr) - 1
     rows = work.skip.shape[1]
     per_batch = -(-rows // work.block)
@@ -1021,7 +1022,7 @@ def _chunk_bounds(work, count):
     swept = np.concatenate(([0], np.cumsum(work.spans[:, 1] - work.spans[:, 0])))[work.ptr]
     pairs = np.diff(swept) * np.minimum(work.block, rows - first_row)
     before = np.cumsum(pairs) - pairs
-    chunk = before * count // max(int(pairs.sum()), 1)
+    chunk = np.minimum(before * count // max(int(pairs.sum()), 1), count - 1)
     return np.searchsorted(chunk, np.arange(count + 1)).astype(np.int64)
 
 

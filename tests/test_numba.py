@@ -188,3 +188,16 @@ def test_dq_from_the_key_side_pass(monkeypatch, dtype, tolerance):
     assert sorted(passes) == ["_key_grads", "_run"]
     for a, b in zip(together, apart):
         testing.assert_close(a, b, 1e-5 if dtype == torch.float32 else 1e-12)
+
+
+def test_chunks_hold_every_work_item():
+    """The key-side pass's chunks cover every item once, in order, the empty
+    ones too: items after the last swept pair (keys whose pairs are all
+    expanded) still write their zeros."""
+    ptr = np.array([0, 1, 1, 3, 4, 4, 4, 4])
+    spans = np.array([[0, 50], [0, 10], [20, 30], [5, 6]])
+    work = numba_nw.sweep.Work(ptr, spans, 16, np.full((1, 7 * 16), -1))
+    for count in (1, 3, 16):
+        bounds = numba_nw._chunk_bounds(work, count)
+        assert len(bounds) == count + 1 and bounds[0] == 0 and bounds[-1] == len(ptr) - 1
+        assert (np.diff(bounds) >= 0).all()
