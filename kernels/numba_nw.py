@@ -1096,7 +1096,8 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     need_kvw = need_k or need_v or need_w
     direct = plan.pairs > 0  # or expansions alone
     # dq from the key-side pass's pairs where its chunks' shares fit
-    together = d <= DQ_FROM_KEYS_DIMS and direct and need_q and need_kvw and _dq_shares_fit(B, n, d)
+    together = fused and d <= DQ_FROM_KEYS_DIMS and direct and need_q and need_kvw
+    together = together and _dq_shares_fit(B, n, d)
     dq = dk = dv = dw = None
     if need_kvw:
         dk = (torch.empty if direct else torch.zeros)(k.shape, dtype=dtype)
