@@ -49,10 +49,10 @@ How the work is laid out:
   does not grow with m.
 - The backward recomputes ``p_ij = 2**(c2_j d_ij^2 - lse_i log2(e))`` with the
   lse as a (high, low) pair of the input dtype. ``dk``, ``dv``, ``dw`` are a
-  sweep over query spans per key (``_key_grads``); at d = 1 it also adds each
-  pair's share of ``dq`` into a tile of the queries, once a pair for every
-  gradient. Otherwise (more features, dq alone, or dq shares that would not
-  fit DQ_SHARES_BYTES) ``dq`` is a sweep over key spans per query.
+  sweep over query spans per key (``_key_grads``); up to d = 3 it also adds
+  each pair's share of ``dq`` into a tile of the queries, once a pair for every
+  gradient. Otherwise (d = 4, dq alone, or dq shares that would not fit
+  DQ_SHARES_BYTES) ``dq`` is a sweep over key spans per query.
 """
 
 import functools
@@ -103,11 +103,13 @@ ITEM_PAIRS = 1 << 15
 # most DQ_SHARES_BYTES; else dq is a pass of its own.
 DQ_CHUNKS = 16
 DQ_SHARES_BYTES = 256 << 20
-# ... for d up to this. With more features the pass's d shares a pair (a load
-# and a store each) cost more than the exp2 they save: float32, dense, 8192²
-# forward + backward against two passes, 0.895 at d = 2 and 0.915 at d = 3
-# (1.16-1.24 faster at d = 1).
-DQ_FROM_KEYS_DIMS = 1
+# ... for d up to this. Float32 forward + backward against two passes, 8192²
+# dense, alternating in one process: 1.18-1.30x at d = 2 and 3 (1 to 8
+# channels, float64 and leave-one-out alike), 0.89x at d = 4 with one channel,
+# where the pass's d shares a pair (a load and a store each) cost more than the
+# exp2 they save. (0.9x once measured at d = 2 and 3 was the first touch of the
+# chunks' dq, which ``backward`` now zeroes before the threads start.)
+DQ_FROM_KEYS_DIMS = 3
 # The rows-layout dw is summed over rows in this many fixed chunks (partials
 # summed afterwards in order), independent of the thread count.
 DW_CHUNKS = 32
@@ -1108,7 +1110,11 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
         key_shift = _np(shift.to(dtype))
         if direct and fused:
             work = _key_work(plan, skipped_by)
-            shares = np.zeros((DQ_CHUNKS, B, d, n) if together else (1, 1, 1, 1))
+            # Zeroed here, not left to calloc: fresh pages first touched by the
+            # pass's reads of dq, from the threads, took 9 ms against 1.3 ms
+            # here (8192², d = 3, every buffer fresh from mmap).
+            shares = np.empty((DQ_CHUNKS, B, d, n) if together else (1, 1, 1, 1))
+            shares.fill(0.0)
             args = KeyGrad(
                 kn, vn, wn, c2, qT, gT, delta, high, low, key_shift, *outputs, shares,
                 *_markers(d, c), (0,) if together else (),

@@ -110,9 +110,9 @@ def test_work_items_cover_every_row_once():
 def test_per_d_passes_are_vectorised(tmp_path):
     """Each per-d pass, at d = 3 with two channels, compiles to packed SIMD
     code: the tuple arithmetic left no inner loop in its way. The backward
-    runs three ways: every gradient (two passes at d = 3; the key-side pass
-    with dq at d = 1), dq alone and dw alone. (A fresh cache: Numba shows no
-    assembly for cached code.)"""
+    runs three ways: every gradient (the key-side pass with dq, at d = 3 and
+    d = 1), dq alone and dw alone. (A fresh cache: Numba shows no assembly for
+    cached code.)"""
     code = """
         import re, torch, nwfast
         from nwfast.kernels import numba_nw
@@ -144,18 +144,22 @@ def test_per_d_passes_are_vectorised(tmp_path):
     assert all(int(count) >= 5 for count in packed.values()), packed
 
 
+@pytest.mark.parametrize("d", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tolerance", [0.0, 1e-6], ids=["dense", "block-sparse"])
-def test_dq_from_the_key_side_pass(monkeypatch, dtype, tolerance):
+def test_dq_from_the_key_side_pass(monkeypatch, d, dtype, tolerance):
     """With every gradient wanted, the key-side pass sums dq from the pairs it
     already weighs (one exp2 a pair for the whole backward); where its chunks'
     shares would not fit, dq is a pass of its own. Both within the policy, on
-    leave-one-out clusters with per-key w, dense and block-sparse (d = 1: with
-    more features dq keeps its own pass, DQ_FROM_KEYS_DIMS)."""
+    leave-one-out clusters with per-key w, dense and block-sparse, at d = 1 and
+    at d = 3 (up to DQ_FROM_KEYS_DIMS; at d = 4 dq keeps its own pass)."""
+    assert d <= numba_nw.DQ_FROM_KEYS_DIMS < numba_nw.FUSED_DIMS
     gen = torch.Generator().manual_seed(11)
-    centres = torch.arange(6, dtype=dtype)
-    q = centres[torch.arange(2 * 700) % 6] + 0.02 * torch.randn(1400, generator=gen, dtype=dtype)
-    q = q.reshape(2, 700, 1)
+    centres = torch.arange(6, dtype=dtype)[:, None] * torch.tensor(
+        [1.0, 0.5, -0.7][:d], dtype=dtype
+    )
+    q = centres[torch.arange(2 * 700) % 6]
+    q = (q + 0.02 * torch.randn(1400, d, generator=gen, dtype=dtype)).reshape(2, 700, d)
     v = torch.randn(2, 700, 3, generator=gen, dtype=dtype)
     w = 300.0 + 200.0 * torch.rand(2, 700, generator=gen, dtype=dtype)
     upstream = torch.randn(2, 700, 3, generator=gen, dtype=dtype)
