@@ -144,19 +144,20 @@ def test_per_d_passes_are_vectorised(tmp_path):
     assert all(int(count) >= 5 for count in packed.values()), packed
 
 
-@pytest.mark.parametrize("d", [1, 3])
+@pytest.mark.parametrize("d", [1, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tolerance", [0.0, 1e-6], ids=["dense", "block-sparse"])
 def test_dq_from_the_key_side_pass(monkeypatch, d, dtype, tolerance):
     """With every gradient wanted, the key-side pass sums dq from the pairs it
-    already weighs (one exp2 a pair for the whole backward); where its chunks'
-    shares would not fit, dq is a pass of its own. Both within the policy, on
-    leave-one-out clusters with per-key w, dense and block-sparse, at d = 1 and
-    at d = 3 (up to DQ_FROM_KEYS_DIMS; at d = 4 dq keeps its own pass)."""
-    assert d <= numba_nw.DQ_FROM_KEYS_DIMS < numba_nw.FUSED_DIMS
+    already weighs (one exp2 a pair for the whole backward) up to d = 3
+    (DQ_FROM_KEYS_DIMS); at d = 4, or where its chunks' shares would not fit,
+    dq is a pass of its own. Both within the policy, on leave-one-out clusters
+    with per-key w, dense and block-sparse."""
+    assert numba_nw.DQ_FROM_KEYS_DIMS == 3
+    single = d <= numba_nw.DQ_FROM_KEYS_DIMS
     gen = torch.Generator().manual_seed(11)
     centres = torch.arange(6, dtype=dtype)[:, None] * torch.tensor(
-        [1.0, 0.5, -0.7][:d], dtype=dtype
+        [1.0, 0.5, -0.7, 0.3][:d], dtype=dtype
     )
     q = centres[torch.arange(2 * 700) % 6]
     q = (q + 0.02 * torch.randn(1400, d, generator=gen, dtype=dtype)).reshape(2, 700, d)
@@ -186,7 +187,7 @@ def test_dq_from_the_key_side_pass(monkeypatch, d, dtype, tolerance):
         return grads, list(kernels)
 
     together, passes = gradients()
-    assert passes == ["_key_grads"]
+    assert sorted(passes) == (["_key_grads"] if single else ["_key_grads", "_run"])
     monkeypatch.setattr(numba_nw, "DQ_SHARES_BYTES", 0)
     apart, passes = gradients()
     assert sorted(passes) == ["_key_grads", "_run"]
