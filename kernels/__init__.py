@@ -67,6 +67,8 @@ import warnings
 import numpy as np
 import torch
 
+from . import arrays
+
 
 def _writable(folder):
     try:
@@ -119,23 +121,15 @@ EXACT_SHIFT_ABOVE = {torch.float64: 2.0**6, torch.float32: 2.0**26}
 
 def per_key(w, m):
     """w (..., 1) or (..., m) -> (..., m) contiguous: every kernel reads one w per key."""
-    return w.expand(*w.shape[:-1], m).contiguous()
+    w = w.expand(*w.shape[:-1], m)
+    if arrays.numpy_can_hold(w):  # copied by NumPy (``arrays``)
+        return torch.from_numpy(arrays.of(w))
+    return w.contiguous()
 
 
 def accumulator_dtype(dtype):
     """What sums run in: float64 for float64 inputs, float32 for the rest."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _log_counts(keys, device):
-    """log(keys) in float64 on ``device``. On the CPU through numpy: torch's
-    float64 log there runs on a threaded vector-math library, whose threads
-    then compete with the kernels' own (single calls took up to milliseconds
-    on 2 busy cores, for 4096 numbers)."""
-    counts = torch.as_tensor(keys, dtype=torch.float64)
-    if device.type == "cpu":
-        return torch.as_tensor(np.log(counts.numpy()))
-    return counts.to(device).log()
 
 
 def distance_shift(lse, w, keys):
@@ -147,11 +141,24 @@ def distance_shift(lse, w, keys):
     squared distances between their minimum and maximum, weighted towards the
     keys that dominate row i for either sign of w. Where the scores are too flat
     for float64 to resolve it (|w| tiny) it is 0: no shift is needed there.
+    On the CPU it is computed by NumPy (``arrays``).
     """
+    cpu = arrays.numpy_can_hold(lse)
     if w.shape[-1] != 1:
+        if cpu:
+            return torch.from_numpy(np.zeros(lse.shape))
         return torch.zeros(lse.shape, dtype=torch.float64, device=lse.device)
-    w = w.double()
-    log_mean = lse.double() - _log_counts(keys, lse.device)
-    resolved = log_mean.abs() > 1e-12 * (lse.double().abs() + 1.0)
+    if cpu:
+        lse, w = arrays.float64(lse), arrays.float64(w)
+        with np.errstate(divide="ignore", invalid="ignore"):  # w = 0 gives 0, as on a GPU
+            return torch.from_numpy(_shift(np, lse, w, np.log(np.asarray(keys, np.float64))))
+    counts = torch.as_tensor(keys, dtype=torch.float64).to(lse.device)
+    return _shift(torch, lse.double(), w.double(), counts.log())
+
+
+def _shift(xp, lse, w, log_keys):
+    """``distance_shift`` on float64 arrays of the module xp (NumPy or torch)."""
+    log_mean = lse - log_keys
+    resolved = xp.abs(log_mean) > 1e-12 * (xp.abs(lse) + 1.0)
     r = -2.0 * log_mean / w
-    return torch.where(resolved & torch.isfinite(r), r, 0.0)
+    return xp.where(resolved & xp.isfinite(r), r, 0.0)

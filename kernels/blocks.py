@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from . import arrays
 from .workers import parallel
 
 _jit = functools.partial(njit, cache=True, nogil=True, error_model="numpy")
@@ -112,14 +113,14 @@ def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block, points=None
     points = points or (lambda: survey(query, key, w))
     if not _worth_planning(query, key, tolerance, q_block, k_block, points):
         return None
-    points_k = key.detach().to("cpu", torch.float64).numpy()
+    points_k = arrays.float64(key)
     if _same_points(query, key):
         points_q, perm_q = points_k, _order(points_k, k_block)
         perm_k = perm_q
     else:
-        points_q = query.detach().to("cpu", torch.float64).numpy()
+        points_q = arrays.float64(query)
         perm_q, perm_k = _order(points_q, q_block), _order(points_k, k_block)
-    w64 = w.detach().to("cpu", torch.float64).numpy()
+    w64 = arrays.float64(w)
     w_sorted = w64 if w64.shape[1] == 1 else np.take_along_axis(w64, perm_k, axis=1)
     q_sorted = np.take_along_axis(points_q, perm_q[..., None], axis=1)
     k_sorted = np.take_along_axis(points_k, perm_k[..., None], axis=1)
@@ -165,7 +166,7 @@ class Survey(NamedTuple):
 
 def survey(query, key, w):
     q, k = _host(query), _host(key)
-    w = w.detach().to("cpu", torch.float64).numpy()
+    w = arrays.float64(w)
     finite_q, lo_q, hi_q = _bounds(q)
     finite_k, lo_k, hi_k = _bounds(k)
     extent = (np.maximum(hi_q, hi_k) - np.minimum(lo_q, lo_k)).max(axis=0)
@@ -639,12 +640,24 @@ def _spans(counts, leaves, n_qb, n_kb, q_block, k_block, n, m):
 
 def _gather(x, perm):
     """x (B, r, ...) with its rows in the order perm (B, r)."""
+    if arrays.numpy_can_hold(x):  # by NumPy (``arrays``)
+        a, rows = x.detach().numpy(), perm.numpy()
+        out = arrays.empty(a.shape, a.dtype)
+        for b in range(len(a)):
+            np.take(a[b], rows[b], axis=0, out=out[b], mode="clip")
+        return torch.from_numpy(out)
     index = perm.to(x.device).reshape(*perm.shape, *([1] * (x.dim() - 2)))
     return x.gather(1, index.expand(*perm.shape, *x.shape[2:]))
 
 
 def _scatter(x, perm):
     """The inverse of _gather: row i of x goes back to row perm[i]."""
+    if arrays.numpy_can_hold(x):
+        a, rows = x.detach().numpy(), perm.numpy()
+        out = arrays.empty(a.shape, a.dtype)
+        for b in range(len(a)):
+            out[b][rows[b]] = a[b]
+        return torch.from_numpy(out)
     index = perm.to(x.device).reshape(*perm.shape, *([1] * (x.dim() - 2)))
     return torch.empty_like(x).scatter_(1, index.expand(*perm.shape, *x.shape[2:]), x)
 

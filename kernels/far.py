@@ -90,7 +90,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import blocks
+from . import arrays, blocks
 from .blocks import _box_bounds, _jit, _nearest_leaf
 from .workers import parallel
 
@@ -252,9 +252,9 @@ def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block):
     # one order and one tree where the queries are the keys (leave-one-out
     # passes often hold two tensors of the same points)
     same = blocks._same_points(query, key) or (
-        query.shape == key.shape and q_block == k_block and torch.equal(query, key)
+        query.shape == key.shape and q_block == k_block and arrays.equal(query, key)
     )
-    points_k = key.detach().to("cpu", torch.float64).numpy()
+    points_k = arrays.float64(key)
     perm_k = blocks._order(points_k, k_block)
     k_sorted = np.empty_like(points_k)
     for b in range(B):
@@ -262,12 +262,12 @@ def plan(query, key, w, tolerance, leaves_one_out, q_block, k_block):
     if same:
         perm_q, q_sorted = perm_k, k_sorted
     else:
-        points_q = query.detach().to("cpu", torch.float64).numpy()
+        points_q = arrays.float64(query)
         perm_q = blocks._order(points_q, q_block)
         q_sorted = np.empty_like(points_q)
         for b in range(B):
             q_sorted[b] = points_q[b][perm_q[b]]
-    w64 = w.detach().to("cpu", torch.float64).numpy()  # (B, 1)
+    w64 = arrays.float64(w)  # (B, 1)
     delta = np.sqrt(2.0 / w64[:, 0])
 
     k_tree = blocks._key_tree(k_sorted, w64, k_block)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from numba import njit
 
+from . import arrays
 from .numba_exp import exp2
 from .workers import parallel
 
@@ -610,10 +611,10 @@ def backward_shares(plan, needs, q, g, k, v, w, out, lse, shift, skip, skipped_b
     shift (B, n) (``kernels.distance_shift``)."""
     if plan.far is None:
         return None, None, None, None
-    f64 = [x.detach().double().numpy() for x in (q, g, out, lse, shift)]
-    kT, vT = (np.ascontiguousarray(x.detach().double().numpy().transpose(0, 2, 1)) for x in (k, v))
+    f64 = [arrays.float64(x) for x in (q, g, out, lse, shift)]
+    kT, vT = (arrays.copy(arrays.float64(x).transpose(0, 2, 1)) for x in (k, v))
     delta_i = (f64[1] * f64[2]).sum(-1)  # g_i . y_i
-    w = w.detach().double().numpy()[:, 0]
+    w = arrays.float64(w)[:, 0]
     shares = _backward(
         plan.far, plan, f64[0], f64[1], kT, vT, w, f64[3], delta_i, f64[4], skip, skipped_by, needs
     )

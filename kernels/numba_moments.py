@@ -55,7 +55,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import EXACT_SHIFT_ABOVE, UNDERFLOW, blocks
+from . import EXACT_SHIFT_ABOVE, UNDERFLOW, arrays, blocks
 from . import numba_sweep as sweep
 from .numba_exp import exp2, fma, fmax, mul, sub
 from .numba_sweep import (
@@ -74,7 +74,6 @@ from .numba_sweep import (
 )
 from .workers import parallel
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # Queries and keys per block of a plan (as numba_nw's).
@@ -511,15 +510,6 @@ def _backward_general(lo, hi, q, kT, vT, c2, G, tbar, r, L2h, L2l, left_out, row
 # ------------------------------------------------------------ torch entry
 
 
-def _np(t):
-    return t.detach().contiguous().numpy()
-
-
-def _log2_scale(w):
-    """c2_f = -(w_f / 2) log2(e), computed in float64 and rounded once."""
-    return _np((w.double() * (-0.5 * LOG2E)).to(w.dtype))
-
-
 def _fused(d, c):
     return d <= FUSED_DIMS and c <= FUSED_CHANNELS
 
@@ -537,10 +527,10 @@ def make_plan(query, key, w, diagonal, tolerance):
     d, c = query.shape[1], 0
     if not _fused(d, c) or not bool((w >= 0).all()):
         return None
-    scale = w.detach().double().sqrt()
-    q = query.detach().double() * scale
-    same = diagonal is not None and torch.equal(query, key)
-    k = q if same else key.detach().double() * scale
+    scale = np.sqrt(arrays.float64(w))
+    q = torch.from_numpy(arrays.float64(query) * scale)
+    same = diagonal is not None and arrays.equal(query, key)
+    k = q if same else torch.from_numpy(arrays.float64(key) * scale)
     ones = torch.ones(1, 1, dtype=torch.float64)
     return blocks.plan(q[None], k[None], ones, tolerance, diagonal is not None, BLOCK, BLOCK)
 
@@ -557,7 +547,7 @@ def _ordered(plan, query, key, value, diagonal):
     k, v = blocks.keys_in_order(plan, key[None], value[None])
     skip, _ = blocks.skips(plan, diagonal, 1, n, m)
     work = sweep.Work(plan.key_ptr, plan.key_spans, plan.q_block, skip)
-    return _np(q), _np(k.transpose(1, 2)), _np(v.transpose(1, 2)), work
+    return arrays.of(q), arrays.feature_major(k), arrays.feature_major(v), work
 
 
 def _left_out(diagonal, n, m):
@@ -573,15 +563,15 @@ def forward(query, key, value, w, diagonal, tolerance=0.0):
     if not _fused(d, c):
         rows = _rows_per_item(m)
         parallel(
-            _forward_general, -(-n // rows), n * m, _np(query), _np(key.T), _np(value.T),
-            _log2_scale(w), bool((w >= 0).all()), _left_out(diagonal, n, m), rows,
-            moments.numpy(), lse.numpy(),
+            _forward_general, -(-n // rows), n * m, arrays.of(query), arrays.feature_major(key),
+            arrays.feature_major(value), arrays.log2_scale(w), bool((w >= 0).all()),
+            _left_out(diagonal, n, m), rows, moments.numpy(), lse.numpy(),
         )  # fmt: skip
         return moments, lse, blocks.pack(None, 1, n, m)
     found = make_plan(query, key, w, diagonal, tolerance)
     plan = _or_dense(found, n, m)
     q, kT, vT, work = _ordered(plan, query, key, value, diagonal)
-    c2 = _log2_scale(w)[None, None]
+    c2 = arrays.log2_scale(w)[None, None]
     args = Moments(
         q, kT, vT, c2, bool((w >= 0).all()), moments.numpy()[None], lse.numpy()[None],
         *_markers(d, c),
@@ -595,35 +585,32 @@ def backward(grad, query, key, value, w, lse, second, tbar, diagonal, packed=Non
     dtype = query.dtype
     n, d = query.shape
     m, c = key.shape[0], value.shape[1]
-    grad_w = torch.empty(query.shape, dtype=torch.float64)
-    lse2 = lse.double() * LOG2E
-    high = lse2.to(dtype)
-    low = (lse2 - high.double()).to(dtype)
+    lse2, high, low = arrays.lse_pair(lse, dtype)
+    G, tbar, second = (arrays.copy(x.detach().numpy(), high.dtype) for x in (grad, tbar, second))
     if not _fused(d, c):
         rows = _rows_per_item(m)
+        grad_w = torch.empty(query.shape, dtype=torch.float64)
         parallel(
-            _backward_general, -(-n // rows), n * m, _np(query), _np(key.T), _np(value.T),
-            _log2_scale(w), _np(grad.to(dtype)), _np(tbar.to(dtype)), _np(second.to(dtype)),
-            _np(high), _np(low), _left_out(diagonal, n, m), rows, grad_w.numpy(),
+            _backward_general, -(-n // rows), n * m, arrays.of(query), arrays.feature_major(key),
+            arrays.feature_major(value), arrays.log2_scale(w), G, tbar, second, high, low,
+            _left_out(diagonal, n, m), rows, grad_w.numpy(),
         )  # fmt: skip
         return grad_w
     plan = _or_dense(None if packed is None else blocks.unpack(packed), n, m)
     q, kT, vT, work = _ordered(plan, query, key, value, diagonal)
-    G, tbar, second, high, low = blocks.queries_in_order(
-        plan, grad.to(dtype)[None], tbar.to(dtype)[None], second.to(dtype)[None], high[None],
-        low[None],
-    )  # fmt: skip
-    high, low, c2 = _np(high), _np(low), _log2_scale(w)[None, None]
-    far = (lse2.abs() > EXACT_SHIFT_ABOVE[dtype])[None]
-    far = blocks.queries_in_order(plan, far)[0].numpy()
+    far = np.abs(lse2) > EXACT_SHIFT_ABOVE[dtype]
+    G, tbar, second, high, low, far = (
+        arrays.of(x)
+        for x in blocks.queries_in_order(
+            plan, *(torch.from_numpy(x[None]) for x in (G, tbar, second, high, low, far))
+        )
+    )
+    c2 = arrays.log2_scale(w)[None, None]
     if far.any():  # the forward's exact shift for rows whose lse cannot carry it
         args = MomentsShift(q, kT, vT, c2, far.astype(np.uint8), high, low, *_markers(d, c))
         parallel(_run, len(plan.key_ptr) - 1, plan.pairs, work, args)
     out = torch.empty((1, n, d), dtype=torch.float64)
-    args = MomentsGrad(
-        q, kT, vT, c2, _np(G), _np(tbar), _np(second), high, low, out.numpy(), *_markers(d, c)
-    )
+    args = MomentsGrad(q, kT, vT, c2, G, tbar, second, high, low, out.numpy(), *_markers(d, c))
     parallel(_run, len(plan.key_ptr) - 1, plan.pairs, work, args)
     (out,) = blocks.queries_back(plan, out)
-    grad_w.copy_(out[0])
-    return grad_w
+    return out[0]

@@ -24,7 +24,9 @@ How the work is laid out:
   kernels (``workers.parallel``), not on Numba's OpenMP/TBB layer: a process that has
   called nwfast can fork (DataLoader workers), several Python threads can call
   at once, and the kernels compile as plain serial functions, which is several
-  times faster than parallel ones.
+  times faster than parallel ones. Their arrays come from ``arrays``: made by
+  NumPy on the calling thread, never by a torch op whose OpenMP threads would
+  then spin on the same cores.
 - Scores in log2 units. With ``c2_j = -(w_j / 2) * log2(e)`` the weight
   ``exp(s_ij - shift)`` is ``2**(c2_j * d_ij^2 - shift)``, one polynomial
   ``exp2`` (``numba_exp``) per pair, which LLVM vectorises. Every pass
@@ -62,7 +64,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import EXACT_SHIFT_ABOVE, UNDERFLOW, blocks, distance_shift, far, numba_fgt, per_key
+from . import EXACT_SHIFT_ABOVE, UNDERFLOW, arrays, blocks, distance_shift, far, numba_fgt, per_key
 from . import numba_sweep as sweep
 from .numba_exp import fma, fmax, mul
 from .numba_sweep import (
@@ -80,7 +82,6 @@ from .numba_sweep import (
 )
 from .workers import parallel as _parallel
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 # Queries and keys per block of a block-sparse plan. Small blocks bound
@@ -908,20 +909,8 @@ def _tangent_rows_items(lo, hi, q, dq, K, dK, V, dV, w, dw, c2, y, L2h, L2l, row
 
 
 # ------------------------------------------------------------ torch entry
-
-
-def _np(t):
-    return t.detach().contiguous().numpy()
-
-
-def _feature_major(t):
-    """(B, r, f) -> (B, f, r) contiguous: unit-stride rows for the inner loops."""
-    return _np(t.transpose(-1, -2))
-
-
-def _log2_scale(w):
-    """c2 = -(w / 2) * log2(e), computed in float64 and rounded once."""
-    return _np((w.double() * (-0.5 * LOG2E)).to(w.dtype))
+# Every array the kernels read comes from ``arrays``: made by NumPy on the
+# calling thread, each starting on a cache line.
 
 
 def _lse_log2(lse, dtype, exact):
@@ -930,10 +919,8 @@ def _lse_log2(lse, dtype, exact):
     rounding. Rows past EXACT_SHIFT_ABOVE get theirs from
     ``exact(rows, high, low)``, rows a (..., n) uint8 mask, unless ``exact``
     is None (a shard of a larger softmax: the split lse is all there is)."""
-    lse2 = lse.double() * LOG2E
-    high = lse2.to(dtype)
-    high, low = _np(high), _np((lse2 - high.double()).to(dtype))
-    far = (lse2.abs() > EXACT_SHIFT_ABOVE[dtype]).numpy()
+    lse2, high, low = arrays.lse_pair(lse, dtype)
+    far = np.abs(lse2) > EXACT_SHIFT_ABOVE[dtype]
     if exact is not None and far.any():
         exact(far.astype(np.uint8), high, low)
     return high, low
@@ -945,14 +932,14 @@ def _exact_shifts(plan, q, k, v, c2, skip):
     def exact(rows, high, low):
         d, c = q.shape[-1], v.shape[-1]
         direct = far.as_direct(plan, q.shape[1], k.shape[1])  # every pair the row holds
-        arrays = (_np(q), _feature_major(k), _feature_major(v), c2)
+        inputs = (arrays.of(q), arrays.feature_major(k), arrays.feature_major(v), c2)
         items = len(direct.key_ptr) - 1
         if _fused(d, c):
-            args = Shift(*arrays, rows, high, low, *_markers(d, c))
+            args = Shift(*inputs, rows, high, low, *_markers(d, c))
             _parallel(_run, items, direct.pairs, _query_work(direct, skip), args)
         else:
             _parallel(
-                _exact_shift_items, items, direct.pairs, *arrays, skip, direct.key_ptr,
+                _exact_shift_items, items, direct.pairs, *inputs, skip, direct.key_ptr,
                 direct.key_spans, direct.q_block, rows, high, low,
             )  # fmt: skip
 
@@ -965,22 +952,24 @@ def _exact_row_shifts(query, keys, values, c2):
     rows = _rows_per_item(m)
 
     def exact(only, high, low):
-        args = (_np(query[:, None]), _np(keys), _np(values), c2, rows, only, high, low)
-        _parallel(_exact_shift_rows_items, -(-n // rows), n * m, *args)
+        inputs = (arrays.of(query[:, None]), arrays.of(keys), arrays.of(values), c2)
+        _parallel(_exact_shift_rows_items, -(-n // rows), n * m, *inputs, rows, only, high, low)
 
     return exact
 
 
 def _delta_of(grad_out, out):
     """delta_i = g_i . y_i, in float64 then rounded to the input dtype."""
-    return (grad_out.double() * out.double()).sum(-1).to(out.dtype)
+    y = out.detach().numpy()
+    return arrays.copy((arrays.float64(grad_out) * y).sum(-1), y.dtype)
 
 
 def _dw(dw_keys, w, dtype):
-    """The per-key sums as w's gradient: summed over keys for a shared w."""
+    """The per-key sums (float64 NumPy) as w's gradient: summed over keys for a
+    shared w."""
     if w.shape[-1] == 1:
-        dw_keys = dw_keys.sum(-1, keepdim=True)
-    return dw_keys.to(dtype)
+        dw_keys = dw_keys.sum(-1, keepdims=True)
+    return torch.from_numpy(dw_keys.astype(arrays.numpy_dtype(dtype)))
 
 
 def _rows_per_item(length):
@@ -1055,10 +1044,11 @@ def forward(query, key, value, w, diagonal, tolerance):
     (q,) = blocks.queries_in_order(plan, query)
     k, v, w = blocks.keys_in_order(plan, key, value, per_key(w, m))
     skip, _ = blocks.skips(plan, diagonal, B, n, m)
-    nonpos = _np((w >= 0).all(dim=-1))
+    nonpos = (arrays.of(w) >= 0).all(axis=-1)
     out = torch.empty((B, n, c), dtype=query.dtype)
     lse = torch.empty((B, n), dtype=torch.float64)
-    q, kT, vT, c2 = _np(q), _feature_major(k), _feature_major(v), _log2_scale(w)
+    q, c2 = arrays.of(q), arrays.log2_scale(w)
+    kT, vT = arrays.feature_major(k), arrays.feature_major(v)
     items = len(plan.key_ptr) - 1
     if _fused(d, c):
         args = Pool(q, kT, vT, c2, nonpos, out.numpy(), lse.numpy(), *_markers(d, c))
@@ -1084,12 +1074,12 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     k, v, w_keys = blocks.keys_in_order(plan, key, value, per_key(w, m))
     skip, skipped_by = blocks.skips(plan, diagonal, B, n, m)
     fused = _fused(d, c)
-    c2, wn = _log2_scale(w_keys), _np(w_keys)
+    c2, wn = arrays.log2_scale(w_keys), arrays.of(w_keys)
     # per-query terms of every pass: delta_i = g_i . y_i and the lse pair. A
     # shard's lse is the whole problem's: its keys cannot recompute that shift.
     exact = _exact_shifts(plan, q, k, v, c2, skip) if keys is None else None
     high, low = _lse_log2(lse, dtype, exact)
-    delta = _np(_delta_of(g, out))
+    delta = _delta_of(g, out)
     shift = distance_shift(lse, w, _per_row_keys(skip, m) if keys is None else keys)
     # the expanded pairs' shares (float64, plan order), None where there are none
     far_dq, far_dk, far_dv, far_dw = numba_fgt.backward_shares(
@@ -1105,15 +1095,16 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
         dk = (torch.empty if direct else torch.zeros)(k.shape, dtype=dtype)
         dv = (torch.empty if direct else torch.zeros)(v.shape, dtype=dtype)
         dw_keys = (torch.empty if direct else torch.zeros)(w_keys.shape, dtype=torch.float64)
-        kn, vn, qT, gT = _np(k), _np(v), _feature_major(q), _feature_major(g)
+        kn, vn = arrays.of(k), arrays.of(v)
+        qT, gT = arrays.feature_major(q), arrays.feature_major(g)
         outputs = (dk.numpy(), dv.numpy(), dw_keys.numpy())
-        key_shift = _np(shift.to(dtype))
+        key_shift = arrays.copy(shift.numpy(), arrays.numpy_dtype(dtype))
         if direct and fused:
             work = _key_work(plan, skipped_by)
             # Zeroed here, not left to calloc: fresh pages first touched by the
             # pass's reads of dq, from the threads, took 9 ms against 1.3 ms
             # here (8192², d = 3, every buffer fresh from mmap).
-            shares = np.empty((DQ_CHUNKS, B, d, n) if together else (1, 1, 1, 1))
+            shares = arrays.empty((DQ_CHUNKS, B, d, n) if together else (1, 1, 1, 1), np.float64)
             shares.fill(0.0)
             args = KeyGrad(
                 kn, vn, wn, c2, qT, gT, delta, high, low, key_shift, *outputs, shares,
@@ -1123,7 +1114,8 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
             bounds = _chunk_bounds(work, DQ_CHUNKS) if together else np.arange(len(work.ptr))
             _parallel(_key_grads, len(bounds) - 1, plan.pairs, bounds, work, args)
             if together:
-                dq = torch.from_numpy(np.ascontiguousarray(shares.sum(axis=0).transpose(0, 2, 1)))
+                dq = arrays.copy(shares.sum(axis=0).transpose(0, 2, 1), arrays.numpy_dtype(dtype))
+                dq = torch.from_numpy(dq)
         elif direct:
             _parallel(
                 _dkv_general, len(plan.query_ptr) - 1, plan.pairs, kn, vn, wn, c2, qT, gT, delta,
@@ -1135,14 +1127,15 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
         if far_dv is not None:
             dv = (dv + far_dv).to(dtype)
         dk, dv, dw_keys = blocks.keys_back(plan, dk, dv, dw_keys)
-        dw = _dw(dw_keys, w, torch.float64 if far_dw is not None else dtype)
+        dw = _dw(arrays.of(dw_keys), w, torch.float64 if far_dw is not None else dtype)
         if far_dw is not None:
             dw = (dw + far_dw[:, None]).to(dtype)
     if need_q and plan.pairs == 0:  # expansions alone
         dq = torch.zeros(q.shape, dtype=dtype)
     elif need_q and dq is None:
         dq = torch.empty(q.shape, dtype=dtype)
-        qn, gn, kT, vT = _np(q), _np(g), _feature_major(k), _feature_major(v)
+        qn, gn = arrays.of(q), arrays.of(g)
+        kT, vT = arrays.feature_major(k), arrays.feature_major(v)
         if fused:
             args = QueryGrad(qn, gn, delta, high, low, kT, vT, wn, c2, dq.numpy(), *_markers(d, c))
             _parallel(_run, len(plan.key_ptr) - 1, plan.pairs, _query_work(plan, skip), args)
@@ -1178,22 +1171,23 @@ def tangent(query, key, value, w, tangents, out, lse, diagonal, packed):
         plan, key, dk, value, dv, per_key(w, m), per_key(dw, m)
     )
     skip, _ = blocks.skips(plan, diagonal, B, n, m)
-    c2 = _log2_scale(w)
+    c2 = arrays.log2_scale(w)
     high, low = _lse_log2(lse, query.dtype, _exact_shifts(plan, q, k, v, c2, skip))
     dy = torch.empty(y.shape, dtype=query.dtype)
-    arrays = (
-        _np(q), _np(dq), _feature_major(k), _feature_major(dk), _feature_major(v),
-        _feature_major(dv), _np(w), _np(dw), c2, _np(y), high, low,
+    inputs = (
+        arrays.of(q), arrays.of(dq), arrays.feature_major(k), arrays.feature_major(dk),
+        arrays.feature_major(v), arrays.feature_major(dv), arrays.of(w), arrays.of(dw), c2,
+        arrays.of(y), high, low,
     )  # fmt: skip
     if _fused(d, c):
-        qn, dqn, kT, dkT, vT, dvT, wn, dwn, c2, yn, high, low = arrays
+        qn, dqn, kT, dkT, vT, dvT, wn, dwn, c2, yn, high, low = inputs
         args = Tangent(
             qn, dqn, yn, high, low, kT, dkT, vT, dvT, wn, dwn, c2, dy.numpy(), *_markers(d, c)
         )
         _parallel(_run, len(plan.key_ptr) - 1, plan.pairs, _query_work(plan, skip), args)
     else:
         _parallel(
-            _tangent_items, len(plan.key_ptr) - 1, plan.pairs, *arrays, skip, plan.key_ptr,
+            _tangent_items, len(plan.key_ptr) - 1, plan.pairs, *inputs, skip, plan.key_ptr,
             plan.key_spans, plan.q_block, dy.numpy(),
         )  # fmt: skip
     return blocks.queries_back(plan, dy)[0]
@@ -1207,7 +1201,7 @@ def forward_rows(query, keys, values, w):
     rows = _rows_per_item(m)
     items = -(-n // rows)
     nonpos = bool((w >= 0).all())
-    args = (_np(query[:, None]), _np(keys), _np(values), _log2_scale(w))
+    args = (arrays.of(query[:, None]), arrays.of(keys), arrays.of(values), arrays.log2_scale(w))
     only = np.empty(0, np.uint8)  # every row
     if nonpos:
         only = np.zeros(n, np.uint8)
@@ -1233,26 +1227,26 @@ def backward_rows(grad_out, query, keys, values, w, out, lse, needs):
     dK = torch.empty((n, m if need_k else 0), dtype=dtype)
     dV = torch.empty((n, m if need_v else 0), dtype=dtype)
     dw_part = torch.empty((min(n, DW_CHUNKS), m), dtype=torch.float64).numpy()
-    c2 = _log2_scale(w_keys)
+    c2 = arrays.log2_scale(w_keys)
     _parallel(
         _backward_rows_items,
         dw_part.shape[0],
         n * m,
-        _np(query),
-        _np(keys),
-        _np(values),
-        _np(w_keys),
+        arrays.of(query),
+        arrays.of(keys),
+        arrays.of(values),
+        arrays.of(w_keys),
         c2,
-        _np(grad_out),
-        _np(_delta_of(grad_out[:, None], out[:, None])),
+        arrays.of(grad_out),
+        _delta_of(grad_out[:, None], out[:, None]),
         *_lse_log2(lse, dtype, _exact_row_shifts(query, keys, values, c2)),
-        _np(distance_shift(lse, w, m).to(dtype)),
+        arrays.copy(distance_shift(lse, w, m).numpy(), arrays.numpy_dtype(dtype)),
         dq.numpy(),
         dK.numpy(),
         dV.numpy(),
         dw_part,
     )
-    dw = _dw(torch.from_numpy(-0.5 * dw_part.sum(axis=0)), w, dtype)
+    dw = _dw(-0.5 * dw_part.sum(axis=0), w, dtype)
     return (
         dq if need_q else None,
         dK if need_k else None,
@@ -1267,22 +1261,22 @@ def tangent_rows(query, keys, values, w, tangents, out, lse):
     w_keys, dw_keys = per_key(w, m), per_key(dw, m)
     dy = torch.empty(n, dtype=query.dtype)
     rows = _rows_per_item(m)
-    c2 = _log2_scale(w_keys)
+    c2 = arrays.log2_scale(w_keys)
     shifts = _lse_log2(lse, query.dtype, _exact_row_shifts(query, keys, values, c2))
     _parallel(
         _tangent_rows_items,
         -(-n // rows),
         n * m,
-        _np(query),
-        _np(dq),
-        _np(keys),
-        _np(dK),
-        _np(values),
-        _np(dV),
-        _np(w_keys),
-        _np(dw_keys),
+        arrays.of(query),
+        arrays.of(dq),
+        arrays.of(keys),
+        arrays.of(dK),
+        arrays.of(values),
+        arrays.of(dV),
+        arrays.of(w_keys),
+        arrays.of(dw_keys),
         c2,
-        _np(out),
+        arrays.of(out),
         *shifts,
         rows,
         dy.numpy(),

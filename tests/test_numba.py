@@ -206,3 +206,117 @@ def test_chunks_hold_every_work_item():
         bounds = numba_nw._chunk_bounds(work, count)
         assert len(bounds) == count + 1 and bounds[0] == 0 and bounds[-1] == len(ptr) - 1
         assert (np.diff(bounds) >= 0).all()
+
+
+# --------------------------------------------------- the arrays the kernels read
+# (``kernels.arrays``): made by NumPy on the calling thread, on cache lines.
+
+# Ops that move no numbers: a torch op on more than GRAIN numbers that is not
+# one of these runs on torch's OpenMP threads, which then spin beside the
+# kernels' own.
+# (``to`` and ``contiguous`` that do copy show the copy as aten::copy_ beneath them.)
+_NO_COMPUTE = re.compile(
+    r"(aten::)?(empty\w*|as_strided|view\w*|_?reshape\w*|alias|expand\w*|detach\w*|select"
+    r"|slice|squeeze|unsqueeze|permute|transpose|t|lift\w*|resolve_\w+|result_type|numpy_T"
+    r"|_unsafe_view|split\w*|unbind|contiguous|to)$"
+)
+GRAIN = 32768  # at::internal::GRAIN_SIZE: above it an op runs on torch's threads
+
+
+def _threaded_torch_ops(run):
+    """The torch ops on more than GRAIN numbers that ``run()`` calls, by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    found = set()
+    for event in prof.events():
+        sizes = [int(np.prod(shape)) for shape in event.input_shapes or () if shape]
+        if max(sizes, default=0) > GRAIN and not _NO_COMPUTE.match(event.name):
+            found.add(event.name)
+    return sorted(found)
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1e-4])
+@pytest.mark.parametrize("many", ["queries", "keys"])
+@pytest.mark.parametrize("d", [1, 3])
+def test_cpu_passes_call_no_threaded_torch_op(d, many, tolerance):
+    """The forward, the backward and the tangent, and local-linear's moments,
+    make every array they hand their kernels, and every result, without a
+    torch op on more than GRAIN numbers, dense or block-sparse
+    (``kernels.arrays``). Many queries or many keys: each side's arrays hold
+    more than GRAIN numbers in turn."""
+    from nwfast.kernels import numba_moments
+
+    gen = torch.Generator().manual_seed(3)
+    big, few = GRAIN // d + 100, 700
+    n, m = (big, few) if many == "queries" else (few, big)
+    query, key = torch.rand(1, n, d, generator=gen), torch.rand(1, m, d, generator=gen)
+    value = torch.randn(1, m, 2, generator=gen)
+    grad_out = torch.randn(1, n, 2, generator=gen)
+    for w in (torch.full((1, 1), 900.0), 900.0 + torch.rand(1, m, generator=gen)):
+
+        def passes(w=w):
+            out, lse, plan = numba_nw.forward(query, key, value, w, 0, tolerance)
+            numba_nw.backward(grad_out, query, key, value, w, out, lse, 0, plan, (True,) * 4)
+            tangents = (query, key, value, w)
+            numba_nw.tangent(query, key, value, w, tangents, out, lse, 0, plan)
+
+        assert _threaded_torch_ops(passes) == []
+
+    w_f = torch.full((d,), 900.0)
+    moments = d + d * (d + 1) // 2 + 2 + 2 * d
+    grad = torch.randn(n, moments, dtype=torch.float64, generator=gen)
+    second = torch.rand(n, d, dtype=torch.float64, generator=gen)
+    tbar = torch.randn(n, dtype=torch.float64, generator=gen)
+
+    def local_linear():
+        _, lse, plan = numba_moments.forward(query[0], key[0], value[0], w_f, 0, tolerance)
+        numba_moments.backward(grad, query[0], key[0], value[0], w_f, lse, second, tbar, 0, plan)
+
+    assert _threaded_torch_ops(local_linear) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_arrays_start_on_a_cache_line_and_hold_torch_values(dtype):
+    from nwfast.kernels import arrays, distance_shift
+
+    for shape in ((1,), (3, 5), (2, 4097, 3)):
+        a = arrays.empty(shape, arrays.numpy_dtype(dtype))
+        assert a.ctypes.data % 64 == 0 and a.flags.c_contiguous and a.shape == shape
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4097, 3, generator=gen, dtype=dtype) * 1e3
+    kT = arrays.feature_major(x)
+    assert kT.ctypes.data % 64 == 0
+    assert torch.equal(torch.from_numpy(kT), x.transpose(1, 2).contiguous())
+    assert arrays.of(x).ctypes.data == x.data_ptr()  # a contiguous tensor is read in place
+    assert torch.equal(torch.from_numpy(arrays.of(x[:, ::2])), x[:, ::2])
+    w = torch.rand(2, 4097, generator=gen, dtype=dtype) * 1e4
+    c2 = (w.double() * (-0.5 * arrays.LOG2E)).to(dtype)  # rounded once, as torch would
+    assert torch.equal(torch.from_numpy(arrays.log2_scale(w)), c2)
+    lse = torch.randn(2, 4097, generator=gen, dtype=torch.float64) * 1e9
+    high, low = numba_nw._lse_log2(lse, dtype, None)
+    lse2 = lse * arrays.LOG2E
+    assert torch.equal(torch.from_numpy(high), lse2.to(dtype))
+    assert torch.equal(torch.from_numpy(low), (lse2 - lse2.to(dtype).double()).to(dtype))
+
+    # the distance shift: NumPy's on the CPU, torch's formula elsewhere
+    from nwfast.kernels import _shift
+
+    w1 = torch.tensor([[2.5], [0.0]], dtype=dtype)
+    keys = torch.randint(1, 4097, (2, 4097), generator=gen)
+    lse[0, :3] = torch.tensor([np.inf, -np.inf, np.nan], dtype=torch.float64)
+    r = distance_shift(lse, w1, keys)
+    expected = _shift(torch, lse, w1.double(), keys.double().log())
+    torch.testing.assert_close(r, expected, rtol=4e-16, atol=0)
+    assert (r[1] == 0).all() and (r[0, :3] == 0).all()  # w = 0, lse not finite
+
+
+def test_cpu_gather_and_scatter_match_torch():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 300, 3, generator=gen)
+    perm = torch.stack([torch.randperm(300, generator=gen) for _ in range(2)])
+    expected = x.gather(1, perm[..., None].expand(-1, -1, 3))
+    assert torch.equal(blocks._gather(x, perm), expected)
+    assert torch.equal(blocks._scatter(expected, perm), x)
+    assert blocks._gather(x, perm).numpy().ctypes.data % 64 == 0
