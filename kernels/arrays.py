@@ -6,8 +6,8 @@ Two things about how these arrays are made show in the kernels' time on a
 - Who makes them. A torch op on more than 32768 numbers runs on torch's
   OpenMP threads, which then spin for milliseconds waiting for more work, on
   the cores the kernels' own threads (``workers``) are about to use. One such
-  copy, the keys made feature-major at d = 3, made a 16384² forward 17%
-  slower. NumPy copies and computes on the calling thread alone.
+  copy, the keys made feature-major at d = 3, made a 16384² forward take 1.2x
+  as long. NumPy copies and computes on the calling thread alone.
 - Where they start. NumPy's large buffers start 16 bytes past a cache line,
   so every 64-byte vector load of a row spans two lines: a d = 3 key-side
   backward took 1.2-1.6x as long on such rows as on torch's, which start on
