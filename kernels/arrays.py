@@ -89,11 +89,12 @@ def lse_pair(lse, dtype):
 
 
 def float64(t):
-    """t as a float64 NumPy array: converted by NumPy for a CPU tensor, by
-    torch on t's own device for another."""
+    """t as a float64 NumPy array, to be read: converted by NumPy for a CPU
+    tensor (t's own memory where it is float64 already), by torch on t's own
+    device for another."""
     t = t.detach()
     if numpy_can_hold(t):
-        return t.numpy().astype(np.float64)
+        return t.numpy().astype(np.float64, copy=False)
     return t.to("cpu", torch.float64).numpy()
 
 
