@@ -12,7 +12,10 @@ first in odd ones, so that a change in the machine's load reaches both alike.
 
 Per case: each side's median over rounds; base / this tree, the ratio of those
 medians (below 1: this tree is slower); the per-round ratios' min and max, and
-their max / min as the noise measured. A case is slower when this tree's time
+their max / min as the noise measured; and the ratio of each side's fastest
+round. A process runs the Numba kernels at one of two speeds, about 12% apart,
+settled when it starts (bench/NOTES.md): the fastest rounds compare the two
+sides in the same mode, where the medians may mix modes. A case is slower when this tree's time
 passes max(threshold, noise) x the base's. ``--guard`` (the CI speed guard)
 compares with the commit named in bench/baseline.txt on GUARD_CASES and exits 1
 when a case is slower or could not be measured.
@@ -228,9 +231,10 @@ def measure(site: Path, pick: Pick, threads: int, folder: Path) -> dict:
 def verdict(base_s: list[float], tree_s: list[float], threshold: float) -> dict:
     """From each round's median of both sides (round i of each measured back to back).
 
-    ratio: base / this tree, medians over rounds (< 1: this tree slower); noise:
-    the per-round ratios' max / min; slower when this tree's time passes
-    limit = max(threshold, noise) x the base's, faster the other way round.
+    ratio: base / this tree, medians over rounds (< 1: this tree slower);
+    fastest_ratio: the same of each side's fastest round; noise: the per-round
+    ratios' max / min; slower when this tree's time passes limit =
+    max(threshold, noise) x the base's, faster the other way round.
     """
     rounds = min(len(base_s), len(tree_s))
     ratios = [b / t for b, t in zip(base_s[:rounds], tree_s[:rounds])]
@@ -239,6 +243,7 @@ def verdict(base_s: list[float], tree_s: list[float], threshold: float) -> dict:
     limit = max(threshold, noise)
     return {
         "ratio": ratio,
+        "fastest_ratio": min(base_s) / min(tree_s),
         "ratios": ratios,
         "noise": noise,
         "limit": limit,
@@ -327,7 +332,12 @@ def _finish(rows: list[dict], threshold: float) -> None:
     for tree, base in _pairs(rows).values():
         if tree["status"] == "ok" and base["status"] == "ok":
             v = verdict(base["round_medians_s"], tree["round_medians_s"], threshold)
-            base.update(nwfast_speedup=v["ratio"], round_ratios=v["ratios"], noise=v["noise"])
+            base.update(
+                nwfast_speedup=v["ratio"],
+                fastest_ratio=v["fastest_ratio"],
+                round_ratios=v["ratios"],
+                noise=v["noise"],
+            )
 
 
 def run(
@@ -441,6 +451,7 @@ def table(head: dict, rows: list[dict]):
     for col in ("case", "call", "base", "this tree", "ns/pair base", "ns/pair tree"):
         t.add_column(col, justify="left" if col in ("case", "call") else "right")
     t.add_column("base / tree\n(<1: tree slower)", justify="right")
+    t.add_column("fastest rounds\nbase / tree", justify="right")
     t.add_column("per round\nmin-max", justify="right")
     t.add_column("noise", justify="right")
     t.add_column("verdict")
@@ -451,7 +462,7 @@ def table(head: dict, rows: list[dict]):
             f"{who}: {r['note']}" for who, r in (("tree", tree), ("base", other)) if r["note"]
         )
         if tree["status"] != "ok" or other["status"] != "ok":
-            t.add_row(name, call, *[""] * 7, "[red]not measured[/red]", note)
+            t.add_row(name, call, *[""] * 8, "[red]not measured[/red]", note)
             continue
         v = verdict(other["round_medians_s"], tree["round_medians_s"], threshold)
         if v["slower"]:
@@ -468,6 +479,7 @@ def table(head: dict, rows: list[dict]):
             f"{other['ns_per_pair']:.3g}",
             f"{tree['ns_per_pair']:.3g}",
             f"{v['ratio']:.3f}",
+            f"{v['fastest_ratio']:.3f}",
             f"{min(v['ratios']):.2f}-{max(v['ratios']):.2f}",
             f"{v['noise']:.2f}",
             word,

@@ -154,6 +154,7 @@ MEASUREMENTS = {
     "round_medians_s": "compare: each round's median call, one fresh process per round and side",
     "round_ratios": "compare, base rows: base / this tree in each round, in order",
     "noise": "compare, base rows: max / min of round_ratios, the noise measured",
+    "fastest_ratio": "compare, base rows: the base's fastest round median / this tree's",
 }
 
 

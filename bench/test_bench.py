@@ -241,6 +241,7 @@ def test_compare_against_head(tmp_path):
     # The same code on both sides: any ratio far from 1 is a bug of the command
     # (sides or cases mixed up), not noise.
     assert all(0.5 < r["nwfast_speedup"] < 2 for r in base_rows), base_rows
+    assert all(0.5 < r["fastest_ratio"] < 2 for r in base_rows), base_rows
     assert all(len(r["round_ratios"]) == 3 and r["noise"] >= 1 for r in base_rows)
     assert [g["goal"].split(":")[0] for g in head["goals"]] == list(cases)
     assert "(<1: tree slower)" in done.stdout
@@ -277,6 +278,11 @@ def test_guard_decision():
 
     v = compare.verdict([0.02] * 3, [0.01] * 3, 1.3)
     assert v["faster"] and not v["slower"] and v["ratio"] == 2.0 and v["noise"] == 1.0
+    # Rounds in two speed modes: the fastest rounds compare like with like.
+    v = compare.verdict([0.010, 0.0112, 0.0112], [0.0112, 0.0112, 0.010], 1.3)
+    assert v["ratio"] == 1.0 and v["fastest_ratio"] == 1.0
+    v = compare.verdict([0.010, 0.0112, 0.0112], [0.011, 0.0112, 0.0112], 1.3)
+    assert v["fastest_ratio"] == pytest.approx(10 / 11)
 
 
 def test_compare_options_and_revisions():
