@@ -67,14 +67,16 @@ def of(t):
 
 
 def feature_major(t):
-    """(..., r, f) -> (..., f, r): unit-stride rows for the inner loops."""
-    return copy(np.swapaxes(t.detach().numpy(), -1, -2))
+    """(..., r, f) -> (..., f, r): unit-stride rows for the inner loops; t's own
+    memory where that is already C-contiguous (one feature)."""
+    a = np.swapaxes(t.detach().numpy(), -1, -2)
+    return a if a.flags.c_contiguous else copy(a)
 
 
 def log2_scale(w):
     """c2 = -(w / 2) log2(e), computed in float64 and rounded once to w's dtype."""
     w = w.detach().numpy()
-    return copy(w.astype(np.float64) * (-0.5 * LOG2E), w.dtype)
+    return copy(w.astype(np.float64, copy=False) * (-0.5 * LOG2E), w.dtype)
 
 
 def lse_pair(lse, dtype):

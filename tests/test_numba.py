@@ -290,6 +290,9 @@ def test_arrays_start_on_a_cache_line_and_hold_torch_values(dtype):
     assert kT.ctypes.data % 64 == 0
     assert torch.equal(torch.from_numpy(kT), x.transpose(1, 2).contiguous())
     assert arrays.of(x).ctypes.data == x.data_ptr()  # a contiguous tensor is read in place
+    one = x[:1, :, :1].contiguous()  # one feature: already feature-major, read in place
+    assert arrays.feature_major(one).ctypes.data == one.data_ptr()
+    assert torch.equal(torch.from_numpy(arrays.feature_major(one)), one.transpose(1, 2))
     assert torch.equal(torch.from_numpy(arrays.of(x[:, ::2])), x[:, ::2])
     w = torch.rand(2, 4097, generator=gen, dtype=dtype) * 1e4
     c2 = (w.double() * (-0.5 * arrays.LOG2E)).to(dtype)  # rounded once, as torch would
