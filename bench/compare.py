@@ -13,12 +13,12 @@ first in odd ones, so that a change in the machine's load reaches both alike.
 Per case: each side's median over rounds; base / this tree, the ratio of those
 medians (below 1: this tree is slower); the per-round ratios' min and max, and
 their max / min as the noise measured; and the ratio of each side's fastest
-round. A process runs the Numba kernels at one of two speeds, about 12% apart,
-settled when it starts (bench/NOTES.md): the fastest rounds compare the two
-sides in the same mode, where the medians may mix modes. A case is slower when this tree's time
-passes max(threshold, noise) x the base's. ``--guard`` (the CI speed guard)
-compares with the commit named in bench/baseline.txt on GUARD_CASES and exits 1
-when a case is slower or could not be measured.
+round (a process runs the Numba kernels at one of two speeds, about 12% apart,
+settled when it starts: bench/NOTES.md; the fastest rounds compare the sides at
+the same speed, where the medians may mix the two). A case is slower when this
+tree's time passes max(threshold, noise) x the base's. ``--guard`` (the CI speed
+guard) compares with the commit named in bench/baseline.txt on GUARD_CASES and
+exits 1 when a case is slower or could not be measured.
 
 A base may lack a keyword that a case passes (``tolerance`` came with block
 skipping): its calls leave it out, and its row says so.
