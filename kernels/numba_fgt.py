@@ -612,7 +612,8 @@ def backward_shares(plan, needs, q, g, k, v, w, out, lse, shift, skip, skipped_b
     if plan.far is None:
         return None, None, None, None
     f64 = [arrays.float64(x) for x in (q, g, out, lse, shift)]
-    kT, vT = (arrays.copy(arrays.float64(x).transpose(0, 2, 1)) for x in (k, v))
+    # feature-major float64, converted in the one copy
+    kT, vT = (arrays.copy(np.swapaxes(x.detach().numpy(), 1, 2), np.float64) for x in (k, v))
     delta_i = (f64[1] * f64[2]).sum(-1)  # g_i . y_i
     w = arrays.float64(w)[:, 0]
     shares = _backward(
