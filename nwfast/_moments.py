@@ -1,21 +1,28 @@
 """The local-linear moments' layout and the rule for rows too thin for a line.
 
 One definition for the fused path (``nwfast.local_linear``) and the reference
-(``nwfast.reference``), which both read the moments by this layout and fall back
-to the local-constant value on the same rows.
+(``nwfast.reference``), which both read the moments by this layout and move
+from the line to the local-constant value on the same rows, by the same share.
 """
 
+import math
 from typing import NamedTuple
 
 import torch
 
-# Smallest eigenvalue of the scaled covariance R below which a line is not fitted,
-# 1024 units of rounding of the dtype the kernels sum in (float32 for half inputs).
-THIN_FLOAT64, THIN_FLOAT32 = 2.0**-43, 2.0**-14
+# How much of the line a row's prediction takes, by the smallest eigenvalue lam of its
+# scaled covariance R: none up to THIN (the local-constant value), all of it from FULL
+# on, and between them a smoothstep in log lam, so that the prediction and the
+# leave-one-out criterion stay continuous in the bandwidth. Float64's THIN lies 2^10
+# above its 1024 units of rounding: on tied data, lines just past that threshold
+# were measured to swing with the last digits of the weights. Float32 (the sums of
+# half inputs too) starts at its 1024 units, 2^-14, and takes every line past 2^-7.
+LINE_RAMP = {torch.float64: (2.0**-33, 2.0**-20), torch.float32: (2.0**-14, 2.0**-7)}
 
 
-def thin_tolerance(dtype):
-    return THIN_FLOAT64 if dtype == torch.float64 else THIN_FLOAT32
+def line_ramp(dtype):
+    """(THIN, FULL) for the dtype of the inputs."""
+    return LINE_RAMP[torch.float64 if dtype == torch.float64 else torch.float32]
 
 
 class Layout(NamedTuple):
@@ -61,11 +68,13 @@ def covariance(S1, S2):
     return C / (scale[:, :, None] * scale[:, None, :]), scale
 
 
-def is_thin(R, tol):
-    """Rows whose scaled covariance has an eigenvalue <= tol (not NaN rows: those
-    propagate their NaN through the solve)."""
-    with torch.no_grad():
-        finite = torch.isfinite(R).flatten(1).all(1)
-        eye = torch.eye(R.shape[1], dtype=R.dtype, device=R.device)
-        smallest = torch.linalg.eigvalsh(torch.where(finite[:, None, None], R, eye))[:, 0]
-        return finite & ~(smallest > tol)
+def line_share(R, dtype):
+    """Per row, the line's share s in [0, 1] of the prediction Sv + s (line - Sv),
+    from the smallest eigenvalue of R (differentiable). Rows with a NaN or inf in R
+    take s = 1, so that their NaN reaches the prediction through the solve."""
+    thin, full = line_ramp(dtype)
+    finite = torch.isfinite(R).flatten(1).all(1)
+    eye = torch.eye(R.shape[1], dtype=R.dtype, device=R.device)
+    smallest = torch.linalg.eigvalsh(torch.where(finite[:, None, None], R, eye))[:, 0]
+    t = (smallest.clamp(thin, full).log() - math.log(thin)) / math.log(full / thin)
+    return torch.where(finite, t * t * (3.0 - 2.0 * t), 1.0)

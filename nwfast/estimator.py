@@ -26,7 +26,6 @@ from nwfast.local_linear import (
     moments,
     solve_moments,
     sum_squared_weights,
-    thin_tolerance,
 )
 
 __all__ = ["LocalLinearRegression", "NadarayaWatson", "expected_failed_checks", "rule_of_thumb"]
@@ -540,9 +539,11 @@ class LocalLinearRegression(_KernelRegressor):
     weight span fewer than d directions: fewer than d + 1 points in general
     position, duplicates, or a query so far from the data that one point takes all
     the weight) the prediction there falls back to the local-constant
-    (Nadaraya-Watson) value; see :mod:`nwfast.local_linear` for the test. The
-    weights of the standard error are the line's equivalent kernel
-    ``l_j(x) = p_j(x) (1 + gamma(x) . (X_j - x - S1(x)))``, which can be negative.
+    (Nadaraya-Watson) value, and near such neighbourhoods it moves smoothly from
+    one to the other, so that the leave-one-out criterion stays continuous in h;
+    see :mod:`nwfast.local_linear` for the test. The weights of the standard error
+    are the fit's equivalent kernel ``l_j(x) = p_j(x) (1 + gamma(x) . (X_j - x -
+    S1(x)))``, which can be negative (gamma scaled by the line's share).
     """
         + _COMMON_DOC
     )
@@ -560,7 +561,7 @@ class LocalLinearRegression(_KernelRegressor):
         q, k = Xq / h, Xk / h
         d, c = q.shape[1], Y.shape[1]
         mom, lse = moments(q, k, torch.cat([Y, squared_residuals], 1), 1.0, backend=self.backend)
-        fit = solve_moments(mom, d, 2 * c, thin_tolerance(q.dtype))
+        fit = solve_moments(mom, d, 2 * c, q.dtype)
         mom_2w, lse_2w = moments(q, k, Y[:, :0], 2.0, backend=self.backend)
         layout = moment_layout(d, 2 * c)
         sigma2 = mom[:, layout.values][:, c:]  # the kernel-weighted mean of e_j**2

@@ -28,12 +28,17 @@ the prediction, is ``Sv - S1^T b``: a (d x d) solve per query in float64.
 A neighbourhood too thin for a line, where the keys that carry weight do not
 span every direction (fewer than d + 1 of them in general position, or a query
 so far out that the weights sit on one key), has a singular C: there the
-prediction falls back to the local-constant value ``Sv``, Nadaraya-Watson's. The
-test is scale-free: C is scaled by the second moments, R = C_fg / sqrt(S2_ff
-S2_gg), whose diagonal is the fraction of each feature's mean squared offset
-that is spread rather than distance, and a row is thin when R's smallest
-eigenvalue is at most ``thin_tolerance`` (1024 units of rounding of the kernel's dtype):
-below it the sums cannot resolve a slope.
+prediction is the local-constant value ``Sv``, Nadaraya-Watson's. The test is
+scale-free: C is scaled by the second moments, R = C_fg / sqrt(S2_ff S2_gg),
+whose diagonal is the fraction of each feature's mean squared offset that is
+spread rather than distance, and its smallest eigenvalue lam says how well the
+neighbourhood poses a line. Up to THIN the prediction is ``Sv``; from FULL on it
+is the line's value; between them it is ``Sv + s (line - Sv)``, s rising from 0
+to 1 as a smoothstep in log lam (``line_ramp``: 2^-33 to 2^-20 for float64 inputs,
+2^-14 to 2^-7 otherwise). A sharp cut would make the prediction jump wherever a
+row crossed it, and with it the leave-one-out criterion the bandwidth search
+minimises; the ramp keeps both continuous. Lines just above float64's rounding
+are also unreliable: on tied data they swing with the last digits of the weights.
 
 Skipping keys (``tolerance``). The moments are sums over ``nw_pool``'s weights, so
 the block plan's bound carries over: the keys S a query skips hold at most
@@ -60,8 +65,9 @@ This is where the local design's conditioning enters: a query near the middle of
 its neighbourhood (m_q ~ 0) moves as little as a Nadaraya-Watson value, while at
 the edge of the data, or where the kept keys barely span a direction (C' near
 singular, m large), the solve amplifies the skipped mass by m_q m_j. The bound
-holds for rows fitted by a line both ways; a row that is thin one way and not the
-other changes method (and a row thin both ways takes ``nw_pool``'s bound).
+holds for rows fitted by the full line both ways (lam >= FULL); a row on the
+ramp either way mixes this bound with ``nw_pool``'s and its share moves too (a row
+thin both ways takes ``nw_pool``'s bound).
 """
 
 from typing import NamedTuple
@@ -71,7 +77,7 @@ from torch import Tensor
 
 from nwfast import ops
 from nwfast._checks import prepare_local_linear, resolve_tolerance
-from nwfast._moments import covariance, is_thin, moment_layout, thin_tolerance, unpack
+from nwfast._moments import covariance, line_ramp, line_share, moment_layout, unpack
 from nwfast.reference import local_linear_reference, moments_reference
 
 __all__ = [
@@ -81,9 +87,9 @@ __all__ = [
     "moment_layout",
     "moments",
     "moments_reference",
+    "line_ramp",
     "solve_moments",
     "sum_squared_weights",
-    "thin_tolerance",
 ]
 
 # --- the fused moments as a custom op ------------------------------------------------
@@ -188,26 +194,31 @@ def moments(query, key, value, w, *, exclude_self=False, backend="auto", toleran
 
 class LocalLinearFit(NamedTuple):
     """Per query: the fitted value (n, c) and gamma (n, d), such that the fit's weight
-    on key j is p_ij (1 + gamma_i . (u_ij - S1_i)); gamma is 0 where the fit fell back."""
+    on key j is p_ij (1 + gamma_i . (u_ij - S1_i)); gamma carries the line's share
+    (0 where the fit is the local-constant one)."""
 
     value: Tensor
     gamma: Tensor
 
 
-def solve_moments(moments, d, c, tol):
-    """The local-linear fit of every query from its moments (float64, differentiable)."""
+def solve_moments(moments, d, c, dtype):
+    """The local-linear fit of every query from its moments (float64, differentiable);
+    ``dtype``, the inputs', sets the ramp from the local-constant value to the line."""
     S1, S2, Sv, Suv = unpack(moments, d, c)
     R, scale = covariance(S1, S2)
-    thin = is_thin(R, tol)
+    share = line_share(R, dtype)
+    thin = share == 0.0
     eye = torch.eye(d, dtype=R.dtype, device=R.device)
-    R = torch.where(thin[:, None, None], eye, R)  # any regular matrix: those rows are replaced
+    R = torch.where(thin[:, None, None], eye, R)  # any regular matrix: those rows take Sv
     # C^-1 B = S^-1 R^-1 S^-1 B with S = diag(scale): solved on the scaled system.
     rhs = torch.cat([Suv - S1[:, :, None] * Sv[:, None, :], S1[:, :, None]], dim=2)
     solved = torch.linalg.solve_ex(R, rhs / scale[:, :, None]).result / scale[:, :, None]
     slope, gamma = solved[:, :, :c], -solved[:, :, c]
-    value = Sv - (S1[:, :, None] * slope).sum(1)
+    # the line's value at the query is Sv - S1 . slope: the share scales its step from Sv
+    step = -(S1[:, :, None] * slope).sum(1)
     return LocalLinearFit(
-        torch.where(thin[:, None], Sv, value), torch.where(thin[:, None], 0.0, gamma)
+        torch.where(thin[:, None], Sv, Sv + share[:, None] * step),
+        torch.where(thin[:, None], 0.0, share[:, None] * gamma),
     )
 
 
@@ -256,7 +267,8 @@ def local_linear_pool(query, key, value, w, *, exclude_self=False, backend="auto
         The fits in the dtype of the inputs. The fused backends differentiate with
         respect to ``w`` only (the bandwidth search needs no more); the reference
         path differentiates everything. Where a query's neighbourhood is too thin
-        for a line (see the module doc) the local-constant value is returned.
+        for a line (see the module doc) the local-constant value is returned, and
+        near that the prediction moves smoothly from one to the other.
     """
     if backend == "torch":
         args = prepare_local_linear(query, key, value, w, exclude_self, fused=False)
@@ -266,6 +278,6 @@ def local_linear_pool(query, key, value, w, *, exclude_self=False, backend="auto
             query, key, value, w, exclude_self=exclude_self, backend=backend, tolerance=tolerance
         )
         d, c = (1 if x.dim() == 1 else x.shape[1] for x in (query, value))
-        fit = solve_moments(mom, d, c, thin_tolerance(query.dtype)).value
+        fit = solve_moments(mom, d, c, query.dtype).value
     fit = fit.to(query.dtype)
     return fit[:, 0] if value.dim() == 1 else fit

@@ -32,7 +32,7 @@ least squares, an independent route to the same numbers.
 import torch
 
 from nwfast._checks import prepare_rows, prepare_shared
-from nwfast._moments import covariance, is_thin, thin_tolerance, unpack
+from nwfast._moments import covariance, line_share, unpack
 
 __all__ = [
     "attention_weights",
@@ -237,8 +237,8 @@ def local_linear_reference(query, key, value, w, *, exclude_self=False):
 
     ``torch.linalg.lstsq`` on the dense design [1, k_j - q_i] scaled by sqrt(p_ij),
     an independent route to the same numbers as the moments; rows that are thin
-    (``nwfast.local_linear``'s module doc) take the local-constant value, as the
-    fused path does. query (n, d), key (m, d), value (m, c), w (d,); returns (n, c)
+    (``nwfast.local_linear``'s module doc) move to the local-constant value by the
+    same share as in the fused path. query (n, d), key (m, d), value (m, c), w (d,); returns (n, c)
     float64.
     """
     q, k, v, w = (x.double() for x in (query, key, value, w))
@@ -253,5 +253,5 @@ def local_linear_reference(query, key, value, w, *, exclude_self=False):
     line = torch.linalg.lstsq(root * design, root * target, driver="gelsd").solution[:, 0]
     mom, _ = moments_reference(q, k, v, w, exclude_self)
     S1, S2, Sv, _ = unpack(mom, q.shape[1], v.shape[1])
-    thin = is_thin(covariance(S1, S2)[0], thin_tolerance(query.dtype))
-    return torch.where(thin[:, None], Sv, line)
+    share = line_share(covariance(S1, S2)[0], query.dtype)[:, None]
+    return torch.where(share == 0.0, Sv, Sv + share * (line - Sv))

@@ -1,6 +1,7 @@
 """local_linear_pool and its moments kernel against plain float64 PyTorch and statsmodels."""
 
 import importlib.util
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -135,6 +136,68 @@ def test_thin_neighbourhoods_fall_back_to_local_constant():
     v = torch.randn(50, 1, dtype=dtype)
     out = nwfast.local_linear_pool(torch.tensor([[40.0]], dtype=dtype), k, v, 1e4)
     assert torch.equal(out, v[-1:])
+
+
+def two_key_ramp(w):
+    """Keys at 0 and 3, a query at -1: lam = 9 p1 p2 / (p1 + 16 p2) (R = C / S2 of
+    the module doc) falls as exp(-7.5 w) through the ramp while the line through
+    the two keys stays put. The inputs and the prediction the module doc states,
+    in closed form."""
+    q, k = torch.tensor([[-1.0]], dtype=torch.float64), torch.tensor([[0.0], [3.0]])
+    v = torch.tensor([[0.5], [2.0]], dtype=torch.float64)
+    p2 = 1.0 / (1.0 + math.exp(7.5 * w))
+    p1 = 1.0 - p2
+    lam = 9 * p1 * p2 / (p1 + 16 * p2)
+    thin, full = ll.line_ramp(torch.float64)
+    t = min(max((math.log(lam) - math.log(thin)) / math.log(full / thin), 0.0), 1.0)
+    share = t * t * (3 - 2 * t)
+    sv, line = p1 * 0.5 + p2 * 2.0, 0.5 - 1.5 / 3
+    return (q, k.double(), v), lam, sv + share * (line - sv), share
+
+
+def test_thin_rows_move_to_the_line_along_the_ramp():
+    """Below THIN the fit is the local-constant value, from FULL on the line, and in
+    between Sv + s (line - Sv) with the documented smoothstep, continuous in w: the
+    fused path and the lstsq reference against the closed form across the ramp; the
+    equivalent kernel's weights reproduce the fit (gamma carries the share); and the
+    share's own derivative enters the gradient in w."""
+    # the ramps docs/estimators.md states
+    assert ll.line_ramp(torch.float64) == (2.0**-33, 2.0**-20)
+    assert ll.line_ramp(torch.float32) == ll.line_ramp(torch.float16) == (2.0**-14, 2.0**-7)
+    regions = set()
+    for w in np.linspace(1.0, 5.0, 161):
+        args, lam, expected, share = two_key_ramp(w)
+        regions.add(0 if share == 0 else 2 if share == 1 else 1)
+        # C = S2 - S1 S1^T cancels by 1 / lam, and the solve scales the step to the line
+        noise = 1e-15 / lam + 1e-14
+        fused = nwfast.local_linear_pool(*args, w, tolerance=0.0)
+        ref = nwfast.local_linear_pool(*args, w, backend="torch")
+        for fit in (fused, ref):
+            assert abs(float(fit) - expected) <= noise, (w, lam, float(fit), expected)
+        mom, _ = ll.moments(*args, w, tolerance=0.0)
+        solved = ll.solve_moments(mom, 1, 1, torch.float64)
+        q, k, v = args
+        u = k[:, 0] - q[0, 0]
+        p = torch.softmax(-0.5 * w * u * u, 0)
+        weights = p * (1 + solved.gamma[0, 0] * (u - mom[0, 0]))
+        assert abs(float(weights @ v[:, 0]) - float(solved.value)) <= noise
+    assert regions == {0, 1, 2}, "the sweep crosses the whole ramp"
+
+    # The gradient in w against the closed form's, above, on and below the ramp (on
+    # it the share moves with w as fast as the weights do). Not gradcheck: its
+    # differences of the fused fit round at 1e-15 / lam, a tenth of the slope here.
+    for w_value in (2.0, 2.75, 3.5):
+        args, lam, _, share = two_key_ramp(w_value)
+        step = 1e-6
+        ahead, behind = (two_key_ramp(w_value + sign * step)[2] for sign in (1, -1))
+        slope = (ahead - behind) / (2 * step)
+        for backend in ("numba", "torch"):
+            w = torch.tensor([w_value], dtype=torch.float64, requires_grad=True)
+            fit = nwfast.local_linear_pool(*args, w, backend=backend)
+            grad = torch.autograd.grad(fit.sum(), w)[0]
+            assert float(grad) == pytest.approx(slope, rel=1e-6, abs=1e-9), (lam, share, backend)
+        if 0 < share < 1:
+            assert abs(slope) > 0.1  # the share's derivative dominates
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -453,9 +516,10 @@ def test_skipping_keeps_the_stated_bound(name, monkeypatch, fresh_seed):
     fit = nwfast.local_linear_pool(q, k, v, w, exclude_self=loo, tolerance=tolerance)
     # The moments' rounding, amplified by the solve as the conditioning allows,
     # in both solvers (the fused one and lstsq: 1.3x 1e-14 seen between them);
-    # rows too thin for a line take the local-constant value, not lstsq's.
+    # rows below the ramp's top take (a share of) the local-constant value, not lstsq's.
     amplified = 4e-14 * (1 + m_q**2) / smallest
     noise = 4 * (dense - exact[:, 0]).abs() + amplified[:, None] * v.abs().max()
-    lines = (smallest > 1e-8) & (conditioned > 1e-8)
+    full = ll.line_ramp(torch.float64)[1]
+    lines = (smallest >= full) & (conditioned >= full)
     assert ((fit - through_planned[:, 0]).abs() <= noise)[lines].all()
     assert not torch.equal(fit, dense)  # something was skipped
