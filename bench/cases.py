@@ -356,6 +356,14 @@ PRESETS = {
         max_repeats=3,
         time_cap_s=60.0,
     ),
+    # Local-linear's search in one feature, up to the 2·10^5 points of its goal.
+    "fit-local-linear": Preset(
+        {("fit", "local-linear"): (1000, 10000, 100000, 200000)},
+        target_s=5.0,
+        min_repeats=1,
+        max_repeats=3,
+        time_cap_s=60.0,
+    ),
     # Several features, one bandwidth each: both estimators on two and three
     # features, uniform, clustered and tied (integer, long-tailed) data, up to
     # the 60 000 rows of a typical tabular data set.

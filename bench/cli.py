@@ -135,6 +135,11 @@ def parser() -> argparse.ArgumentParser:
         help="several features, one bandwidth each: Nadaraya-Watson and local-linear fits, "
         "d = 2 and 3, uniform, clustered and tied data, n up to 60000",
     )
+    f.add_argument(
+        "--local-linear",
+        action="store_true",
+        help="LocalLinearRegression('loo') in one feature, n up to 200000",
+    )
     f.add_argument("--sizes", type=parse_sizes, help="n, default 1000,3000,10000,30000,100000")
     f.add_argument("--d", type=int, default=1, help="features (default 1)")
     _common(f, for_ops(("fit",)))
@@ -344,6 +349,7 @@ def main(argv=None) -> int:
     ops = POOL_OPS if args.command == "sweep" else ("fit",)
     if args.command == "fit":
         preset = "fit-quick" if args.quick else "fit-features" if args.features else "fit"
+        preset = "fit-local-linear" if args.local_linear else preset
     else:
         preset = "quick" if args.quick else "sparse" if args.sparse else "full"
         preset = "fgt" if args.fgt else preset

@@ -472,6 +472,50 @@ def _fold_rows(
 
 
 @_jit
+def _fold_moment_rows(
+    lo, hi, q, rows, box_of_block, row_ptr, row_pairs, k_node, k_centre, delta, moments, m_off,
+    m_order, local, kT, vT, skip, sigma, out, lse,
+):  # fmt: skip
+    """Local-linear's moments in one dimension: as ``_fold_rows``, the
+    expanded sums of the weights and the values, with their first and second
+    moments in the distance (``_rows``' slots, (t - s) in units of delta),
+    folded into the direct pass's moments out (B, n, P: u, u^2, the c values,
+    u times each) and lse (B, n); u = k - q = -sigma (t - s)."""
+    c = vT.shape[1]
+    slots = 3
+    p_top = m_order.max() + 3 if m_order.size else 3
+    H = np.empty((1, p_top, rows))
+    t = np.empty((1, rows))
+    inner = np.empty((3, rows))
+    acc = np.empty((c + 1, slots, rows))
+    diff = np.empty(1)
+    expanded = np.empty(2 + 2 * c)
+    G, W = _scratch(local[1], rows)
+    for item in range(lo, hi):
+        box = box_of_block[item]
+        if row_ptr[box] == row_ptr[box + 1]:
+            continue
+        b, i0, R = _row_block(
+            item, q, rows, box_of_block, row_ptr, row_pairs, k_node, k_centre, delta, moments,
+            m_off, m_order, local, kT, vT, 1, skip, slots, H, t, inner, G, W, acc, diff,
+        )  # fmt: skip
+        for r in range(R):
+            i = i0 + r
+            expanded[0] = -sigma * acc[c, 1, r]
+            expanded[1] = sigma * sigma * acc[c, 2, r]
+            for ch in range(c):
+                expanded[2 + ch] = acc[ch, 0, r]
+                expanded[2 + c + ch] = -sigma * acc[ch, 1, r]
+            direct = math.exp(lse[b, i])
+            total = direct + acc[c, 0, r]
+            for k in range(2 + 2 * c):
+                # a row with no direct key has NaN moments there (0 / 0), and weight 0
+                weighted = out[b, i, k] * direct if direct > 0.0 else 0.0
+                out[b, i, k] = (weighted + expanded[k]) / total
+            lse[b, i] = math.log(total)
+
+
+@_jit
 def _columns(
     lo, hi, k, rows, block_ptr, block_nodes, col_ptr, col_pairs, q_box, q_centre, delta, moments,
     m_off, m_order, qT, wT, skipped_by, v, wd, dv, dk,
@@ -599,6 +643,24 @@ def forward(far, q_block, q, kT, vT, skip, out, lse):
         _fold_rows, len(far.box_of_block), n * B * 64, qT, q_block, far.box_of_block,
         far.row_ptr, far.row_pairs, far.k_node, far.k_centre, far.delta, *moments, local, kT,
         vT, skip, out, lse,
+    )  # fmt: skip
+
+
+def fold_moments(far, q_block, q, kT, vT, skip, sigma, out, lse):
+    """Fold the plan's expansions into local-linear's one-feature moments out
+    (B, n, 2 + 2 c) and lse (B, n) (numpy, the plan's order, in place;
+    ``_fold_moment_rows``). q (B, n, 1), kT (B, 1, m), vT (B, c, m) float64 in
+    the plan's metric; sigma: the distance in the caller's units per unit of
+    (t - s)."""
+    B, n, d = q.shape
+    qT = np.ascontiguousarray(q.transpose(0, 2, 1))
+    # the backward's orders: they bound the first and second moments' series too
+    moments = _key_moments(far, kT, vT, True, d)
+    local = _local_coefficients(far, moments, vT.shape[1] + 1, True, d)
+    parallel(
+        _fold_moment_rows, len(far.box_of_block), n * B * 64, qT, q_block, far.box_of_block,
+        far.row_ptr, far.row_pairs, far.k_node, far.k_centre, far.delta, *moments, local, kT,
+        vT, skip, sigma, out, lse,
     )  # fmt: skip
 
 

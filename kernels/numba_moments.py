@@ -25,8 +25,16 @@ None, or query i leaves key i + diagonal out (0, with n == m, is leave-one-out).
 ``tolerance`` is ``nw_pool``'s: each query may skip keys holding at most that
 much of its softmax mass, by the bound of ``kernels.blocks`` on the points
 scaled by sqrt(w_f) (where the scores are -(1/2) ||.||^2); the moments are sums
-over the same weights, so they leave out that much mass too. The backward
-sweeps the plan the forward made.
+over the same weights, so they leave out that much mass too. With one feature
+the plan may expand far key boxes instead (``kernels.far``): the series'
+sums of the weights and values with their first and second moments in the
+distance (``numba_fgt``, the backward's row side) are the moments' terms, each
+within the planner's per-key allowance in units of delta = sqrt(2 / w), so a
+moment with k factors of u and b of v moves by at most 2 bound_i max(max_j
+|phi_ij|, delta^k max_j |v_j|^b), bound_i the row's skipped and expanded mass
+(``far.row_bounds``). The backward sweeps the plan the forward made, its
+expanded pairs one by one (``far.as_direct``): its sums hold u^3 and u^4,
+which the expansions do not carry.
 
 The backward is the derivative of the softmax in w_f:
 d p_ij / d w_f = -(1/2) p_ij (u_ijf^2 - E_i[u_f^2]), where ``second`` holds the
@@ -55,7 +63,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import EXACT_SHIFT_ABOVE, UNDERFLOW, arrays, blocks
+from . import EXACT_SHIFT_ABOVE, UNDERFLOW, arrays, blocks, far, numba_fgt
 from . import numba_sweep as sweep
 from .numba_exp import exp2, fma, fmax, mul, sub
 from .numba_sweep import (
@@ -522,8 +530,11 @@ def _markers(d, c):
 def make_plan(query, key, w, diagonal, tolerance):
     """The block-sparse plan of the softmax with scores -(1/2) sum_f w_f u_f^2,
     or None for a dense pass: the plan of ``kernels.blocks`` for the points
-    scaled by sqrt(w_f) and w = 1. Where rows leave a key out the queries are
-    often the keys (leave-one-out): one order then serves both."""
+    scaled by sqrt(w_f) and w = 1, with expansions of far key boxes (``far``)
+    where they apply and d = 1 (the expansions' second moment is the squared
+    distance: the whole of u u^T in one feature only). Where rows leave a key
+    out the queries are often the keys (leave-one-out): one order then serves
+    both."""
     d, c = query.shape[1], 0
     if not _fused(d, c) or not bool((w >= 0).all()):
         return None
@@ -532,7 +543,21 @@ def make_plan(query, key, w, diagonal, tolerance):
     same = diagonal is not None and arrays.equal(query, key)
     k = q if same else torch.from_numpy(arrays.float64(key) * scale)
     ones = torch.ones(1, 1, dtype=torch.float64)
-    return blocks.plan(q[None], k[None], ones, tolerance, diagonal is not None, BLOCK, BLOCK)
+    loo = diagonal is not None
+    # (w = 0 leaves no scale to carry the expansions' distances back)
+    if d == 1 and float(w[0]) > 0 and far.applies(q[None], k[None], ones, tolerance):
+        return far.plan(q[None], k[None], ones, tolerance, loo, BLOCK, BLOCK)
+    return blocks.plan(q[None], k[None], ones, tolerance, loo, BLOCK, BLOCK)
+
+
+def _fold_far(plan, q, kT, vT, w, skip, moments, lse):
+    """The expanded key boxes' shares of the moments (``numba_fgt``), on the
+    points scaled by sqrt(w) as the plan saw them."""
+    scale = math.sqrt(float(w[0]))
+    qs, ks = (np.asarray(x, np.float64) * scale for x in (q, kT))
+    vT = np.ascontiguousarray(vT, np.float64)
+    sigma = float(plan.far.delta[0]) / scale  # delta in the caller's units
+    numba_fgt.fold_moments(plan.far, plan.q_block, qs, ks, vT, skip, sigma, moments, lse)
 
 
 def _or_dense(plan, n, m):
@@ -577,6 +602,8 @@ def forward(query, key, value, w, diagonal, tolerance=0.0):
         *_markers(d, c),
     )  # fmt: skip
     parallel(_run, len(plan.key_ptr) - 1, plan.pairs, work, args)
+    if plan.far is not None:
+        _fold_far(plan, q, kT, vT, w, work.skip, args.moments, args.lse)
     moments, lse = blocks.queries_back(plan, moments[None], lse[None])
     return moments[0], lse[0], blocks.pack(found, 1, n, m)
 
@@ -596,18 +623,20 @@ def backward(grad, query, key, value, w, lse, second, tbar, diagonal, packed=Non
             _left_out(diagonal, n, m), rows, grad_w.numpy(),
         )  # fmt: skip
         return grad_w
-    plan = _or_dense(None if packed is None else blocks.unpack(packed), n, m)
+    # the forward's expanded pairs, computed pair by pair
+    found = None if packed is None else far.as_direct(blocks.unpack(packed, far.Far), n, m)
+    plan = _or_dense(found, n, m)
     q, kT, vT, work = _ordered(plan, query, key, value, diagonal)
-    far = np.abs(lse2) > EXACT_SHIFT_ABOVE[dtype]
-    G, tbar, second, high, low, far = (
+    shifted = np.abs(lse2) > EXACT_SHIFT_ABOVE[dtype]
+    G, tbar, second, high, low, shifted = (
         arrays.of(x)
         for x in blocks.queries_in_order(
-            plan, *(torch.from_numpy(x[None]) for x in (G, tbar, second, high, low, far))
+            plan, *(torch.from_numpy(x[None]) for x in (G, tbar, second, high, low, shifted))
         )
     )
     c2 = arrays.log2_scale(w)[None, None]
-    if far.any():  # the forward's exact shift for rows whose lse cannot carry it
-        args = MomentsShift(q, kT, vT, c2, far.astype(np.uint8), high, low, *_markers(d, c))
+    if shifted.any():  # the forward's exact shift for rows whose lse cannot carry it
+        args = MomentsShift(q, kT, vT, c2, shifted.astype(np.uint8), high, low, *_markers(d, c))
         parallel(_run, len(plan.key_ptr) - 1, plan.pairs, work, args)
     out = torch.empty((1, n, d), dtype=torch.float64)
     args = MomentsGrad(q, kT, vT, c2, G, tbar, second, high, low, out.numpy(), *_markers(d, c))

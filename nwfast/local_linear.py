@@ -67,7 +67,10 @@ the edge of the data, or where the kept keys barely span a direction (C' near
 singular, m large), the solve amplifies the skipped mass by m_q m_j. The bound
 holds for rows fitted by the full line both ways (lam >= FULL); a row on the
 ramp either way mixes this bound with ``nw_pool``'s and its share moves too (a row
-thin both ways takes ``nw_pool``'s bound).
+thin both ways takes ``nw_pool``'s bound). With one feature the Numba kernels may
+also expand far key boxes rather than skip them (``moments``): those keys' moments
+are approximated within the planner's bound instead of dropped, and the fit moves
+by what the solve makes of that.
 """
 
 from typing import NamedTuple
@@ -172,7 +175,9 @@ def moments(query, key, value, w, *, exclude_self=False, backend="auto", toleran
 
     Shapes, ``w`` and ``tolerance`` as :func:`local_linear_pool` (the keys a query
     skips hold at most ``tolerance`` of its softmax mass, so each moment moves by
-    at most ``2 * tolerance * max_j |phi_ij|``); the columns follow
+    at most ``2 * tolerance * max_j |phi_ij|``; with one feature, far keys the
+    Numba kernels expand move a moment with k factors of u and b of v by at most
+    ``2 * tolerance * max(max_j |phi_ij|, (sqrt(2) h)**k max_j |v_j|**b)``); the columns follow
     :func:`moment_layout`. Differentiable with respect to ``w`` (one pass more in
     the backward).
     """

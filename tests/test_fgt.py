@@ -354,6 +354,126 @@ def test_the_leave_one_out_search_with_expansions(monkeypatch):
     assert abs(h / h_ref - 1) < 1e-4 and abs(mse / mse_ref - 1) < 1e-8
 
 
+# --- local-linear's moments: one feature, the expansions' moments in the distance ----
+
+LL_CASES = [name for name, case in CASES.items() if case[4] == 1 and case[7] == 1]
+
+
+@pytest.fixture
+def moment_blocks(monkeypatch):
+    from nwfast.kernels import numba_moments
+
+    monkeypatch.setattr(numba_moments, "BLOCK", 16)
+    return numba_moments
+
+
+def ll_inputs(name, dtype=F64):
+    q, k, v, w, loo = case_inputs(name, dtype)
+    return q[0], k[0], v[0], w.reshape(1), loo
+
+
+def row_maxima(q, k, v, w, loo, rows=256):
+    """Per row and moment, max_j |phi_ij| over the keys the row holds, in float64."""
+    out = []
+    for i0 in range(0, q.shape[0], rows):
+        u = k.double()[None, :, :] - q.double()[i0 : i0 + rows, None, :]
+        phi = reference.moment_terms(u, v.double()).abs()
+        if loo:
+            own = torch.arange(i0, i0 + u.shape[0])
+            phi[torch.arange(u.shape[0]), own] = 0.0
+        out.append(phi.amax(1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("name", LL_CASES)
+def test_local_linear_moments_within_their_bound(name, moment_blocks, poisoned):
+    """At a tolerance far above float64's rounding each moment with k factors of u
+    (and b of v) moves by at most 2 bound_i max(max_j |phi_ij|, (sqrt(2) h)^k
+    max_j |v_j|^b), bound_i the plan's skipped and expanded mass of the row
+    (``numba_moments``' contract), on expanded plans."""
+    from nwfast import local_linear as ll
+
+    q, k, v, w, loo = ll_inputs(name)
+    tolerance = 1e-6
+    plan = moment_blocks.make_plan(q, k, w, 0 if loo else None, tolerance)
+    assert plan is not None and plan.far is not None and plan.far.expanded > 0
+    bound = far.row_bounds(plan, q.shape[0])[0]
+    mom, lse = ll.moments(q, k, v, w, exclude_self=loo, tolerance=tolerance)
+    exact, exact_lse = reference.moments_reference(q, k, v, w, loo)
+    c = v.shape[1]
+    sigma = math.sqrt(2.0 / float(w))
+    v_max = float(v.abs().max())
+    # per column: powers of u (first, second, the values, the products) and of v
+    k_pow = torch.tensor([1.0, 2.0] + [0.0] * c + [1.0] * c, dtype=F64)
+    v_pow = torch.tensor([0.0, 0.0] + [1.0] * (2 * c), dtype=F64)
+    series = sigma**k_pow * v_max**v_pow
+    scale = torch.maximum(row_maxima(q, k, v, w, loo), series)
+    allowed = 2 * bound[:, None] * scale + 1e-13 * scale
+    error = (mom - exact).abs()
+    assert float(error.max()) > 1e-13  # the expansions truncate something, past rounding
+    assert (error <= allowed).all(), f"{float((error / allowed).max()):.3g} of the bound"
+    assert float((lse - exact_lse).abs().max()) <= 2 * float(bound.max()) + 1e-13
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name", LL_CASES)
+def test_local_linear_expanded_fit_and_gradient(name, dtype, moment_blocks, poisoned):
+    """At the dtype's own tolerance the fit and its gradient in w match the
+    every-pair pass to rounding; the gradient sweeps the expanded pairs one by one."""
+    q, k, v, w, loo = ll_inputs(name, dtype)
+    tolerance = nwfast._checks.resolve_tolerance(None, dtype)
+    plan = moment_blocks.make_plan(q, k, w, 0 if loo else None, tolerance)
+    assert plan is not None and plan.far is not None and plan.far.expanded > 0
+    upstream = torch.randn(q.shape[0], v.shape[1], dtype=F64)
+    fits, grads = [], []
+    for tol in (tolerance, 0.0):
+        w_grad = w.clone().requires_grad_()
+        fit = nwfast.local_linear_pool(q, k, v, w_grad, exclude_self=loo, tolerance=tol)
+        (grad,) = torch.autograd.grad((fit.double() * upstream).sum(), w_grad)
+        fits.append(fit.double())
+        grads.append(grad.double())
+    rounding = 1e-11 if dtype == F64 else 2e-5
+    nwfast.testing.assert_close(fits[0], fits[1], tolerance=rounding * float(v.abs().max()))
+    if dtype == F64:
+        allowed = 1e-11 * float(grads[1].abs().max())
+    else:  # float32's gradient cancels: its rounding against its terms, sum_i |g_i| max|v| / w
+        terms = float((upstream.abs().sum(0) * v.double().abs().amax(0)).sum()) / float(w)
+        allowed = 1e-7 * terms  # 2.4e-9 seen
+    assert float((grads[0] - grads[1]).abs().max()) <= allowed
+
+
+def test_local_linear_at_w_zero_is_not_expanded(moment_blocks):
+    """w = 0 scales every point to one place: no plan, so no expansion whose
+    distances would have to be scaled back by 1 / sqrt(w)."""
+    q, k, v, _, loo = ll_inputs("uniform-1d")
+    w = torch.zeros(1, dtype=F64)
+    assert moment_blocks.make_plan(q, k, w, None, 1e-6) is None or (
+        moment_blocks.make_plan(q, k, w, None, 1e-6).far is None
+    )
+    fit = nwfast.local_linear_pool(q, k, v, w, tolerance=1e-6)
+    exact = reference.local_linear_reference(q, k, v, w)
+    nwfast.testing.assert_close(fit, exact, tolerance=1e-12)
+
+
+def test_local_linear_search_with_expansions(monkeypatch, moment_blocks):
+    """LocalLinearRegression("loo") picks the same bandwidth whether its passes
+    expand far boxes or not, and its passes without a gradient do expand."""
+    pytest.importorskip("sklearn")
+    x = torch.rand(3000, dtype=F64) * 5
+    y = torch.sin(2 * x) + 0.3 * torch.randn(3000, dtype=F64)
+    expanded = []
+    folded = numba_fgt.fold_moments
+    monkeypatch.setattr(numba_fgt, "fold_moments", lambda *a: expanded.append(1) or folded(*a))
+    fits = []
+    for enabled in (True, False):
+        monkeypatch.setitem(far.SWITCH, "enabled", enabled)
+        model = nwfast.LocalLinearRegression("loo").fit(x[:, None].numpy(), y.numpy())
+        fits.append((model.bandwidth_, model.loo_mse_))
+    assert len(expanded) > 3
+    (h, mse), (h_ref, mse_ref) = fits
+    assert abs(h / h_ref - 1) < 1e-4 and abs(mse / mse_ref - 1) < 1e-8
+
+
 # --- the Triton path: the same plans, the far sums in Triton kernels ------------
 
 # Under the interpreter a program owns 256 points by default, too many for a
@@ -484,6 +604,10 @@ def test_triton_backward_shares_match_the_cpu_kernels(name, tolerance, triton_bl
     tolerance = nwfast._checks.resolve_tolerance(tolerance, F64)
     plan = triton_plan_of(q, k, w, loo, tolerance)
     assert plan.far is not None and plan.far.expanded > 0
+    if not (plan.far.q_local == 0).any():  # some data give every box a local expansion
+        q_local = plan.far.q_local.copy()
+        q_local[1::2] = 0  # these boxes' rows evaluate each series: valid, and slower
+        plan = plan._replace(far=plan.far._replace(q_local=q_local))
     assert (plan.far.q_local > 0).any() and (plan.far.q_local == 0).any()
     B, n, _ = q.shape
     m = k.shape[1]
