@@ -85,12 +85,12 @@ from nwfast.reference import local_linear_reference, moments_reference
 
 __all__ = [
     "LocalLinearFit",
+    "line_ramp",
     "local_linear_pool",
     "local_linear_reference",
     "moment_layout",
     "moments",
     "moments_reference",
-    "line_ramp",
     "solve_moments",
     "sum_squared_weights",
 ]
@@ -177,8 +177,8 @@ def moments(query, key, value, w, *, exclude_self=False, backend="auto", toleran
     skips hold at most ``tolerance`` of its softmax mass, so each moment moves by
     at most ``2 * tolerance * max_j |phi_ij|``; with one feature, far keys the
     Numba kernels expand move a moment with k factors of u and b of v by at most
-    ``2 * tolerance * max(max_j |phi_ij|, (sqrt(2) h)**k max_j |v_j|**b)``); the columns follow
-    :func:`moment_layout`. Differentiable with respect to ``w`` (one pass more in
+    ``2 * tolerance * max(max_j |phi_ij|, (sqrt(2) h)**k max_j |v_j|**b)``); the
+    columns follow :func:`moment_layout`. Differentiable with respect to ``w`` (one pass more in
     the backward).
     """
     q, k, v, w, exclude_self = prepare_local_linear(query, key, value, w, exclude_self)

@@ -238,8 +238,8 @@ def local_linear_reference(query, key, value, w, *, exclude_self=False):
     ``torch.linalg.lstsq`` on the dense design [1, k_j - q_i] scaled by sqrt(p_ij),
     an independent route to the same numbers as the moments; rows that are thin
     (``nwfast.local_linear``'s module doc) move to the local-constant value by the
-    same share as in the fused path. query (n, d), key (m, d), value (m, c), w (d,); returns (n, c)
-    float64.
+    same share as in the fused path. query (n, d), key (m, d), value (m, c), w (d,);
+    returns (n, c) float64.
     """
     q, k, v, w = (x.double() for x in (query, key, value, w))
     u, scores, removed = local_linear_scores(q, k, w, exclude_self)
