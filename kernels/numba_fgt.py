@@ -631,19 +631,26 @@ def _query_moments(far, qT, wT, d):
     return moments, offset, order
 
 
+def _fold(kernel, largest, far, q_block, q, kT, vT, skip, *outputs):
+    """The row side of a forward: the expanded key nodes' moments (to the
+    values' orders, or ``largest``: to their derivatives'), the boxes' local
+    expansions, then ``kernel`` over the query blocks into ``outputs``."""
+    B, n, d = q.shape
+    qT = np.ascontiguousarray(q.transpose(0, 2, 1))
+    moments = _key_moments(far, kT, vT, largest, d)
+    local = _local_coefficients(far, moments, vT.shape[1] + 1, largest, d)
+    parallel(
+        kernel, len(far.box_of_block), n * B * 64, qT, q_block, far.box_of_block, far.row_ptr,
+        far.row_pairs, far.k_node, far.k_centre, far.delta, *moments, local, kT, vT, skip,
+        *outputs,
+    )  # fmt: skip
+
+
 def forward(far, q_block, q, kT, vT, skip, out, lse):
     """Fold the plan's expansions into the direct pass's out (B, n, c) and lse
     (B, n) (numpy, the plan's order, in place; ``_fold_rows``). q (B, n, d),
     kT (B, d, m), vT (B, c, m)."""
-    B, n, d = q.shape
-    qT = np.ascontiguousarray(q.transpose(0, 2, 1))
-    moments = _key_moments(far, kT, vT, False, d)
-    local = _local_coefficients(far, moments, vT.shape[1] + 1, False, d)
-    parallel(
-        _fold_rows, len(far.box_of_block), n * B * 64, qT, q_block, far.box_of_block,
-        far.row_ptr, far.row_pairs, far.k_node, far.k_centre, far.delta, *moments, local, kT,
-        vT, skip, out, lse,
-    )  # fmt: skip
+    _fold(_fold_rows, False, far, q_block, q, kT, vT, skip, out, lse)
 
 
 def fold_moments(far, q_block, q, kT, vT, skip, sigma, out, lse):
@@ -652,16 +659,8 @@ def fold_moments(far, q_block, q, kT, vT, skip, sigma, out, lse):
     ``_fold_moment_rows``). q (B, n, 1), kT (B, 1, m), vT (B, c, m) float64 in
     the plan's metric; sigma: the distance in the caller's units per unit of
     (t - s)."""
-    B, n, d = q.shape
-    qT = np.ascontiguousarray(q.transpose(0, 2, 1))
     # the backward's orders: they bound the first and second moments' series too
-    moments = _key_moments(far, kT, vT, True, d)
-    local = _local_coefficients(far, moments, vT.shape[1] + 1, True, d)
-    parallel(
-        _fold_moment_rows, len(far.box_of_block), n * B * 64, qT, q_block, far.box_of_block,
-        far.row_ptr, far.row_pairs, far.k_node, far.k_centre, far.delta, *moments, local, kT,
-        vT, skip, sigma, out, lse,
-    )  # fmt: skip
+    _fold(_fold_moment_rows, True, far, q_block, q, kT, vT, skip, sigma, out, lse)
 
 
 def backward_shares(plan, needs, q, g, k, v, w, out, lse, shift, skip, skipped_by):
