@@ -335,19 +335,23 @@ def test_plan_summary_and_pairs_computed():
     assert dense == (summary.pairs, summary.pairs, 0, 0, {}, 0.0)
 
 
-def test_the_leave_one_out_search_with_expansions(monkeypatch):
-    """NadarayaWatson("loo") picks the same bandwidth whether its passes
-    expand far boxes or not."""
+@pytest.mark.parametrize(
+    ("estimator", "fold"),
+    [("NadarayaWatson", "forward"), ("LocalLinearRegression", "fold_moments")],
+)
+def test_the_leave_one_out_search_with_expansions(estimator, fold, monkeypatch, moment_blocks):
+    """The "loo" search picks the same bandwidth whether its passes expand far
+    boxes or not, and its passes (local-linear's without a gradient) do expand."""
     pytest.importorskip("sklearn")
     x = torch.rand(3000, dtype=F64) * 5
     y = torch.sin(2 * x) + 0.3 * torch.randn(3000, dtype=F64)
     expanded = []
-    folded = numba_fgt.forward
-    monkeypatch.setattr(numba_fgt, "forward", lambda *a: expanded.append(1) or folded(*a))
+    folded = getattr(numba_fgt, fold)
+    monkeypatch.setattr(numba_fgt, fold, lambda *a: expanded.append(1) or folded(*a))
     fits = []
     for enabled in (True, False):
         monkeypatch.setitem(far.SWITCH, "enabled", enabled)
-        model = nwfast.NadarayaWatson("loo").fit(x[:, None].numpy(), y.numpy())
+        model = getattr(nwfast, estimator)("loo").fit(x[:, None].numpy(), y.numpy())
         fits.append((model.bandwidth_, model.loo_mse_))
     assert len(expanded) > 3  # passes that expanded something
     (h, mse), (h_ref, mse_ref) = fits
@@ -419,26 +423,38 @@ def test_local_linear_moments_within_their_bound(name, moment_blocks, poisoned):
 @pytest.mark.parametrize("name", LL_CASES)
 def test_local_linear_expanded_fit_and_gradient(name, dtype, moment_blocks, poisoned):
     """At the dtype's own tolerance the fit and its gradient in w match the
-    every-pair pass to rounding; the gradient sweeps the expanded pairs one by one."""
+    every-pair pass as closely as that matches float64, or to rounding; the
+    gradient sweeps the expanded pairs one by one."""
     q, k, v, w, loo = ll_inputs(name, dtype)
     tolerance = nwfast._checks.resolve_tolerance(None, dtype)
     plan = moment_blocks.make_plan(q, k, w, 0 if loo else None, tolerance)
     assert plan is not None and plan.far is not None and plan.far.expanded > 0
     upstream = torch.randn(q.shape[0], v.shape[1], dtype=F64)
     fits, grads = [], []
-    for tol in (tolerance, 0.0):
-        w_grad = w.clone().requires_grad_()
-        fit = nwfast.local_linear_pool(q, k, v, w_grad, exclude_self=loo, tolerance=tol)
+    # expanded, every pair, and every pair on the inputs in float64
+    from nwfast import local_linear as ll
+
+    exact = tuple(x.double() for x in (q, k, v, w))
+    for args, tol in (((q, k, v, w), tolerance), ((q, k, v, w), 0.0), (exact, 0.0)):
+        w_grad = args[3].clone().requires_grad_()
+        fit = nwfast.local_linear_pool(*args[:3], w_grad, exclude_self=loo, tolerance=tol)
         (grad,) = torch.autograd.grad((fit.double() * upstream).sum(), w_grad)
         fits.append(fit.double())
         grads.append(grad.double())
-    rounding = 1e-11 if dtype == F64 else 2e-5
-    nwfast.testing.assert_close(fits[0], fits[1], tolerance=rounding * float(v.abs().max()))
-    if dtype == F64:
-        allowed = 1e-11 * float(grads[1].abs().max())
+    # Rows near the line's ramp amplify rounding: the expanded pass may differ from the
+    # every-pair one by as much as that one differs from float64, and by rounding.
+    rounding = 1e-9 if dtype == F64 else 2e-5
+    # and the solve amplifies the sums' rounding by 1 / lam (R = C / S2 in one feature)
+    mom, _ = ll.moments(*exact[:3], exact[3], exclude_self=loo, tolerance=0.0)
+    lam = ((mom[:, 1] - mom[:, 0] ** 2) / mom[:, 1]).nan_to_num(1.0).clamp_min(1e-300)[:, None]
+    fit_noise = 4 * (fits[1] - fits[2]).abs() + (rounding + 1e-13 / lam) * float(v.abs().max())
+    assert ((fits[0] - fits[1]).abs() <= fit_noise).all()
+    if dtype == F64:  # 1.8e-11 seen where an ill-posed row's line dominates (|grad| 1e5)
+        allowed = 1e-9 * float(grads[1].abs().max())
     else:  # float32's gradient cancels: its rounding against its terms, sum_i |g_i| max|v| / w
         terms = float((upstream.abs().sum(0) * v.double().abs().amax(0)).sum()) / float(w)
         allowed = 1e-7 * terms  # 2.4e-9 seen
+    allowed += 4 * float((grads[1] - grads[2]).abs().max())
     assert float((grads[0] - grads[1]).abs().max()) <= allowed
 
 
@@ -453,25 +469,6 @@ def test_local_linear_at_w_zero_is_not_expanded(moment_blocks):
     fit = nwfast.local_linear_pool(q, k, v, w, tolerance=1e-6)
     exact = reference.local_linear_reference(q, k, v, w)
     nwfast.testing.assert_close(fit, exact, tolerance=1e-12)
-
-
-def test_local_linear_search_with_expansions(monkeypatch, moment_blocks):
-    """LocalLinearRegression("loo") picks the same bandwidth whether its passes
-    expand far boxes or not, and its passes without a gradient do expand."""
-    pytest.importorskip("sklearn")
-    x = torch.rand(3000, dtype=F64) * 5
-    y = torch.sin(2 * x) + 0.3 * torch.randn(3000, dtype=F64)
-    expanded = []
-    folded = numba_fgt.fold_moments
-    monkeypatch.setattr(numba_fgt, "fold_moments", lambda *a: expanded.append(1) or folded(*a))
-    fits = []
-    for enabled in (True, False):
-        monkeypatch.setitem(far.SWITCH, "enabled", enabled)
-        model = nwfast.LocalLinearRegression("loo").fit(x[:, None].numpy(), y.numpy())
-        fits.append((model.bandwidth_, model.loo_mse_))
-    assert len(expanded) > 3
-    (h, mse), (h_ref, mse_ref) = fits
-    assert abs(h / h_ref - 1) < 1e-4 and abs(mse / mse_ref - 1) < 1e-8
 
 
 # --- the Triton path: the same plans, the far sums in Triton kernels ------------
