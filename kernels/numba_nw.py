@@ -73,6 +73,7 @@ from .numba_sweep import (
     column,
     dot,
     minus,
+    normalized_weight,
     part,
     put_column,
     row,
@@ -452,7 +453,7 @@ def _(args, b, row, ja, jb):
         for j in range(j0, min(j0 + SUM_BLOCK, jb)):
             jj = _u(j)
             diff = minus(column(args.kT, b, jj, args.dims), q)
-            p = weight(args.c2[b, jj], dot(diff, diff), high, low)
+            p = normalized_weight(args.c2[b, jj], dot(diff, diff), high, low)
             t = p * (dot(g, column(args.vT, b, jj, args.chans)) - delta) * args.w[b, jj]
             acc = axpy(acc, t, diff)
         total = sweep.add(total, acc)
@@ -502,7 +503,7 @@ def _key_sums(args, b, k, v, c2, w, ja, jb, share, t0):
             ii = _u(i)
             diff = minus(column(args.qT, b, ii, args.dims), k)
             sq = dot(diff, diff)
-            p = weight(c2, sq, args.high[b, ii], args.low[b, ii])
+            p = normalized_weight(c2, sq, args.high[b, ii], args.low[b, ii])
             g = column(args.gT, b, ii, args.chans)
             t = p * (dot(g, v) - args.delta[b, ii])
             acc_v = axpy(acc_v, p, g)
@@ -607,7 +608,7 @@ def _(args, b, row, ja, jb):
             sq = dot(diff, diff)
             ddiff = minus(dq, column(args.dkT, b, jj, args.dims))
             ds = -0.5 * args.dw[b, jj] * sq - args.w[b, jj] * dot(diff, ddiff)
-            p = weight(args.c2[b, jj], sq, high, low)
+            p = normalized_weight(args.c2[b, jj], sq, high, low)
             v = column(args.vT, b, jj, args.chans)
             acc = axpy(acc, p, axpy(column(args.dvT, b, jj, args.chans), ds, minus(v, y)))
         total = sweep.add(total, acc)
@@ -682,7 +683,7 @@ def _dq_general(lo, hi, q, g, delta, L2h, L2l, kT, vT, w, c2, skip, ptr, spans, 
                     _tile_gv(gb, i, vTb, j0, nt, t)
                     for j in range(nt):  # t_ij w_j
                         jj = _u(j0 + j)
-                        t[j] = weight(c2b[jj], x[j], Lh, Ll) * (t[j] - di) * wb[jj]
+                        t[j] = normalized_weight(c2b[jj], x[j], Lh, Ll) * (t[j] - di) * wb[jj]
                     for ja, jb in _pieces(j0, nt, skip[b, i]):
                         for f in range(d):
                             acc[f] += _tile_dot_diff(t, ja, jb, kTb, f, j0, qb[i, f])
@@ -718,7 +719,7 @@ def _dkv_general(
                     _tile_gv(vb, j, gTb, i0, nt, t)
                     for i in range(nt):
                         ii = _u(i0 + i)
-                        pi = weight(cj, sq[0, i], L2hb[ii], L2lb[ii])
+                        pi = normalized_weight(cj, sq[0, i], L2hb[ii], L2lb[ii])
                         p[i] = pi
                         t[i] = pi * (t[i] - deltab[ii])
                         sq[0, i] -= shiftb[ii]
@@ -778,7 +779,7 @@ def _tangent_items(
                             jj = _u(j0 + j)
                             ds[j] -= wb[jj] * (qf - kTb[f, jj]) * (dqf - dkTb[f, jj])
                     for j in range(nt):
-                        x[j] = weight(c2b[_u(j0 + j)], x[j], Lh, Ll)
+                        x[j] = normalized_weight(c2b[_u(j0 + j)], x[j], Lh, Ll)
                     for ja, jb in _pieces(j0, nt, skip[b, i]):
                         for ch in range(c):
                             yc = y[b, i, ch]
@@ -872,7 +873,7 @@ def _backward_rows_items(lo, hi, q, K, V, w, c2, g, delta, L2h, L2l, shift, dq, 
                     jj = _u(j0 + j)
                     diff = qi - Ki[jj]
                     sq = diff * diff
-                    p = weight(c2[jj], sq, Lh, Ll)
+                    p = normalized_weight(c2[jj], sq, Lh, Ll)
                     t = p * (gi * Vi[jj] - di)
                     dkj = t * w[jj] * diff
                     s += dkj
@@ -901,7 +902,7 @@ def _tangent_rows_items(lo, hi, q, dq, K, dK, V, dV, w, dw, c2, y, L2h, L2l, row
                     jj = _u(j0 + j)
                     diff = qi - K[i, jj]
                     sq = diff * diff
-                    p = weight(c2[jj], sq, Lh, Ll)
+                    p = normalized_weight(c2[jj], sq, Lh, Ll)
                     ds = -0.5 * dw[jj] * sq - w[jj] * diff * (dqi - dK[i, jj])
                     t += p * (dV[i, jj] + ds * (V[i, jj] - yi))
                 acc += t

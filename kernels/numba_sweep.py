@@ -44,7 +44,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .numba_exp import exp2, fmax, mul, sub
+from .numba_exp import exp2, exp2_flush, fmax, mul, sub
 
 # Fast math without nnan/ninf, so NaN and inf propagate as in the reference;
 # reassoc lets LLVM vectorise the sums. error_model="numpy": x / 0 is inf/NaN.
@@ -82,6 +82,15 @@ def weight(c2, sq, hi, lo):
     where |c2 sq| is ~1e13 (a query far from every key), and every pass
     recomputes the forward's weights to the bit."""
     return exp2(sub(sub(mul(c2, sq), hi), lo))
+
+
+@inner(inline="always")
+def normalized_weight(c2, sq, hi, lo):
+    """``weight`` where (hi, lo) is the row's log2-sum-exp, so that the
+    weights are fractions of the row's total: as ``weight``, bit for bit,
+    except that a fraction below 2**-100 (float32; 2**-967 float64) is 0
+    (``numba_exp.exp2_flush``)."""
+    return exp2_flush(sub(sub(mul(c2, sq), hi), lo))
 
 
 # ------------------------------------------------------------- tuple arithmetic

@@ -15,7 +15,7 @@ from numba import njit
 import nwfast
 from nwfast import testing
 from nwfast.kernels import blocks, numba_nw
-from nwfast.kernels.numba_exp import exp2
+from nwfast.kernels.numba_exp import exp2, exp2_flush
 
 
 @njit(cache=True)
@@ -42,6 +42,32 @@ def test_exp2_accuracy(dtype):
     out = np.empty_like(special)
     _exp2_array(special, out)
     assert out[0] == 0 and np.isnan(out[1]) and np.isnan(out[2]) and out[3] == 0
+
+
+@njit(cache=True)
+def _exp2_flush_array(x, out):
+    for i in range(x.size):
+        out[i] = exp2_flush(x[i])
+
+
+@pytest.mark.parametrize(("dtype", "cut"), [(np.float32, -100), (np.float64, -967)])
+def test_exp2_flush_is_exp2_above_its_cut_and_0_below(dtype, cut):
+    """The backward's weights: exp2 to the bit from 2**cut up, exactly 0 below
+    it (so that products of a weight stay out of subnormal numbers), NaN kept."""
+    x = np.linspace(cut - 40, 0.0, 1_000_001).astype(dtype)
+    x = np.concatenate([x, np.array([cut, np.nextafter(dtype(cut), dtype(-np.inf))], dtype)])
+    plain, flushed = np.empty_like(x), np.empty_like(x)
+    _exp2_array(x, plain)
+    _exp2_flush_array(x, flushed)
+    above = x >= cut
+    assert np.array_equal(flushed[above], plain[above])
+    assert plain[above].min() >= dtype(2.0**cut) * 0.9999
+    assert np.all(flushed[~above] == 0) and np.any(plain[~above] > 0)
+
+    special = np.array([-np.inf, np.nan], dtype)
+    out = np.empty_like(special)
+    _exp2_flush_array(special, out)
+    assert out[0] == 0 and np.isnan(out[1])
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86 assembly")
