@@ -150,6 +150,12 @@ def extreme(name, dtype, device):
     q = torch.randn(1, 9, 1, dtype=torch.float64).to(device, dtype)
     full = lambda value: torch.full((1, 40), value, dtype=dtype, device=device)  # noqa: E731
     if name == "huge-w":
+        # each query within 0.3 spacings of a key and 0.7 of the next: at w = 1e8 every
+        # other key's score is lower by more than 1e4 (a query at a midpoint would
+        # share its weight between two keys)
+        spacing = 2.0 / 39
+        offset = spacing * (0.6 * torch.rand(1, 9, 1, dtype=torch.float64) - 0.3)
+        q = k[:, torch.randint(40, (9,))] + offset.to(device, dtype)
         return q, k, v, full(1e8), False
     if name == "far-queries":
         far = torch.tensor([-1e4, -1e3, 1e3, 2e4], dtype=dtype, device=device)[None, :, None]
@@ -229,7 +235,8 @@ def test_huge_w_and_far_queries_give_the_nearest_value(kernel, dtype):
         q, k, v, w, _ = extreme(name, dtype, kernel.device)
         out, _, _ = kernel.module.forward(q, k, v, w, None, 0.0)
         nearest = (q[0, :, 0, None] - k[0, None, :, 0]).abs().argmin(-1)
-        # every other key underflows: the nearest value, to its own rounding
+        # every other key underflows (extreme() keeps queries off midpoints): the
+        # nearest value, to its own rounding
         testing.assert_close(out[0], v[0, nearest], 4 * testing.UNIT_ROUNDOFF[dtype], name)
 
 
