@@ -527,12 +527,17 @@ def test_triton_expansions_forward_and_gradients(name, dtype, triton_blocks, poi
 @pytest.mark.parametrize("name", ["outliers-1d", "clusters-1d-loo", "uniform-2d-small"])
 def test_triton_rows_within_their_bound(name, triton_blocks):
     """As ``test_every_row_within_its_bound``, through the Triton kernels."""
-    q, k, v, w, loo = case_inputs(name)
     tolerance = 1e-6
-    plan = triton_plan_of(q, k, w, loo, tolerance)
-    assert plan.far is not None and plan.far.expanded > 0
-    # boxes that evaluate a local expansion and boxes that evaluate each series
-    assert (plan.far.q_local > 0).any() and (plan.far.q_local == 0).any()
+    # boxes that evaluate a local expansion and boxes that evaluate each series:
+    # about 1 draw in 200 of uniform-2d-small gives every box a local expansion
+    for _ in range(10):
+        q, k, v, w, loo = case_inputs(name)
+        plan = triton_plan_of(q, k, w, loo, tolerance)
+        assert plan.far is not None and plan.far.expanded > 0
+        if (plan.far.q_local > 0).any() and (plan.far.q_local == 0).any():
+            break
+    else:
+        raise AssertionError(f"{name}: 10 draws, none with both kinds of boxes")
     bound = far.row_bounds(plan, q.shape[1])
     out = nwfast.nw_pool(
         *on_device(q, k, v, w), exclude_self=loo, tolerance=tolerance, backend="triton"
