@@ -151,28 +151,24 @@ def _exp2_of(x, flush):
     below = npt(flush - bias)
     magic = npt(1.5 * 2.0**mant)
     zero = npt(0)
+    clamp = not flush  # a constant of the compiled function: one branch of each if remains
 
-    def clamped(x):
-        # written this way round so that a NaN x passes through
-        x = lo if x < lo else x
+    def impl(x):
+        if clamp:
+            # written this way round so that a NaN x passes through
+            x = lo if x < lo else x
         t = x + magic
         f = x - (t - magic)  # in [-1/2, 1/2]
         p = coef[-1]
         for c in coef[-2::-1]:
             p = p * f + c
-        return p * _pow2_of_rounded(t)
-
-    def masked(x):
+        if clamp:
+            return p * _pow2_of_rounded(t)
         # below the cut (or -inf) t's bits are no exponent: the select drops
         # them; a NaN x fails the compare and passes through
-        t = x + magic
-        f = x - (t - magic)
-        p = coef[-1]
-        for c in coef[-2::-1]:
-            p = p * f + c
         return zero if x < below else p * _pow2_of_rounded(t)
 
-    return masked if flush else clamped
+    return impl
 
 
 # No 'reassoc' here: it would let LLVM fold (x + magic) - magic back to x.
