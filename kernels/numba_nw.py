@@ -107,6 +107,11 @@ ITEM_PAIRS = 1 << 15
 # most DQ_SHARES_BYTES; else dq is a pass of its own.
 DQ_CHUNKS = 16
 DQ_SHARES_BYTES = 256 << 20
+# From this many keys (128 items of 64) a dense key-side work item holds 64
+# keys rather than 8: each tile of the queries, and the chunk's float64 dq of
+# it, is then read from L3 once per 64 keys (at n = 2^17, d = 3 the reads per 8
+# keys cost the pass a fifth of its time).
+DEEP_KEY_ITEMS_FROM = 8192
 # ... for d up to this. Float32 forward + backward against two passes, 8192²
 # dense, alternating in one process: 1.18-1.30x at d = 2 and 3 (1 to 8
 # channels, float64 and leave-one-out alike), 0.89x at d = 4 with one channel,
@@ -981,6 +986,12 @@ def _rows_per_item(length):
     return max(8, min(64, ITEM_PAIRS // max(length, 1)))
 
 
+def _keys_per_item(n, m):
+    """Keys per dense key-side work item: 64 from DEEP_KEY_ITEMS_FROM keys on,
+    else as ``_rows_per_item``."""
+    return 64 if m >= DEEP_KEY_ITEMS_FROM else _rows_per_item(n)
+
+
 def _fused(d, c):
     """Whether the passes on ``numba_sweep``'s loop serve d features, c channels."""
     return d <= FUSED_DIMS and c <= FUSED_CHANNELS
@@ -1031,7 +1042,7 @@ def make_plan(query, key, w, diagonal, tolerance):
 
 def _or_dense(plan, B, n, m):
     """The spans to sweep: the plan's, or everything."""
-    return plan or blocks.dense(B, n, m, _rows_per_item(m), _rows_per_item(n))
+    return plan or blocks.dense(B, n, m, _rows_per_item(m), _keys_per_item(n, m))
 
 
 def _per_row_keys(skip, m):

@@ -221,6 +221,27 @@ def test_dq_from_the_key_side_pass(monkeypatch, d, dtype, tolerance):
         testing.assert_close(a, b, 1e-5 if dtype == torch.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("n", "m", "d", "loo"), [(700, 1093, 3, False), (1061, 1061, 1, True)])
+def test_dense_backward_with_64_keys_an_item(n, m, d, loo, dtype, monkeypatch):
+    """Where m reaches DEEP_KEY_ITEMS_FROM (lowered here) the dense key-side
+    pass gives each work item 64 keys (the last one fewer), whose dq shares sum
+    64 deep before the chunk's float64 dq: every gradient still matches the
+    float64 reference."""
+    monkeypatch.setattr(numba_nw, "DEEP_KEY_ITEMS_FROM", 1024)
+    assert numba_nw._keys_per_item(n, m) == 64 and numba_nw._rows_per_item(n) < 64
+    gen = torch.Generator().manual_seed(0)
+    k = torch.rand(1, m, d, generator=gen, dtype=torch.float64).to(dtype)
+    q = k if loo else torch.rand(1, n, d, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(1, m, 2, generator=gen, dtype=torch.float64).to(dtype)
+    w = (200.0 + 100.0 * torch.rand(1, m, generator=gen, dtype=torch.float64)).to(dtype)
+    upstream = torch.randn(1, n, 2, generator=gen, dtype=torch.float64).to(dtype)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, w)]
+    out = nwfast.nw_pool(*leaves, exclude_self=loo, tolerance=0.0)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    testing.assert_ok(*testing.check_pool_gradients(grads, q, k, v, w, upstream, loo))
+
+
 def test_chunks_hold_every_work_item():
     """The key-side pass's chunks cover every item once, in order, the empty
     ones too: items after the last swept pair (keys whose pairs are all
