@@ -164,16 +164,19 @@ KEY_CONFIGS = [
     _cfg(4, BLOCK_M=256, BLOCK_N=16),
     _cfg(8, BLOCK_M=256, BLOCK_N=8),
     _cfg(2, BLOCK_M=64, BLOCK_N=16),
+    _cfg(4, BLOCK_M=128, BLOCK_N=4),
     # shared
     _cfg(8, BLOCK_M=128, BLOCK_N=16),
     _cfg(8, BLOCK_M=64, BLOCK_N=32),
 ]
-# Tile elements a thread may hold at d = c = 1 in float32 or half precision;
-# a quarter of it for float64 (two registers an element, and float64 scores
-# take more temporaries), half where d or c > 1 (half again for the tangent
-# of a sparse plan, which carries per-feature terms beside each pair at a
-# fixed 128 owned points). Where d or c >= 16: WIDE_TILE_BUDGET (half for the
-# tangent), at most WIDE_OWNED points a program. More spills (bench sass).
+# Tile elements a thread may hold at d = c = 1 in float32 or half precision,
+# half of it where d or c > 1 (half again for the tangent of a sparse plan,
+# which carries per-feature terms beside each pair at a fixed 128 owned
+# points); a quarter of it for float64 at any d < 16: two registers an element,
+# and float64 scores take more temporaries (an eighth at d = 3 left the key
+# side only 128 x 4, which bench sass' model put slower in 15 of 26 variants).
+# Where d or c >= 16: WIDE_TILE_BUDGET (half for the tangent), at most
+# WIDE_OWNED points a program. More spills (bench sass).
 TILE_BUDGET = 32
 WIDE_TILE_BUDGET = 8
 WIDE_OWNED = 128
@@ -237,7 +240,8 @@ def _prune(configs, named_args, kernel, **meta):
         share = _threads_a_wide_point(kernel, meta)
     else:
         heavy = kernel == "tangent" and width > 1 and meta.get("SPARSE")
-        budget = TILE_BUDGET >> (2 * (meta.get("ACC") == tl.float64) + (width > 1) + heavy)
+        is64 = meta.get("ACC") == tl.float64
+        budget = TILE_BUDGET >> (2 * is64 + (width > 1 and not is64) + heavy)
 
     def per_thread(c):
         return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] // (32 * c.num_warps)
