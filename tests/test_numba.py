@@ -230,12 +230,11 @@ def test_dense_backward_with_64_keys_an_item(n, m, d, loo, dtype, monkeypatch):
     float64 reference."""
     monkeypatch.setattr(numba_nw, "DEEP_KEY_ITEMS_FROM", 1024)
     assert numba_nw._keys_per_item(n, m) == 64 and numba_nw._rows_per_item(n) < 64
-    gen = torch.Generator().manual_seed(0)
-    k = torch.rand(1, m, d, generator=gen, dtype=torch.float64).to(dtype)
-    q = k if loo else torch.rand(1, n, d, generator=gen, dtype=torch.float64).to(dtype)
-    v = torch.randn(1, m, 2, generator=gen, dtype=torch.float64).to(dtype)
-    w = (200.0 + 100.0 * torch.rand(1, m, generator=gen, dtype=torch.float64)).to(dtype)
-    upstream = torch.randn(1, n, 2, generator=gen, dtype=torch.float64).to(dtype)
+    k = torch.rand(1, m, d, dtype=torch.float64).to(dtype)
+    q = k if loo else torch.rand(1, n, d, dtype=torch.float64).to(dtype)
+    v = torch.randn(1, m, 2, dtype=torch.float64).to(dtype)
+    w = (200.0 + 100.0 * torch.rand(1, m, dtype=torch.float64)).to(dtype)
+    upstream = torch.randn(1, n, 2, dtype=torch.float64).to(dtype)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, w)]
     out = nwfast.nw_pool(*leaves, exclude_self=loo, tolerance=0.0)
     grads = torch.autograd.grad(out, leaves, upstream)
