@@ -86,6 +86,20 @@ class Plan(NamedTuple):
     far: object = None  # the expansions (``far.Far``), or None
 
 
+# A dense work item is a run of rows (or keys) worth about ITEM_PAIRS pairs:
+# enough to amortise its set-up, few enough rows that a handful of queries over
+# many keys still spreads over the cores. At least ITEM_ROWS[0], which share
+# each tile of the points they sweep, and at most ITEM_ROWS[1].
+ITEM_PAIRS = 1 << 15
+ITEM_ROWS = (8, 64)
+
+
+def rows_per_item(length):
+    """Rows (or keys) per dense work item when each sweeps ``length`` points."""
+    fewest, most = ITEM_ROWS
+    return max(fewest, min(most, ITEM_PAIRS // max(length, 1)))
+
+
 def dense(batch, n, m, q_block, k_block):
     """Every block of queries sees all m keys, every block of keys all n queries."""
     key_ptr, key_spans = _everything(batch * -(-n // q_block), m)

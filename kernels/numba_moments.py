@@ -96,8 +96,6 @@ FUSED_CHANNELS = 4
 # depth of every float32 sum (16 to 32 terms a SIMD lane) before it goes into
 # float64.
 TILE = 256
-# A parallel work item is a run of query rows worth about this many pairs.
-ITEM_PAIRS = 1 << 15
 
 _jit = sweep.jit
 _ijit = functools.partial(sweep.inner, inline="always")
@@ -109,10 +107,6 @@ def _run(lo, hi, work, args):
     """Work items [lo, hi) of the pass ``args`` (``numba_sweep.run``),
     compiled and cached here, beside the parts it inlines."""
     sweep.run(lo, hi, work, args)
-
-
-def _rows_per_item(length):
-    return max(8, min(64, ITEM_PAIRS // max(length, 1)))
 
 
 # ------------------------------------------------- passes on numba_sweep's loop
@@ -561,7 +555,7 @@ def _fold_far(plan, q, kT, vT, w, skip, moments, lse):
 
 
 def _or_dense(plan, n, m):
-    return plan or blocks.dense(1, n, m, _rows_per_item(m), _rows_per_item(n))
+    return plan or blocks.dense(1, n, m, blocks.rows_per_item(m), blocks.rows_per_item(n))
 
 
 def _ordered(plan, query, key, value, diagonal):
@@ -586,7 +580,7 @@ def forward(query, key, value, w, diagonal, tolerance=0.0):
     moments = torch.empty((n, d + d * (d + 1) // 2 + c + d * c), dtype=torch.float64)
     lse = torch.empty(n, dtype=torch.float64)
     if not _fused(d, c):
-        rows = _rows_per_item(m)
+        rows = blocks.rows_per_item(m)
         parallel(
             _forward_general, -(-n // rows), n * m, arrays.of(query), arrays.feature_major(key),
             arrays.feature_major(value), arrays.log2_scale(w), bool((w >= 0).all()),
@@ -615,7 +609,7 @@ def backward(grad, query, key, value, w, lse, second, tbar, diagonal, packed=Non
     lse2, high, low = arrays.lse_pair(lse, dtype)
     G, tbar, second = (arrays.copy(x.detach().numpy(), high.dtype) for x in (grad, tbar, second))
     if not _fused(d, c):
-        rows = _rows_per_item(m)
+        rows = blocks.rows_per_item(m)
         grad_w = torch.empty(query.shape, dtype=torch.float64)
         parallel(
             _backward_general, -(-n // rows), n * m, arrays.of(query), arrays.feature_major(key),

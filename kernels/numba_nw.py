@@ -97,10 +97,6 @@ FUSED_CHANNELS = 8
 # set-up and reductions; at 2048 that is ~1% and a float32 score buffer (8 KiB)
 # still sits in L1 next to the tile's keys and values.
 TILE = 2048
-# A dense work item is a run of rows worth about this many pairs: enough to
-# amortise its set-up, few enough rows that a handful of queries over many
-# keys still spreads over the cores.
-ITEM_PAIRS = 1 << 15
 # The backward's key-side pass sums dq too (one exp2 a pair for every
 # gradient), into this many fixed chunks of work items, each with its own
 # float64 dq of the queries (summed in order afterwards), where they take at
@@ -957,7 +953,7 @@ def _exact_shifts(plan, q, k, v, c2, skip):
 def _exact_row_shifts(query, keys, values, c2):
     """``_lse_log2``'s ``exact`` for the rows layout."""
     n, m = keys.shape
-    rows = _rows_per_item(m)
+    rows = blocks.rows_per_item(m)
 
     def exact(only, high, low):
         inputs = (arrays.of(query[:, None]), arrays.of(keys), arrays.of(values), c2)
@@ -980,16 +976,10 @@ def _dw(dw_keys, w, dtype):
     return torch.from_numpy(dw_keys.astype(arrays.numpy_dtype(dtype)))
 
 
-def _rows_per_item(length):
-    """Rows (or keys) per dense work item when each sweeps ``length`` points:
-    at least 8, which share each tile of the points (``numba_sweep.TILE``)."""
-    return max(8, min(64, ITEM_PAIRS // max(length, 1)))
-
-
 def _keys_per_item(n, m):
-    """Keys per dense key-side work item: 64 from DEEP_KEY_ITEMS_FROM keys on,
-    else as ``_rows_per_item``."""
-    return 64 if m >= DEEP_KEY_ITEMS_FROM else _rows_per_item(n)
+    """Keys per dense key-side work item: the most an item holds from
+    DEEP_KEY_ITEMS_FROM keys on, else as many as ``blocks.rows_per_item``."""
+    return blocks.ITEM_ROWS[1] if m >= DEEP_KEY_ITEMS_FROM else blocks.rows_per_item(n)
 
 
 def _fused(d, c):
@@ -1042,7 +1032,7 @@ def make_plan(query, key, w, diagonal, tolerance):
 
 def _or_dense(plan, B, n, m):
     """The spans to sweep: the plan's, or everything."""
-    return plan or blocks.dense(B, n, m, _rows_per_item(m), _keys_per_item(n, m))
+    return plan or blocks.dense(B, n, m, blocks.rows_per_item(m), _keys_per_item(n, m))
 
 
 def _per_row_keys(skip, m):
@@ -1212,7 +1202,7 @@ def forward_rows(query, keys, values, w):
     w = per_key(w, m)
     out = torch.empty(n, dtype=query.dtype)
     lse = torch.empty(n, dtype=torch.float64)
-    rows = _rows_per_item(m)
+    rows = blocks.rows_per_item(m)
     items = -(-n // rows)
     nonpos = bool((w >= 0).all())
     args = (arrays.of(query[:, None]), arrays.of(keys), arrays.of(values), arrays.log2_scale(w))
@@ -1274,7 +1264,7 @@ def tangent_rows(query, keys, values, w, tangents, out, lse):
     dq, dK, dV, dw = (_or_zeros(t, x) for t, x in zip(tangents, (query, keys, values, w)))
     w_keys, dw_keys = per_key(w, m), per_key(dw, m)
     dy = torch.empty(n, dtype=query.dtype)
-    rows = _rows_per_item(m)
+    rows = blocks.rows_per_item(m)
     c2 = arrays.log2_scale(w_keys)
     shifts = _lse_log2(lse, query.dtype, _exact_row_shifts(query, keys, values, c2))
     _parallel(

@@ -229,7 +229,7 @@ def test_dense_backward_with_64_keys_an_item(n, m, d, loo, dtype, monkeypatch):
     64 deep before the chunk's float64 dq: every gradient still matches the
     float64 reference."""
     monkeypatch.setattr(numba_nw, "DEEP_KEY_ITEMS_FROM", 1024)
-    assert numba_nw._keys_per_item(n, m) == 64 and numba_nw._rows_per_item(n) < 64
+    assert numba_nw._keys_per_item(n, m) == 64 and blocks.rows_per_item(n) < 64
     k = torch.rand(1, m, d, dtype=torch.float64).to(dtype)
     q = k if loo else torch.rand(1, n, d, dtype=torch.float64).to(dtype)
     v = torch.randn(1, m, 2, dtype=torch.float64).to(dtype)
