@@ -43,6 +43,8 @@ _POLY64 = (
 
 # (int bits, mantissa bits, exponent bias) per float type
 _LAYOUT = {types.float32: (32, 23, 127), types.float64: (64, 52, 1023)}
+# exp2_flush is 0 below 2**FLUSH_EXPONENT[dtype name], -(bias - mantissa bits - 4).
+FLUSH_EXPONENT = {str(t): mant + 4 - bias for t, (_, mant, bias) in _LAYOUT.items()}
 
 
 @intrinsic
@@ -131,11 +133,12 @@ def exp2(x):
 def exp2_flush(x):
     """``exp2``, but exactly 0 below 2**-(bias - mantissa bits - 4) (2**-100 in
     float32, 2**-967 in float64), for weights that are fractions of their row's
-    total: a key that light moves no sum it enters past the dtype's rounding,
-    and a 0 keeps its products (weight times residual, times distance) out of
-    subnormal numbers, which the FMA pipes of the project's Zen 4 machine
-    handle slowly (the key-side backward, d = 3, dense: 1.4x its time where a
-    bandwidth puts a few percent of the pairs in that range)."""
+    total: a key that light moves no sum it enters past the dtype's rounding
+    (unless every other term of the sum is 0), and a 0 keeps its products
+    (weight times residual, times distance) out of subnormal numbers, which
+    the FMA pipes of the project's Zen 4 machine handle slowly (the key-side
+    backward, d = 3, dense: 1.4x its time where a bandwidth puts a few percent
+    of the pairs in that range)."""
     raise NotImplementedError("exp2_flush is only callable from Numba-compiled code")
 
 
@@ -182,5 +185,5 @@ def _exp2_impl(x):
 @overload(exp2_flush, jit_options={"fastmath": {"contract"}, "cache": True})
 def _exp2_flush_impl(x):
     if x in _LAYOUT:
-        return _exp2_of(x, _LAYOUT[x][1] + 4)
+        return _exp2_of(x, _LAYOUT[x][2] + FLUSH_EXPONENT[str(x)])
     return None

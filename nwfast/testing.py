@@ -51,8 +51,12 @@ float64 (scores near 1e300), NaN/inf placement is what is judged.
   and dk, ``| ||q_i - k_j||^2 - r_i | / 2`` for dw with the kernel contract's
   distance shift r_i, ``p_ij (1 + |s_ij|) |g_i|`` for dv). dw also carries the
   rounding of the shifted distance itself, ``|t_ij| 4 u (d_ij^2 + |r_i|) / 2``,
-  large beside the difference for a far query. Torch is exact by luck where a
-  softmax is exactly one-hot, and an equally accurate kernel need not be.
+  large beside the difference for a far query. The backward and forward-mode
+  passes take a weight below 2^-100 of its row (2^-967 in float64) as 0, so each
+  pair's rounding bound holds that share too: a gradient whose other terms are
+  0 (a query whose nearest keys tie with it) is all such terms. Torch is exact
+  by luck where a softmax is exactly one-hot, and an equally accurate kernel
+  need not be.
   ``GRAD_TOLERANCE`` is the floor (1e-10 in float64).
 * **Local-linear moments** (``check_moments``, ``check_moments_gradient``): the
   moments are a softmax pooling of the terms phi_ij (``nwfast.local_linear``),
@@ -78,6 +82,7 @@ import torch
 
 from nwfast import reference
 from nwfast.kernels import distance_shift
+from nwfast.kernels.numba_exp import FLUSH_EXPONENT
 
 F64 = torch.float64
 
@@ -231,6 +236,17 @@ class _Pairs(NamedTuple):
         flushed = torch.finfo(compute).tiny / UNIT_ROUNDOFF[compute]
         p = self.weights
         return torch.where(self.scores > -torch.inf, p * (1 + self.scores.abs()) + flushed, 0.0)
+
+    @property
+    def backward_rounding(self):
+        """``rounding``, with the shares that the backward and forward-mode
+        passes take as 0: below 2**FLUSH_EXPONENT of the row's total
+        (``numba_exp.exp2_flush``), which is all such a term of a gradient can
+        be wrong by, though the other terms of its sum be 0 (a query whose
+        nearest keys all tie with it)."""
+        compute = "float64" if self.dtype == F64 else "float32"
+        share = 2.0 ** FLUSH_EXPONENT[compute] / UNIT_ROUNDOFF[getattr(torch, compute)]
+        return torch.where(self.scores > -torch.inf, self.rounding + share, 0.0)
 
     @property
     def keys(self):
@@ -455,7 +471,7 @@ def _pair_floors(pairs, upstream, shared_w, roundoff):
     g_size = g.norm(dim=-1)
     v_size = torch.where(used, pairs.values.norm(dim=-1), 0.0)
     a = (p * v_size).sum(-1)
-    tau = pairs.rounding * g_size[..., None] * (v_size + a[..., None])
+    tau = pairs.backward_rounding * g_size[..., None] * (v_size + a[..., None])
     dist = torch.where(used, pairs.diff.norm(dim=-1), 0.0)
     dist2 = dist * dist
     distance_rounding = 0.0
@@ -478,7 +494,7 @@ def _pair_floors(pairs, upstream, shared_w, roundoff):
         dist2 = (dist2 - shift).abs() + 4 * roundoff * (dist2 + shift.abs()) + lse_error
         dist2 = dist2 + reference_error
     pair_q = tau * pairs.w.abs() * dist
-    pair_v = pairs.rounding[..., None] * g[..., None, :].abs()
+    pair_v = pairs.backward_rounding[..., None] * g[..., None, :].abs()
     return pair_q, pair_v, 0.5 * (tau * dist2 + distance_rounding)
 
 
@@ -545,7 +561,7 @@ def _check_tangent(dout, fn, inputs, tangents, pairs, ds, dv, name, **kwargs):
     size = torch.where(used, pairs.values.norm(dim=-1), 0.0)
     spread = (pairs.values - pairs.out[..., None, :]).norm(dim=-1)
     spread = spread + (p * size).sum(-1, keepdim=True)
-    bound = (pairs.rounding * torch.where(used, dv + ds.abs() * spread, 0.0)).sum(-1)
+    bound = (pairs.backward_rounding * torch.where(used, dv + ds.abs() * spread, 0.0)).sum(-1)
     allowed = _probe_allowed(exact.reshape(dout.shape), rough, bound, dtype, probe, GRAD_TOLERANCE)
     return compare(dout, exact.reshape(dout.shape), allowed, name)
 

@@ -6,12 +6,14 @@ interpreter with its default tile and with small tiles), is judged by
 ids read like the case: ``B2-n45-m70-d3-c2-signed-float32``.
 """
 
+import math
 from typing import NamedTuple
 
 import pytest
 import torch
 
-from nwfast import testing
+import nwfast
+from nwfast import reference, testing
 
 ALL = (True, True, True, True)
 DTYPES = [torch.float32, torch.float64]
@@ -172,6 +174,14 @@ def extreme(name, dtype, device):
     if name == "all-equal":
         same = torch.full((1, 40, 1), 0.5, dtype=dtype, device=device)
         return same, same.clone(), v, full(3.0), True
+    if name == "tied-loo":
+        # 8 points at each of 0, 1, ..., 4, leave-one-out: each row's weight is on
+        # its 7 ties, and the next value's share (about 2**-113 in float32,
+        # 2**-1003 in float64) lies below the backward's flush cut yet is a
+        # normal number, and dq comes from those shares alone
+        tied = (torch.arange(40, dtype=torch.float64) % 5)[None, :, None].to(device, dtype)
+        log2_share = -110.0 if dtype == torch.float32 else -1000.0
+        return tied, tied.clone(), v, full(-2 * log2_share * math.log(2)), True
     if name == "duplicate-keys":
         return q, k.repeat_interleave(2, 1)[:, :40], v, full(30.0), False
     if name == "nan-query":
@@ -206,6 +216,7 @@ EXTREMES = [
     "large-scores",
     "all-equal",
     "duplicate-keys",
+    "tied-loo",
     "nan-query",
     "nan-key",
     "inf-value",
@@ -238,6 +249,33 @@ def test_huge_w_and_far_queries_give_the_nearest_value(kernel, dtype):
         # every other key underflows (extreme() keeps queries off midpoints): the
         # nearest value, to its own rounding
         testing.assert_close(out[0], v[0, nearest], 4 * testing.UNIT_ROUNDOFF[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shares_below_the_flush_cut_are_0_in_the_backward(dtype):
+    """The CPU backward takes a share below 2**FLUSH_EXPONENT of its row as 0:
+    where every other term of dq is 0 (ties), dq is then exactly 0 and the
+    reference's is not, which the tolerance policy's floor admits."""
+    q, k, v, w, loo = extreme("tied-loo", dtype, "cpu")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, w)]
+    out = nwfast.nw_pool(*leaves, exclude_self=loo, backend="numba", tolerance=0.0)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, g)
+    exact = [x.double().requires_grad_() for x in (q, k, v, w)]
+    ref_out, _ = reference.pool_and_lse(*exact, exclude_self=loo)
+    ref_dq = torch.autograd.grad(ref_out, exact[0], g.double())[0]
+    assert torch.equal(grads[0], torch.zeros_like(grads[0])) and (ref_dq != 0).all()
+    testing.assert_ok(*testing.check_pool_gradients(grads, q, k, v, w, g, loo))
+    # dk and dw too come from those shares alone; dv does not, and 1e-4 off fails
+    off = [x * (1 + 1e-4) for x in grads]
+    verdicts = testing.check_pool_gradients(off, q, k, v, w, g, loo)
+    assert [v.ok for v in verdicts] == [True, True, False, True]
+    # nor does the floor admit that where the shares are larger: w a tenth
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, w / 10)]
+    out = nwfast.nw_pool(*leaves, exclude_self=loo, backend="numba", tolerance=0.0)
+    off = [x * (1 + 1e-4) for x in torch.autograd.grad(out, leaves, g)]
+    verdicts = testing.check_pool_gradients(off, q, k, v, w / 10, g, loo)
+    assert not any(v.ok for v in verdicts)
 
 
 # --- far from every key ----------------------------------------------------------
