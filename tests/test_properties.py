@@ -2,13 +2,13 @@
 
 Shapes, batch dims, d and c, scalar or per-key w from 1e-12 to 1e6 (1e300 in
 float64) and negative, exclude_self, strided and stride-0 (expanded) inputs,
-queries among the keys, shifted with them far from 0, or placed apart from
-them up to 1e6 bandwidths away, float32 and float64; forward, every gradient
-and the tangent against the float64 reference through ``nwfast.testing``. The
-scale of w, the number of keys and the queries' placement are strategies of
-their own, so that the shrinker reports a minimal case. A fixed example budget
-keeps ``make test`` in time; ``NWFAST_EXAMPLES`` runs more (``make fuzz``), and
-hypothesis prints any failing case.
+queries among the keys, shifted with them far from 0, placed apart from them
+up to 1e6 bandwidths away, or tied with them on the integers, float32 and
+float64; forward, every gradient and the tangent against the float64 reference
+through ``nwfast.testing``. The scale of w, the number of keys and the queries'
+placement are strategies of their own, so that the shrinker reports a minimal
+case. A fixed example budget keeps ``make test`` in time; ``NWFAST_EXAMPLES``
+runs more (``make fuzz``), and hypothesis prints any failing case.
 """
 
 import os
@@ -34,9 +34,10 @@ BACKENDS = ["numba", "triton"]
 # log10 of |w|: float32 from 1e-12 to 1e6, float64 up to 1e300.
 LOG_W = {torch.float32: (-12.0, 6.0), torch.float64: (-12.0, 300.0)}
 # Where the queries lie: among the keys (drawn like them), all shifted with the
-# keys by one common offset, or apart from them: 10**1 to 10**6 bandwidths
-# beyond either end of the keys (capped where a score would overflow).
-PLACEMENTS = ["with-keys", "common-offset", "apart"]
+# keys by one common offset, apart from them: 10**1 to 10**6 bandwidths beyond
+# either end of the keys (capped where a score would overflow), or with the keys
+# on the integers (ties among the keys and with the queries).
+PLACEMENTS = ["with-keys", "common-offset", "apart", "tied"]
 
 
 def log_w(dtype):
@@ -110,7 +111,9 @@ def build(case):
     placement, bandwidths, side = case["placement"]
     q = points(n)
     k = q.clone() if case["loo"] else points(m)
-    if placement == "common-offset":
+    if placement == "tied":
+        q, k = q.round(), k.round()
+    elif placement == "common-offset":
         q, k = q + 1e4, k + 1e4
     elif placement == "apart" and not case["loo"]:
         q = q * 0.01 + _apart(k, case["w"], 10**bandwidths, side, dtype)
@@ -172,11 +175,29 @@ FAR_TINY_W = {
 }
 
 
+# Leave-one-out on tied points, float64, w = 2000 ln 2: each row's weight is on
+# its ties, the next integer's share about 2**-1000, below the backward's flush
+# cut, and dq, dk and dw are made of those shares alone.
+TIED_FLUSHED = {
+    **FAR_SINGLE_KEY,
+    "batch": (),
+    "n": 24,
+    "m": 24,
+    "d": None,
+    "c": 2,
+    "loo": True,
+    "w": 1386.2943611198906,
+    "placement": ("tied", 1.0, 1),
+    "seed": 7,
+}
+
+
 @budget
 @given(cases())
 @example(case=FAR_SINGLE_KEY)
 @example(case={**FAR_SINGLE_KEY, "backend": "triton"})
 @example(case=FAR_TINY_W)
+@example(case=TIED_FLUSHED)
 def test_nw_pool_forward_and_gradients(case):
     q, k, v, w = build(case)
     device = "cuda" if case["backend"] == "triton" and torch.cuda.is_available() else "cpu"
@@ -201,6 +222,7 @@ def test_nw_pool_forward_and_gradients(case):
 @budget
 @given(cases())
 @example(case=FAR_SINGLE_KEY)
+@example(case=TIED_FLUSHED)
 def test_tangent_matches_the_reference(case):
     case = {**case, "backend": "numba"}
     q, k, v, w = build(case)
