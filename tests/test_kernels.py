@@ -266,14 +266,14 @@ def test_shares_below_the_flush_cut_are_0_in_the_backward(dtype):
     ref_dq = torch.autograd.grad(ref_out, exact[0], g.double())[0]
     assert torch.equal(grads[0], torch.zeros_like(grads[0])) and (ref_dq != 0).all()
     testing.assert_ok(*testing.check_pool_gradients(grads, q, k, v, w, g, loo))
-    # dk and dw too come from those shares alone; dv does not, and 1e-4 off fails
-    off = [x * (1 + 1e-4) for x in grads]
+    # dk and dw too come from those shares alone; dv does not, and 1e-2 off fails
+    off = [x * (1 + 1e-2) for x in grads]
     verdicts = testing.check_pool_gradients(off, q, k, v, w, g, loo)
     assert [v.ok for v in verdicts] == [True, True, False, True]
     # nor does the floor admit that where the shares are larger: w a tenth
     leaves = [x.clone().requires_grad_() for x in (q, k, v, w / 10)]
     out = nwfast.nw_pool(*leaves, exclude_self=loo, backend="numba", tolerance=0.0)
-    off = [x * (1 + 1e-4) for x in torch.autograd.grad(out, leaves, g)]
+    off = [x * (1 + 1e-2) for x in torch.autograd.grad(out, leaves, g)]
     verdicts = testing.check_pool_gradients(off, q, k, v, w / 10, g, loo)
     assert not any(v.ok for v in verdicts)
 
