@@ -26,28 +26,29 @@ def rows_to_check(case):
     return torch.randperm(case.n, generator=torch.Generator().manual_seed(1))[:count].sort().values
 
 
-def judge(case, x: dict, call, leaves: dict, out=None) -> tuple[list, int]:
+def judge(case, x: dict, call, leaves: dict, out=None, tolerance=0.0) -> tuple[list, int]:
     """Judge a forward's output ``out``; in the gradient modes, run the peer's
     call once more, backward with a zero upstream outside the judged rows.
-    Returns (verdicts, rows judged)."""
+    ``tolerance``: the share of each row's weight the peer may leave out
+    (``nwfast.testing.check_pool``). Returns (verdicts, rows judged)."""
     import torch
 
     rows = rows_to_check(case)
     if case.mode == "forward":
-        return _outputs(case, x, out, rows), len(rows)
+        return _outputs(case, x, out, rows, tolerance), len(rows)
     for t in leaves.values():
         t.grad = None
     out = call()
-    verdicts = _outputs(case, x, out, rows)
+    verdicts = _outputs(case, x, out, rows, tolerance)
     upstream = torch.zeros_like(x["grad_out"])
     idx = rows.to(upstream.device)
     upstream[idx] = x["grad_out"][idx]
     out.backward(upstream)
     grads = {name: t.grad for name, t in leaves.items()}
-    return verdicts + _gradients(case, x, grads, upstream[idx], rows), len(rows)
+    return verdicts + _gradients(case, x, grads, upstream[idx], rows, tolerance), len(rows)
 
 
-def _outputs(case, x: dict, out, rows) -> list:
+def _outputs(case, x: dict, out, rows, tolerance) -> list:
     import torch
 
     from nwfast import testing
@@ -60,10 +61,12 @@ def _outputs(case, x: dict, out, rows) -> list:
     if case.op == "rows":
         return [testing.check_rows(out[idx], q[idx], k[idx], v[idx], w)]
     leave_out = rows if case.exclude_self else False
-    return [testing.check_pool(out[idx], q[idx], k, v, w, exclude_self=leave_out)]
+    return [
+        testing.check_pool(out[idx], q[idx], k, v, w, exclude_self=leave_out, tolerance=tolerance)
+    ]
 
 
-def _gradients(case, x: dict, grads: dict, upstream, rows) -> list:
+def _gradients(case, x: dict, grads: dict, upstream, rows, tolerance) -> list:
     import torch
 
     from nwfast import testing
@@ -78,7 +81,7 @@ def _gradients(case, x: dict, grads: dict, upstream, rows) -> list:
         got = [grads["query"][idx], grads["key"], grads["value"], grads["w"]]
         leave_out = rows if case.exclude_self else False
         verdicts = testing.check_pool_gradients(
-            got, q[idx], k, v, w, upstream, exclude_self=leave_out
+            got, q[idx], k, v, w, upstream, exclude_self=leave_out, tolerance=tolerance
         )
         per_row = ("query",)
     # Per-row gradients of the rows not judged had a zero upstream: exact zeros.

@@ -163,10 +163,11 @@ def _judge(case, x, leaves, pool, rank, world, ring):
         torch.cat([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(4)
     )
     q, k, v, w = x["query"], x["key"], x["value"], x["w"]
-    verdicts = [testing.check_pool(out[rows], q[rows], k, v, w)]
+    # both calls take the default tolerance: the rows may leave out what it allows
+    verdicts = [testing.check_pool(out[rows], q[rows], k, v, w, tolerance=None)]
     if gradients:
         dw = sum(p[4] for p in parts)  # each rank's part of the replicated w's gradient
         verdicts += testing.check_pool_gradients(
-            [dq[rows], dk, dv, dw], q[rows], k, v, w, upstream[rows]
+            [dq[rows], dk, dv, dw], q[rows], k, v, w, upstream[rows], tolerance=None
         )
     return check.summary(verdicts, len(rows))

@@ -49,6 +49,9 @@ class Peer:
     pairs: Callable | None = None
     # (case, inputs, **options) -> more measurements of a pooling row (MEASUREMENTS)
     plan: Callable | None = None
+    # (**options) -> the share of each row's weight a call may leave out, as
+    # ``nwfast.testing`` takes it (None: the dtype's rounding); None: nothing
+    skipped: Callable | None = None
 
     def unsupported(self, case: Case) -> str | None:
         """Why this peer cannot run the case, or None."""
@@ -74,6 +77,10 @@ class Peer:
         if self.pairs is None or case.op == "rows":
             return case.pairs
         return self.pairs(case, inputs, **self.options)
+
+    def skipped_share(self):
+        """What the checks allow each row to leave out (``tolerance``)."""
+        return 0.0 if self.skipped is None else self.skipped(**self.options)
 
     def predict_s(self, case: Case, pairs: int) -> float | None:
         """One call of ``pairs`` computed pairs, from the prior alone."""
@@ -426,6 +433,7 @@ NWFAST = Peer(
     prior_ns={"cpu": 0.5, "cuda": 0.0003, "fit": 2},
     pairs=_nwfast_pairs,
     plan=_nwfast_plan,
+    skipped=lambda tolerance=None, **_: tolerance,
 )
 
 PEERS = {

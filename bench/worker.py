@@ -277,7 +277,10 @@ def _time_case(case: Case, settings: dict, row: dict, warm_up: bool, x=None, com
             row["bandwidth"] = result["out"].tolist()
             row["loo_mse"] = check.loo_mse(x["X"], x["y"], result["out"], case.mode)
         elif settings["check"]:
-            row.update(check.summary(*check.judge(case, x, fn, leaves, result.get("out"))))
+            tolerance = PEERS[case.peer].skipped_share()
+            row.update(
+                check.summary(*check.judge(case, x, fn, leaves, result.get("out"), tolerance))
+            )
     except Exception as exc:  # the timing stands without the judgement
         row["note"] = _join(row["note"], f"not judged: {_short(exc)}")
 

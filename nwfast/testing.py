@@ -325,16 +325,23 @@ def _output_allowed(ref, pairs, dtype):
     return _allowed(ref, _output_bound(pairs), dtype) + beyond
 
 
-def check_pool(out, query, key, value, w, exclude_self=False, name="out"):
+def check_pool(out, query, key, value, w, exclude_self=False, name="out", tolerance=0.0):
     """Judge a shared-keys result against the float64 reference of its inputs.
 
     ``exclude_self`` is a bool, or per-row key indices to leave out (-1: none), as
     in ``reference.pool_and_lse``: that judges a subset of the query rows (pass
     those rows of ``query`` and ``out`` and their own indices) with leave-one-out.
+    ``tolerance``: that of the call, whose skipped keys may move each row by
+    twice its share times the largest ||v_j|| (as ``check_pool_gradients``).
     """
     pairs = _shared_pairs(query, key, value, w, exclude_self)
     ref = pairs.out.reshape(out.shape)
-    return compare(out, ref, _output_allowed(ref, pairs, out.dtype), name)
+    allowed = _output_allowed(ref, pairs, out.dtype)
+    share = _skipped_share(tolerance, query.dtype)
+    if share:
+        size = torch.where(pairs.weights > 0, pairs.values.norm(dim=-1), 0.0)
+        allowed = allowed + _bound_norm(2 * share * size.amax(-1), ref)
+    return compare(out, ref, allowed, name)
 
 
 def check_pool_lse(lse, query, key, value, w, exclude_self=False, dtype=None, name="lse"):
@@ -471,7 +478,8 @@ def _pair_floors(pairs, upstream, shared_w, roundoff):
     g_size = g.norm(dim=-1)
     v_size = torch.where(used, pairs.values.norm(dim=-1), 0.0)
     a = (p * v_size).sum(-1)
-    tau = pairs.backward_rounding * g_size[..., None] * (v_size + a[..., None])
+    size = g_size[..., None] * (v_size + a[..., None])  # bounds |g_i . (v_j - y_i)|
+    tau = pairs.backward_rounding * size
     dist = torch.where(used, pairs.diff.norm(dim=-1), 0.0)
     dist2 = dist * dist
     distance_rounding = 0.0
@@ -495,7 +503,20 @@ def _pair_floors(pairs, upstream, shared_w, roundoff):
         dist2 = dist2 + reference_error
     pair_q = tau * pairs.w.abs() * dist
     pair_v = pairs.backward_rounding[..., None] * g[..., None, :].abs()
-    return pair_q, pair_v, 0.5 * (tau * dist2 + distance_rounding)
+    pair_w = 0.5 * (tau * dist2 + distance_rounding)
+    # what a pair would move each gradient by at a weight of 1: a row's skipped
+    # keys (weights summing to at most the tolerance) move it by that much
+    unit_q = size * pairs.w.abs() * dist
+    unit_v = used[..., None] * g[..., None, :].abs()
+    unit_w = torch.where(used, 0.5 * size * dist2, 0.0)
+    return (pair_q, pair_v, pair_w), (unit_q, unit_v, unit_w)
+
+
+def _skipped_share(tolerance, dtype):
+    """The share of each row's weight a call with ``tolerance`` may leave out."""
+    if tolerance is None:
+        return UNIT_ROUNDOFF[F64 if dtype == F64 else torch.float32]
+    return float(tolerance)
 
 
 def _w_size(w):
@@ -506,13 +527,32 @@ def _roundoff_of(tensors):
     return _compute_roundoff(next(t.dtype for t in tensors if t is not None))
 
 
-def check_pool_gradients(grads, query, key, value, w, upstream, exclude_self=False):
-    """Judge (dquery, dkey, dvalue, dw) of ``nw_pool`` on these inputs."""
+def check_pool_gradients(
+    grads, query, key, value, w, upstream, exclude_self=False, tolerance=0.0
+):  # fmt: skip
+    """Judge (dquery, dkey, dvalue, dw) of ``nw_pool`` on these inputs.
+
+    ``tolerance``: that of the call (``None``, its default, is the dtype's
+    rounding). Each row may then leave out keys holding up to that share of its
+    weight, and each gradient may miss what those keys would add: a row's dq
+    at most the share times its largest term at a weight of 1, dk, dv and a
+    per-key dw a share of every row's term, and that alone where the kept
+    terms cancel (a query whose nearest keys tie with it). 0 judges a dense
+    result by rounding alone."""
     pairs = _shared_pairs(query, key, value, w, exclude_self)
     w_size = _w_size(w)
     shared_w = w_size in ((), (1,)) or w_size[-1:] == (1,)
-    pair_q, pair_v, pair_w = _pair_floors(pairs, _f64(upstream), shared_w, _roundoff_of(grads))
-    floors = [pair_q.sum(-1), pair_q.sum(-2), pair_v.sum(-3), pair_w.sum(-2).sum_to_size(w_size)]
+    roundoff = _roundoff_of(grads)
+    (pair_q, pair_v, pair_w), unit = _pair_floors(pairs, _f64(upstream), shared_w, roundoff)
+    floors = [pair_q.sum(-1), pair_q.sum(-2), pair_v.sum(-3), pair_w.sum(-2)]
+    share = _skipped_share(tolerance, query.dtype) / (ROUNDING_FACTOR * roundoff)
+    if share:
+        unit_q, unit_v, unit_w = (share * x for x in unit)
+        floors[0] = floors[0] + unit_q.amax(-1)
+        floors[1] = floors[1] + unit_q.sum(-2)
+        floors[2] = floors[2] + unit_v.sum(-3)
+        floors[3] = floors[3] + (unit_w.amax(-1, True).sum(-2) if shared_w else unit_w.sum(-2))
+    floors[3] = floors[3].sum_to_size(w_size)
     return check_gradients(
         grads,
         reference.pool_and_lse,
@@ -528,7 +568,7 @@ def check_rows_gradients(grads, query, keys, values, w, upstream):
     """Judge (dquery, dkeys, dvalues, dw) of ``nw_pool_rows`` on these inputs."""
     pairs = _rows_pairs(query, keys, values, w)
     shared_w = _w_size(w) in ((), (1,))
-    pair_q, pair_v, pair_w = _pair_floors(pairs, _f64(upstream), shared_w, _roundoff_of(grads))
+    (pair_q, pair_v, pair_w), _ = _pair_floors(pairs, _f64(upstream), shared_w, _roundoff_of(grads))
     floors = [pair_q.sum(-1), pair_q, pair_v[..., 0], pair_w.sum(-2).sum_to_size(_w_size(w))]
     return check_gradients(
         grads,
@@ -550,8 +590,9 @@ def _jvp(fn, inputs, tangents, dtype, device, kwargs):
     return torch.func.jvp(lambda *a: fn(*a, **kwargs)[0], primals, dual)[1]
 
 
-def _check_tangent(dout, fn, inputs, tangents, pairs, ds, dv, name, **kwargs):
-    """dv: ||dv_j|| for each pair (..., n, m), or 0."""
+def _check_tangent(dout, fn, inputs, tangents, pairs, ds, dv, name, share=0.0, **kwargs):
+    """dv: ||dv_j|| for each pair (..., n, m), or 0; share: what each row may
+    leave out of its weight (``check_pool_gradients``' tolerance)."""
     dtype = dout.dtype
     probe = _probe_dtype(dtype)
     exact = _jvp(fn, inputs, tangents, F64, "cpu", kwargs)
@@ -561,14 +602,19 @@ def _check_tangent(dout, fn, inputs, tangents, pairs, ds, dv, name, **kwargs):
     size = torch.where(used, pairs.values.norm(dim=-1), 0.0)
     spread = (pairs.values - pairs.out[..., None, :]).norm(dim=-1)
     spread = spread + (p * size).sum(-1, keepdim=True)
-    bound = (pairs.backward_rounding * torch.where(used, dv + ds.abs() * spread, 0.0)).sum(-1)
+    term = torch.where(used, dv + ds.abs() * spread, 0.0)
+    bound = (pairs.backward_rounding * term).sum(-1)
+    bound = bound + share / (ROUNDING_FACTOR * _compute_roundoff(dtype)) * term.amax(-1)
     allowed = _probe_allowed(exact.reshape(dout.shape), rough, bound, dtype, probe, GRAD_TOLERANCE)
     return compare(dout, exact.reshape(dout.shape), allowed, name)
 
 
-def check_pool_tangent(dout, query, key, value, w, tangents, exclude_self=False, name="tangent"):
+def check_pool_tangent(
+    dout, query, key, value, w, tangents, exclude_self=False, name="tangent", tolerance=0.0
+):  # fmt: skip
     """Judge the forward-mode derivative of ``nw_pool`` along ``tangents``
-    (dquery, dkey, dvalue, dw; None for zero) against float64 ``torch.func.jvp``."""
+    (dquery, dkey, dvalue, dw; None for zero) against float64 ``torch.func.jvp``;
+    ``tolerance`` as in ``check_pool_gradients``."""
     pairs = _shared_pairs(query, key, value, w, exclude_self)
     dq, dk, _, dw = (None if t is None else _f64(t) for t in tangents)
     ds = torch.zeros_like(pairs.scores)
@@ -593,6 +639,7 @@ def check_pool_tangent(dout, query, key, value, w, tangents, exclude_self=False,
         ds,
         dv,
         name,
+        share=_skipped_share(tolerance, query.dtype),
         exclude_self=exclude_self,
     )
 

@@ -220,6 +220,40 @@ def test_sparse_far_queries(sparse_kernel, dtype, poisoned):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+def test_gradients_of_tied_rows_within_the_skipped_share(sparse_kernel, dtype):
+    """Leave-one-out over points tied on the integers at a small h: each row's
+    weight is on its ties, and its dq and dk come from the next integers' keys
+    alone, whose shares (2**-64 in float32, 2**-504 in float64) lie below the
+    tolerance: what the plan leaves out of them is all of those gradients. They
+    are within what the skipped share allows (the checks' ``tolerance``), and
+    the dense pass's within rounding."""
+    x = (torch.arange(400) % 20).to(F64)[:, None]
+    log2_score = 60.0 if dtype == torch.float32 else 500.0  # the next integer's
+    w = torch.tensor(2 * log2_score * math.log(2), dtype=dtype)
+    q = x.to(sparse_kernel.device, dtype)
+    v = torch.randn(400, 2, dtype=F64).to(sparse_kernel.device, dtype)
+    g = torch.randn(400, 2, dtype=F64).to(sparse_kernel.device, dtype)
+    args = prepare_shared(q, q, v, w, True)
+    default = nwfast._checks.resolve_tolerance(None, dtype)
+    assert sparse_kernel.module.make_plan(args.q, args.k, args.w, 0, default) is not None
+    grads = {}
+    for tolerance in (None, 0.0):
+        leaves = [t.clone().requires_grad_() for t in (q, q, v, w)]
+        out = nwfast.nw_pool(*leaves, exclude_self=True, backend=sparse_kernel.name,
+                             tolerance=tolerance)  # fmt: skip
+        grads[tolerance] = torch.autograd.grad(out, leaves, g)
+        testing.assert_ok(
+            testing.check_pool(out, q, q, v, w, True, tolerance=tolerance),
+            *testing.check_pool_gradients(
+                grads[tolerance], q, q, v, w, g, True, tolerance=tolerance
+            ),
+        )
+    # judged by rounding alone, the skipping pass's dq and dk fail: the bound is needed
+    rounding = testing.check_pool_gradients(grads[None], q, q, v, w, g, True)
+    assert [v.ok for v in rounding] == [False, False, True, True]
+
+
 def test_a_larger_tolerance_keeps_its_stated_bound(sparse_kernel):
     q, k, w, loo = case_inputs("clusters-2d")
     q, k = q[0].to(sparse_kernel.device), k[0].to(sparse_kernel.device)
