@@ -81,6 +81,7 @@ from typing import NamedTuple
 import torch
 
 from nwfast import reference
+from nwfast._checks import resolve_tolerance
 from nwfast.kernels import distance_shift
 from nwfast.kernels.numba_exp import FLUSH_EXPONENT
 
@@ -514,9 +515,7 @@ def _pair_floors(pairs, upstream, shared_w, roundoff):
 
 def _skipped_share(tolerance, dtype):
     """The share of each row's weight a call with ``tolerance`` may leave out."""
-    if tolerance is None:
-        return UNIT_ROUNDOFF[F64 if dtype == F64 else torch.float32]
-    return float(tolerance)
+    return resolve_tolerance(tolerance, dtype)
 
 
 def _w_size(w):
