@@ -398,14 +398,44 @@ def _keep(offs_s, end, skip_o, HAS_SKIP: tl.constexpr):
 
 
 @triton.jit
-def _sq_dist_direct(a_ptr, b_ptr, a_rows, b_rows, D: tl.constexpr, ACC: tl.constexpr):
+def _owned_first(ptr, rows, WIDTH: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
+    # The owned points' values where they have one feature (or channel), in
+    # float32, loaded once before the tile loop; else 0 and ``_owned`` loads
+    # them in each tile, as every feature of d > 1. A load inside the loop is
+    # not hoisted, and costs a round trip through shared memory, barriers
+    # included, every tile where its layout differs from the tiles'. The sum
+    # over a (BLOCK_S streamed, owned) tile that holds them in one row lays the
+    # values out as the tiles' rows are, before the loop; the other rows are
+    # -0.0, which adds to any x as x (+0.0 would turn -0.0 into +0.0). Wider
+    # points and float64 keep their loads in the loop: held across it, their
+    # values made ptxas spill inside the loop in six sm_90 variants that had
+    # no spill.
+    if WIDTH == 1 and ACC == tl.float32:
+        x = tl.load(ptr + rows).to(ACC)
+        return tl.sum(tl.where(tl.arange(0, BLOCK_S)[:, None] == 0, x[None, :], -0.0), axis=0)
+    else:
+        return 0
+
+
+@triton.jit
+def _owned(first, ptr, rows, f, WIDTH: tl.constexpr, ACC: tl.constexpr):
+    # Feature (or channel) f of the owned points in a tile: ``first`` where
+    # ``_owned_first`` loaded it (the same condition), else loaded here.
+    if WIDTH == 1 and ACC == tl.float32:
+        return first
+    else:
+        return tl.load(ptr + rows * WIDTH + f).to(ACC)
+
+
+@triton.jit
+def _sq_dist_direct(a_ptr, b_ptr, a_rows, b_rows, b0, D: tl.constexpr, ACC: tl.constexpr):
     # ||a_s - b_o||^2 as a (len(a_rows), len(b_rows)) tile, in the difference
     # form one feature at a time: exact to rounding whatever the norms of the
-    # points, unlike ||a||^2 + ||b||^2 - 2 a.b. Also returns the first
-    # feature's a - b, so d = 1 never recomputes it.
+    # points, unlike ||a||^2 + ||b||^2 - 2 a.b. b0: ``_owned_first`` of the
+    # owned points. Also returns the first feature's a - b, so d = 1 never
+    # recomputes it.
     af = tl.load(a_ptr + a_rows * D).to(ACC)
-    bf = tl.load(b_ptr + b_rows * D).to(ACC)
-    diff0 = af[:, None] - bf[None, :]
+    diff0 = af[:, None] - _owned(b0, b_ptr, b_rows, 0, D, ACC)[None, :]
     dist2 = diff0 * diff0
     for f in range(1, D):
         af = tl.load(a_ptr + a_rows * D + f).to(ACC)
@@ -505,7 +535,7 @@ def _fwd_tile(
         k = _load_tile(k_ptr, k_rows, D, BLOCK_D)
         dist2 = _sq_dist_dot(k, _sq_norm(k, 1, ACC), q_t, qq, DOT_PREC)
     else:
-        dist2, _ = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
+        dist2, _ = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, q_t, D, ACC)
     c2 = tl.load(c_ptr + k_rows)[:, None]
     keep = _keep(offs_m, end, skip, HAS_SKIP)
     if ONLINE:
@@ -587,11 +617,13 @@ def _fwd_sums(
     # float64: a float32 running sum over every key would drop the sub-ulp
     # weights after a dominant one. The exact pass rescales float64 sums
     # every tile.
+    # q_t: the owned queries, a (BLOCK_D, BLOCK_N) tile for tl.dot, else
+    # ``_owned_first``
     if USE_DOT_QK:
         q_t = _load_tile_t(q_ptr, q_rows, D, BLOCK_D)
         qq = _sq_norm(q_t, 0, ACC)
     else:
-        q_t = 0
+        q_t = _owned_first(q_ptr, q_rows, D, ACC, BLOCK_M)
         qq = 0
     if ONLINE:
         hi = tl.full([BLOCK_N], float("-inf"), ACC)
@@ -739,7 +771,7 @@ def _dq_tile(
         diff0 = 0.0
     else:
         # diff0 = k_j - q_i (first feature)
-        dist2, diff0 = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
+        dist2, diff0 = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, q_t, D, ACC)
     c2 = tl.load(c_ptr + k_rows)[:, None]
     p = _exp(tl.fma(dist2, c2, -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
 
@@ -749,8 +781,7 @@ def _dq_tile(
         gv = tl.dot(v, g_t, input_precision=DOT_PREC)
     else:
         vc = tl.load(v_ptr + k_rows * C).to(ACC)
-        gc = tl.load(g_ptr + q_rows * C).to(ACC)
-        gv = vc[:, None] * gc[None, :]
+        gv = vc[:, None] * _owned(g_t, g_ptr, q_rows, 0, C, ACC)[None, :]
         for ch in range(1, C):
             vc = tl.load(v_ptr + k_rows * C + ch).to(ACC)
             gc = tl.load(g_ptr + q_rows * C + ch).to(ACC)
@@ -800,16 +831,17 @@ def _dq_kernel(
     skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
     lse_hi, lse_lo = tl.load(Lh + b * n + q_rows), tl.load(Ll + b * n + q_rows)
     delta = tl.load(Delta + b * n + q_rows).to(ACC)
+    # q_t, g_t: the owned tiles for tl.dot, else ``_owned_first``
     if USE_DOT_QK:
         q_t = _load_tile_t(q_ptr, q_rows, D, BLOCK_D)
         qq = _sq_norm(q_t, 0, ACC)
     else:
-        q_t = 0
+        q_t = _owned_first(q_ptr, q_rows, D, ACC, BLOCK_M)
         qq = 0
     if USE_DOT_PV:
         g_t = _load_tile_t(g_ptr, q_rows, C, BLOCK_C)
     else:
-        g_t = 0
+        g_t = _owned_first(g_ptr, q_rows, C, ACC, BLOCK_M)
 
     dq_t = tl.zeros([BLOCK_D, BLOCK_N], tl.float64)
     a_sum = tl.zeros([BLOCK_N], tl.float64)
@@ -839,7 +871,7 @@ def _dq_kernel(
 @triton.jit
 def _tangent_tile(
     acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
-    skip, lse_hi, lse_lo, start, end,
+    q0, dq0, y0, skip, lse_hi, lse_lo, start, end,
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_SKIP: tl.constexpr, MASK: tl.constexpr,
@@ -847,26 +879,36 @@ def _tangent_tile(
     # dy_i = sum_j p_ij (dv_j + ds_ij (v_j - y_i)),
     # ds_ij = -(dw_j / 2) d_ij^2 - w_j (q_i - k_j) . (dq_i - dk_j).
     offs_m, k_rows = _stream(start, end, MASK, BLOCK_M)
-    dist2, _ = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, D, ACC)
+    # diff0 = k_j - q_i (first feature)
+    dist2, diff0 = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, q0, D, ACC)
     c = tl.load(c_ptr + k_rows)
     p = _exp(tl.fma(dist2, c[:, None], -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
     w = c * (-2.0 / SCALE)
     ds = (tl.load(dw_ptr + k_rows).to(ACC) * -0.5)[:, None] * dist2
-    for f in range(D):
-        diff = (
-            tl.load(q_ptr + q_rows * D + f).to(ACC)[None, :]
-            - tl.load(k_ptr + k_rows * D + f).to(ACC)[:, None]
-        )
+    if D == 1:
+        # q - k is -diff0 (the sign folds into the product)
         dd = (
-            tl.load(dq_ptr + q_rows * D + f).to(ACC)[None, :]
-            - tl.load(dk_ptr + k_rows * D + f).to(ACC)[:, None]
+            _owned(dq0, dq_ptr, q_rows, 0, D, ACC)[None, :]
+            - tl.load(dk_ptr + k_rows).to(ACC)[:, None]
         )
-        ds -= w[:, None] * diff * dd
+        ds += w[:, None] * diff0 * dd
+    else:
+        # each feature loaded again: diff0 held across the loop made ptxas spill
+        for f in range(D):
+            diff = (
+                tl.load(q_ptr + q_rows * D + f).to(ACC)[None, :]
+                - tl.load(k_ptr + k_rows * D + f).to(ACC)[:, None]
+            )
+            dd = (
+                tl.load(dq_ptr + q_rows * D + f).to(ACC)[None, :]
+                - tl.load(dk_ptr + k_rows * D + f).to(ACC)[:, None]
+            )
+            ds -= w[:, None] * diff * dd
     keep = _keep(offs_m, end, skip, HAS_SKIP)
     for ch in range(C):
         vc = tl.load(v_ptr + k_rows * C + ch).to(ACC)[:, None]
         dvc = tl.load(dv_ptr + k_rows * C + ch).to(ACC)[:, None]
-        yc = tl.load(y_ptr + q_rows * C + ch).to(ACC)[None, :]
+        yc = _owned(y0, y_ptr, q_rows, ch, C, ACC)[None, :]
         term = _masked(p * (dvc + ds * (vc - yc)), keep, MASK)
         acc = _place_row(acc, _sum64(term), ch, BLOCK_C)
     return acc
@@ -883,6 +925,9 @@ def _tangent_kernel(
     q_ptr, k_ptr, v_ptr, c_ptr = Q + b * n * D, K + b * m * D, V + b * m * C, Ck + b * m
     dq_ptr, dk_ptr, dv_ptr, dw_ptr = DQ + b * n * D, DK + b * m * D, DV + b * m * C, DW + b * m
     y_ptr = Y + b * n * C
+    q0 = _owned_first(q_ptr, q_rows, D, ACC, BLOCK_M)
+    dq0 = _owned_first(dq_ptr, q_rows, D, ACC, BLOCK_M)
+    y0 = _owned_first(y_ptr, q_rows, C, ACC, BLOCK_M)
     skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
     lse_hi, lse_lo = tl.load(Lh + b * n + q_rows), tl.load(Ll + b * n + q_rows)
     acc = tl.zeros([BLOCK_C, BLOCK_N], tl.float64)
@@ -893,14 +938,14 @@ def _tangent_kernel(
             if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
                 acc = _tangent_tile(
                     acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
-                    q_rows, skip, lse_hi, lse_lo, start, hi, D, C, ACC, USE_EXP2, SCALE,
-                    BLOCK_M, BLOCK_C, HAS_SKIP, True,
+                    q_rows, q0, dq0, y0, skip, lse_hi, lse_lo, start, hi, D, C, ACC,
+                    USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, True,
                 )  # fmt: skip
             else:
                 acc = _tangent_tile(
                     acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
-                    q_rows, skip, lse_hi, lse_lo, start, hi, D, C, ACC, USE_EXP2, SCALE,
-                    BLOCK_M, BLOCK_C, HAS_SKIP, False,
+                    q_rows, q0, dq0, y0, skip, lse_hi, lse_lo, start, hi, D, C, ACC,
+                    USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, False,
                 )  # fmt: skip
     acc = acc * tl.load(Scale + b * n + q_rows).to(tl.float64)[None, :]
     _store_owned(DY + b * n * C, acc, offs_n, offs_n < n, C, BLOCK_C)
@@ -930,7 +975,7 @@ def _dkv_tile(
         diff0 = 0.0
     else:
         # diff0 = q_i - k_j (first feature)
-        dist2, diff0 = _sq_dist_direct(q_ptr, k_ptr, q_rows, k_rows, D, ACC)
+        dist2, diff0 = _sq_dist_direct(q_ptr, k_ptr, q_rows, k_rows, k_t, D, ACC)
     p = _exp(tl.fma(dist2, c2[None, :], -lse_hi[:, None]) - lse_lo[:, None], USE_EXP2)
     # a pair is left out where the streamed query's left-out key is this key
     if MASK:
@@ -955,7 +1000,7 @@ def _dkv_tile(
         if NEED_DV:
             dv_t = _place_row(dv_t, _sum64(_masked(p * gc[:, None], keep, MASK)), 0, BLOCK_C)
         if NEED_DK or NEED_DW:
-            gv = gc[:, None] * tl.load(v_ptr + k_rows * C).to(ACC)[None, :]
+            gv = gc[:, None] * _owned(v_t, v_ptr, k_rows, 0, C, ACC)[None, :]
         for ch in range(1, C):
             gc = tl.load(g_ptr + q_rows * C + ch).to(ACC)
             if NEED_DV:
@@ -1014,16 +1059,17 @@ def _dkv_kernel(
     _, skip_lo, skip_hi = _left_out(SkippedBy + b * m, k_rows, HAS_SKIP)
 
     c2 = tl.load(Ck + b * m + k_rows)
+    # k_t, v_t: the owned tiles for tl.dot, else ``_owned_first``
     if USE_DOT_QK:
         k_t = _load_tile_t(k_ptr, k_rows, D, BLOCK_D)
         kk = _sq_norm(k_t, 0, ACC)
     else:
-        k_t = 0
+        k_t = _owned_first(k_ptr, k_rows, D, ACC, BLOCK_N)
         kk = 0
     if USE_DOT_PV:
         v_t = _load_tile_t(v_ptr, k_rows, C, BLOCK_C)
     else:
-        v_t = 0
+        v_t = _owned_first(v_ptr, k_rows, C, ACC, BLOCK_N)
 
     dk_t = tl.zeros([BLOCK_D, BLOCK_M], tl.float64)
     t_sum = tl.zeros([BLOCK_M], tl.float64)

@@ -75,6 +75,26 @@ def test_compiles_without_spills(compiled, name):
     )
 
 
+def test_owned_values_cost_no_barrier_in_the_tile_loop(compiled):
+    """The query-side passes load their owned values with one feature and
+    channel in float32 (half-precision inputs included) once, before the tile
+    loop (``triton_nw._owned_first``). Reloaded in the loop, they were converted
+    to the tile's layout through shared memory every tile, a barrier each way
+    (the forward at 512 x 8 and 256 x 16 tiles, half precision among the
+    variants here)."""
+    rows = [
+        r for r in compiled.values()
+        if r["status"] == "ok" and r["name"] in ("fwd", "dq", "tangent")
+        and r["d"] == r["c"] == 1 and r["dtype"] != "float64"
+    ]  # fmt: skip
+    assert len({r["name"] for r in rows}) == 3
+    barred = {
+        r["id"]: n for r in rows
+        if (n := sum(k for op, k in (r["path_ops"] or {}).items() if op.startswith("BAR")))
+    }  # fmt: skip
+    assert not barred, f"barriers on the hot path: {barred}"
+
+
 def test_known_failures_are_still_launched():
     gone = sorted(set(KNOWN_FAILURES) - set(EVERY))
     assert not gone, f"no longer produced by the launchers, drop from KNOWN_FAILURES: {gone}"
