@@ -46,7 +46,10 @@ Why the code is shaped the way it is:
   float64 lse cannot hold their shift) ``_shift_kernel`` recomputes the
   forward's own pair, and the row's 1 / sum, which ``low`` (the residual of a
   huge score) may be too coarse to absorb, scales g (so every gradient) and
-  the tangent instead.
+  the tangent instead. The passes that own queries (dq, the tangent) take
+  low out of the tile loop in a program that holds no far row:
+  2**(x - low) = 2**x 2**-low, the factor applied once to each row's sums
+  (``_low_outside``).
   float32 works in log2 units, log2(e) folded into the per-key constant, so a
   pair costs one ``ex2.approx``; float64 keeps natural units.
 * Shared layout, compute-bound: one exp and a handful of FMAs per pair. For
@@ -97,6 +100,12 @@ ZERO_SHIFT_MIN = tl.constexpr(UNDERFLOW)
 # Tiles the zero-shift forward sums in float32 before adding them in float64
 # (``_fwd_sums``): the float64 add and the conversion leave the tile loop.
 CHUNK_TILES = tl.constexpr(16)
+# Owned rows whose |high| (float32 scores' units) is below this are not far
+# (``_shift_kernel``): their low is the float32 rounding residual of the lse,
+# at most 2 in size, and ``_low_outside`` may take it out of the tile loop. The
+# margin, 64 (the log2 of more keys than a row can hold), covers a far row
+# whose largest score lies below its lse (scores > 0 where some w < 0).
+LOW_OUTSIDE_BELOW = tl.constexpr(EXACT_SHIFT_ABOVE[torch.float32] - 64)
 
 # Queries and keys a program owns in a block-sparse pass: the plan's blocks.
 SPARSE_BLOCK = 128
@@ -314,6 +323,25 @@ def _pair_shift(hi, lo, dist2, c2, keep, AXIS: tl.constexpr, MASK: tl.constexpr,
     f64 = tl.float64
     step = (hi.to(f64) - hi_safe.to(f64)) + (lo.to(f64) - lo_new.to(f64))
     return hi_new, lo_new, _exp(step, USE_EXP2), x - tl.expand_dims(lo_new, AXIS)
+
+
+@triton.jit
+def _low_outside(lse_hi, lse_lo, ACC: tl.constexpr, USE_EXP2: tl.constexpr):
+    # (low_in_loop, factor) for a program's owned rows. Where none of them is
+    # far, 2**(x - low) = 2**x 2**-low: the tile loop leaves out the
+    # subtraction (one instruction a pair) and ``factor`` (2**-low) multiplies
+    # each row's sums once. A far row's low is the exact residual of a huge
+    # score, which 2**x alone could overflow, and its top key's exponent must
+    # be exactly 0: a program that holds one subtracts low in the loop, as
+    # float64 always does (its rows' low is 0 or far), and its factor is 1.
+    # One test a program, the same branch for all of its threads.
+    if ACC == tl.float32:
+        near = tl.abs(lse_hi) < LOW_OUTSIDE_BELOW
+        low_in_loop = tl.min(near.to(tl.int32), axis=0) == 0
+    else:
+        low_in_loop = tl.full([], 1, tl.int1)
+    factor = tl.where(low_in_loop, 1.0, _exp(-lse_lo, USE_EXP2))
+    return low_in_loop, factor.to(tl.float64)
 
 
 @triton.jit
@@ -762,7 +790,8 @@ def _dq_tile(
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, MASK: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, LOW_IN_LOOP: tl.constexpr,
+    MASK: tl.constexpr,
 ):  # fmt: skip
     offs_m, k_rows = _stream(start, end, MASK, BLOCK_M)
     if USE_DOT_QK:
@@ -773,7 +802,10 @@ def _dq_tile(
         # diff0 = k_j - q_i (first feature)
         dist2, diff0 = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, q_t, D, ACC)
     c2 = tl.load(c_ptr + k_rows)[:, None]
-    p = _exp(tl.fma(dist2, c2, -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
+    x = tl.fma(dist2, c2, -lse_hi[None, :])
+    if LOW_IN_LOOP:
+        x -= lse_lo[None, :]
+    p = _exp(x, USE_EXP2)
 
     # g_i . v_j
     if USE_DOT_PV:
@@ -817,6 +849,37 @@ def _dq_tile(
 
 
 @triton.jit
+def _dq_sweep(
+    dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, skip_lo, skip_hi, q_t,
+    qq, g_t, lse_hi, lse_lo, delta, Ptr, Spans, pid, m,
+    D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+    SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
+    LOW_IN_LOOP: tl.constexpr,
+):  # fmt: skip
+    s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
+    for s in range(s_lo, s_hi):
+        lo, hi = _span(Spans, s, m, SPARSE)
+        for start in range(lo, hi, BLOCK_M):
+            if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
+                dq_t, a_sum = _dq_tile(
+                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, q_t, qq,
+                    g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2, SCALE,
+                    USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
+                    LOW_IN_LOOP, True,
+                )  # fmt: skip
+            else:
+                dq_t, a_sum = _dq_tile(
+                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, q_t, qq,
+                    g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2, SCALE,
+                    USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
+                    LOW_IN_LOOP, False,
+                )  # fmt: skip
+    return dq_t, a_sum
+
+
+@triton.jit
 def _dq_kernel(
     Q, K, V, Ck, G, Lh, Ll, Delta, Skip, Ptr, Spans, DQ, n, m,
     D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
@@ -845,24 +908,23 @@ def _dq_kernel(
 
     dq_t = tl.zeros([BLOCK_D, BLOCK_N], tl.float64)
     a_sum = tl.zeros([BLOCK_N], tl.float64)
-    s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
-    for s in range(s_lo, s_hi):
-        lo, hi = _span(Spans, s, m, SPARSE)
-        for start in range(lo, hi, BLOCK_M):
-            if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
-                dq_t, a_sum = _dq_tile(
-                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, q_t, qq,
-                    g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2, SCALE,
-                    USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
-                    True,
-                )  # fmt: skip
-            else:
-                dq_t, a_sum = _dq_tile(
-                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, q_t, qq,
-                    g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2, SCALE,
-                    USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
-                    False,
-                )  # fmt: skip
+    low_in_loop, factor = _low_outside(lse_hi, lse_lo, ACC, USE_EXP2)
+    if low_in_loop:
+        dq_t, a_sum = _dq_sweep(
+            dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, skip_lo, skip_hi,
+            q_t, qq, g_t, lse_hi, lse_lo, delta, Ptr, Spans, pid, m, D, C, ACC, USE_EXP2,
+            SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
+            SPARSE, True,
+        )  # fmt: skip
+    else:
+        dq_t, a_sum = _dq_sweep(
+            dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, skip_lo, skip_hi,
+            q_t, qq, g_t, lse_hi, lse_lo, delta, Ptr, Spans, pid, m, D, C, ACC, USE_EXP2,
+            SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
+            SPARSE, False,
+        )  # fmt: skip
+    dq_t *= factor[None, :]
+    a_sum *= factor
     if USE_DOT_QK:
         dq_t -= a_sum[None, :] * q_t.to(tl.float64)
     _store_owned(DQ + b * n * D, dq_t * (-2.0 / SCALE), offs_n, offs_n < n, D, BLOCK_D)
@@ -874,7 +936,7 @@ def _tangent_tile(
     q0, dq0, y0, skip, lse_hi, lse_lo, start, end,
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_SKIP: tl.constexpr, MASK: tl.constexpr,
+    HAS_SKIP: tl.constexpr, LOW_IN_LOOP: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
     # dy_i = sum_j p_ij (dv_j + ds_ij (v_j - y_i)),
     # ds_ij = -(dw_j / 2) d_ij^2 - w_j (q_i - k_j) . (dq_i - dk_j).
@@ -882,7 +944,10 @@ def _tangent_tile(
     # diff0 = k_j - q_i (first feature)
     dist2, diff0 = _sq_dist_direct(k_ptr, q_ptr, k_rows, q_rows, q0, D, ACC)
     c = tl.load(c_ptr + k_rows)
-    p = _exp(tl.fma(dist2, c[:, None], -lse_hi[None, :]) - lse_lo[None, :], USE_EXP2)
+    x = tl.fma(dist2, c[:, None], -lse_hi[None, :])
+    if LOW_IN_LOOP:
+        x -= lse_lo[None, :]
+    p = _exp(x, USE_EXP2)
     w = c * (-2.0 / SCALE)
     ds = (tl.load(dw_ptr + k_rows).to(ACC) * -0.5)[:, None] * dist2
     if D == 1:
@@ -915,6 +980,33 @@ def _tangent_tile(
 
 
 @triton.jit
+def _tangent_sweep(
+    acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
+    q0, dq0, y0, skip, skip_lo, skip_hi, lse_hi, lse_lo, Ptr, Spans, pid, m,
+    D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr, LOW_IN_LOOP: tl.constexpr,
+):  # fmt: skip
+    s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
+    for s in range(s_lo, s_hi):
+        lo, hi = _span(Spans, s, m, SPARSE)
+        for start in range(lo, hi, BLOCK_M):
+            if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
+                acc = _tangent_tile(
+                    acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
+                    q_rows, q0, dq0, y0, skip, lse_hi, lse_lo, start, hi, D, C, ACC,
+                    USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, LOW_IN_LOOP, True,
+                )  # fmt: skip
+            else:
+                acc = _tangent_tile(
+                    acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
+                    q_rows, q0, dq0, y0, skip, lse_hi, lse_lo, start, hi, D, C, ACC,
+                    USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, LOW_IN_LOOP, False,
+                )  # fmt: skip
+    return acc
+
+
+@triton.jit
 def _tangent_kernel(
     Q, K, V, Ck, DQ, DK, DV, DW, Y, Lh, Ll, Scale, Skip, Ptr, Spans, DY, n, m,
     D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
@@ -931,23 +1023,20 @@ def _tangent_kernel(
     skip, skip_lo, skip_hi = _left_out(Skip + b * n, q_rows, HAS_SKIP)
     lse_hi, lse_lo = tl.load(Lh + b * n + q_rows), tl.load(Ll + b * n + q_rows)
     acc = tl.zeros([BLOCK_C, BLOCK_N], tl.float64)
-    s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
-    for s in range(s_lo, s_hi):
-        lo, hi = _span(Spans, s, m, SPARSE)
-        for start in range(lo, hi, BLOCK_M):
-            if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
-                acc = _tangent_tile(
-                    acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
-                    q_rows, q0, dq0, y0, skip, lse_hi, lse_lo, start, hi, D, C, ACC,
-                    USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, True,
-                )  # fmt: skip
-            else:
-                acc = _tangent_tile(
-                    acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
-                    q_rows, q0, dq0, y0, skip, lse_hi, lse_lo, start, hi, D, C, ACC,
-                    USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, False,
-                )  # fmt: skip
-    acc = acc * tl.load(Scale + b * n + q_rows).to(tl.float64)[None, :]
+    low_in_loop, factor = _low_outside(lse_hi, lse_lo, ACC, USE_EXP2)
+    if low_in_loop:
+        acc = _tangent_sweep(
+            acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
+            q0, dq0, y0, skip, skip_lo, skip_hi, lse_hi, lse_lo, Ptr, Spans, pid, m, D, C,
+            ACC, USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, SPARSE, True,
+        )  # fmt: skip
+    else:
+        acc = _tangent_sweep(
+            acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
+            q0, dq0, y0, skip, skip_lo, skip_hi, lse_hi, lse_lo, Ptr, Spans, pid, m, D, C,
+            ACC, USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, SPARSE, False,
+        )  # fmt: skip
+    acc = acc * (tl.load(Scale + b * n + q_rows).to(tl.float64) * factor)[None, :]
     _store_owned(DY + b * n * C, acc, offs_n, offs_n < n, C, BLOCK_C)
 
 

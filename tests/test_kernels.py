@@ -430,6 +430,59 @@ def test_far_queries_take_the_nearest_keys_values(kernel, dtype):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp underflow
+def test_rows_whose_shift_has_a_large_low_half(kernel, poisoned):
+    """Float32 queries midway between two keys 7012 units either side, w = 1:
+    each weight is exactly 1/2, and the row's lse, -(w/2) 7012^2 + ln 2, lies
+    just under the exact-shift threshold, where its float32 split leaves a low
+    half of -1.76 (log2 units): a weight factor of 3.4 where a pass drops it.
+    In one batch element every query is such a row; in the other two queries a
+    million units out share their program. The rounding bound of the family
+    says little at such scores (a score's rounding moves a weight by e^2), so
+    the midway rows are held to their exact value, the far ones to the nearest
+    key's, and everything to the reference."""
+    a = 7012.0
+    scaled_lse = (-0.5 * a * a + math.log(2)) / math.log(2)
+    low = scaled_lse - float(torch.tensor(scaled_lse, dtype=torch.float32))
+    assert 1.5 < abs(low) and abs(scaled_lse) < nwfast.kernels.EXACT_SHIFT_ABOVE[torch.float32]
+
+    dev, f32 = kernel.device, torch.float32
+    k = torch.tensor([-a, a], dtype=f32, device=dev).expand(2, 2)[..., None].contiguous()
+    q = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.25e6, -1.5e6]], dtype=f32, device=dev)[..., None]
+    v = torch.randn(2, 2, 2, dtype=f32, device=dev)
+    w = torch.ones(2, 1, dtype=f32, device=dev)
+    g = torch.randn(2, 3, 2, dtype=f32, device=dev)
+    out, lse, plan = kernel.module.forward(q, k, v, w, None, 0.0)
+    grads = kernel.module.backward(g, q, k, v, w, out, lse, None, plan, ALL)
+    tangents = [torch.randn_like(x) for x in (q, k, v, w)]
+    dout = kernel.module.tangent(q, k, v, w, tangents, out, lse, None, plan)
+    dv_tangent = [None, None, tangents[2], None]
+    dout_v = kernel.module.tangent(q, k, v, w, dv_tangent, out, lse, None, plan)
+    testing.assert_ok(
+        testing.check_pool(out, q, k, v, w, False),
+        testing.check_pool_lse(lse, q, k, v, w, False),
+        *testing.check_pool_gradients(grads, q, k, v, w, g, False),
+        testing.check_pool_tangent(dout, q, k, v, w, tangents, False),
+    )
+
+    # the weights: 1/2 each midway, the nearer key's 1 out at +-1e6
+    p = torch.full((2, 3, 2), 0.5, dtype=f32, device=dev)
+    p[1, 1:] = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    exact = 4 * testing.UNIT_ROUNDOFF[f32]
+    testing.assert_close(out, p @ v, exact, name="out")
+    testing.assert_close(dout_v, p @ tangents[2], exact, name="tangent along the values")
+    # midway, t_j = p_j g . (v_j - y) = +-(1/4) g . (v_1 - v_2), and
+    # dq = -w sum_j t_j (q - k_j) = -(w a / 2) g . (v_1 - v_2)
+    midway = [(0, 0), (0, 1), (0, 2), (1, 0)]
+    gv = (g * (v[:, None, 0] - v[:, None, 1])).sum(-1)
+    dq = torch.stack([grads[0][b, i, 0] for b, i in midway])
+    expected = torch.stack([-0.5 * a * gv[b, i] for b, i in midway])
+    # rounding: a few u of a |g| (|v_1| + |v_2|), the size of the terms that cancel
+    terms = 0.5 * a * (g.abs() * (v[:, None, 0].abs() + v[:, None, 1].abs())).sum(-1).max()
+    relative = 16 * testing.UNIT_ROUNDOFF[f32] * float(terms / expected.norm())
+    testing.assert_close(dq, expected, relative, name="dq")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp underflow
 @pytest.mark.parametrize("case", [case for case in FAR_CASES if not case.loo], ids=str)
 def test_far_queries_rows(kernel, case, poisoned):
     """The family in the rows layout: each query its own keys (those of the
