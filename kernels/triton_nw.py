@@ -345,6 +345,19 @@ def _low_outside(lse_hi, lse_lo, ACC: tl.constexpr, USE_EXP2: tl.constexpr):
 
 
 @triton.jit
+def _far_rows_in(far_ptr, begin, end, LOW_FOLDED: tl.constexpr):
+    # Whether the streamed rows [begin, end) hold a far row, whose low the tile
+    # loop must subtract: two loads of the count of far rows before each row
+    # (``_fold_low``) a span, the same for all threads. Without a fold every
+    # row's low is subtracted in the loop.
+    if LOW_FOLDED:
+        far = tl.load(far_ptr + end) > tl.load(far_ptr + begin)
+    else:
+        far = tl.full([], 1, tl.int1)
+    return far
+
+
+@triton.jit
 def _owner(count, BLOCK: tl.constexpr):
     # This program's batch element and the points it owns. Batch and block
     # share grid axis 0 (no 65535 limit on the batch).
@@ -1054,10 +1067,11 @@ def _dkv_tile(
     SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
     DOT_PREC: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
     NEED_DW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, MASK: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, LOW_IN_LOOP: tl.constexpr,
+    MASK: tl.constexpr,
 ):  # fmt: skip
     offs_n, q_rows = _stream(start, end, MASK, BLOCK_N)
-    lse_hi, lse_lo = tl.load(lh_ptr + q_rows), tl.load(ll_ptr + q_rows)
+    lse_hi = tl.load(lh_ptr + q_rows)
     if USE_DOT_QK:
         q = _load_tile(q_ptr, q_rows, D, BLOCK_D)
         dist2 = _sq_dist_dot(q, _sq_norm(q, 1, ACC), k_t, kk, DOT_PREC)
@@ -1065,7 +1079,10 @@ def _dkv_tile(
     else:
         # diff0 = q_i - k_j (first feature)
         dist2, diff0 = _sq_dist_direct(q_ptr, k_ptr, q_rows, k_rows, k_t, D, ACC)
-    p = _exp(tl.fma(dist2, c2[None, :], -lse_hi[:, None]) - lse_lo[:, None], USE_EXP2)
+    x = tl.fma(dist2, c2[None, :], -lse_hi[:, None])
+    if LOW_IN_LOOP:
+        x -= tl.load(ll_ptr + q_rows)[:, None]
+    p = _exp(x, USE_EXP2)
     # a pair is left out where the streamed query's left-out key is this key
     if MASK:
         keep = (offs_n < end)[:, None]
@@ -1127,9 +1144,40 @@ def _dkv_tile(
 
 
 @triton.jit
+def _dkv_sweep(
+    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr, delta_ptr,
+    shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, skip_lo, skip_hi, begin, end,
+    D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
+    SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
+    DOT_PREC: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+    NEED_DW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, LOW_IN_LOOP: tl.constexpr,
+):  # fmt: skip
+    # The tiles of streamed rows [begin, end).
+    for start in range(begin, end, BLOCK_N):
+        if _needs_mask(start, end, skip_lo, skip_hi, BLOCK_N):
+            dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
+                dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
+                delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, start, end,
+                D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK,
+                NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C, HAS_SKIP, LOW_IN_LOOP, True,
+            )  # fmt: skip
+        else:
+            dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
+                dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
+                delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, start, end,
+                D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK,
+                NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C, HAS_SKIP, LOW_IN_LOOP, False,
+            )  # fmt: skip
+    return dk_t, t_sum, dv_t, dw_acc
+
+
+@triton.jit
 def _dkv_kernel(
-    Q, K, V, Ck, G, Lh, Ll, Delta, Shift, Skip, SkippedBy, Ptr, Spans, DK, DV, DW, n, m,
+    Q, K, V, Ck, G, Lh, Ll, FarBefore, Delta, Shift, Skip, SkippedBy, Ptr, Spans, DK, DV, DW,
+    n, m,
     D: tl.constexpr, C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
+    LOW_FOLDED: tl.constexpr,
     ACC: tl.constexpr, USE_EXP2: tl.constexpr, SCALE: tl.constexpr,
     USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr, DOT_PREC: tl.constexpr,
     NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, NEED_DW: tl.constexpr,
@@ -1145,6 +1193,7 @@ def _dkv_kernel(
         Shift + b * n,
         Skip + b * n,
     )
+    far_ptr = FarBefore + b * (n + 1)
     _, skip_lo, skip_hi = _left_out(SkippedBy + b * m, k_rows, HAS_SKIP)
 
     c2 = tl.load(Ck + b * m + k_rows)
@@ -1167,23 +1216,20 @@ def _dkv_kernel(
     s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
     for s in range(s_lo, s_hi):
         lo, hi = _span(Spans, s, n, SPARSE)
-        for start in range(lo, hi, BLOCK_N):
-            if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_N):
-                dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-                    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
-                    delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t,
-                    start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
-                    DOT_PREC, NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C,
-                    HAS_SKIP, True,
-                )  # fmt: skip
-            else:
-                dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-                    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
-                    delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t,
-                    start, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
-                    DOT_PREC, NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C,
-                    HAS_SKIP, False,
-                )  # fmt: skip
+        if _far_rows_in(far_ptr, lo, hi, LOW_FOLDED):
+            dk_t, t_sum, dv_t, dw_acc = _dkv_sweep(
+                dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
+                delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, skip_lo,
+                skip_hi, lo, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC,
+                NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C, HAS_SKIP, True,
+            )  # fmt: skip
+        else:
+            dk_t, t_sum, dv_t, dw_acc = _dkv_sweep(
+                dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
+                delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, skip_lo,
+                skip_hi, lo, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC,
+                NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C, HAS_SKIP, False,
+            )  # fmt: skip
 
     if NEED_DK:
         if USE_DOT_QK:
@@ -1532,6 +1578,23 @@ def _shifts(q, k, w, lse, spans, dtype, d, exact=True):
     return high, low, scale
 
 
+def _fold_low(g, delta, lse_hi, lse_lo):
+    """(folded, g, delta, low, far_before) for the key-side backward, whose
+    programs stream rows: in float32, each row that is not far (``_low_outside``'s
+    test) has its weights' factor 2**-low folded into its g and delta, and its
+    low set to 0, so that a span of such rows leaves the subtraction out of the
+    tile loop; far_before (B, n + 1) counts the far rows before each row, which
+    tells a span whether it holds one (``_far_rows_in``). float64's and half
+    precision's rows (a fold would round g to half precision) are unchanged."""
+    if g.dtype != torch.float32:
+        return False, g, delta, lse_lo, lse_lo
+    near = lse_hi.abs() < LOW_OUTSIDE_BELOW.value
+    factor = torch.where(near, torch.exp2(-lse_lo), 1.0)
+    far_before = torch.nn.functional.pad(torch.cumsum(~near, -1, dtype=torch.int32), (1, 0))
+    low = torch.where(near, 0.0, lse_lo)
+    return True, (g * factor[..., None]).contiguous(), delta * factor, low, far_before
+
+
 def _plan_blocks():
     """(query block, key block) of a block-sparse plan: what a program owns."""
     if _interpreting():
@@ -1664,13 +1727,21 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
         dv = torch.empty_like(v) if need_v else v
         # float32 partial sums per key: summed in float64 for a shared w.
         dw_keys = torch.empty(w_keys.shape, dtype=acc, device=device) if need_w else w_keys
+        folded, g_keys, delta_keys, low_keys, far_before = _fold_low(g, delta, lse_hi, lse_lo)
         _launch(
             _dkv_kernel,
             "key",
             m,
-            (q, k, v, ck, g, lse_hi, lse_lo, delta, shift.to(acc), spans.skip, spans.skipped_by)
-            + (spans.query_ptr, spans.query_spans, dk, dv, dw_keys, n, m, d, c),
-            {**meta, "NEED_DK": need_k, "NEED_DV": need_v, "NEED_DW": need_w},
+            (q, k, v, ck, g_keys, lse_hi, low_keys, far_before, delta_keys, shift.to(acc))
+            + (spans.skip, spans.skipped_by, spans.query_ptr, spans.query_spans)
+            + (dk, dv, dw_keys, n, m, d, c),
+            {
+                **meta,
+                "LOW_FOLDED": folded,
+                "NEED_DK": need_k,
+                "NEED_DV": need_v,
+                "NEED_DW": need_w,
+            },
             spans.items("key"),
         )
         if far_dk is not None:

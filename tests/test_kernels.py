@@ -435,22 +435,26 @@ def test_rows_whose_shift_has_a_large_low_half(kernel, poisoned):
     each weight is exactly 1/2, and the row's lse, -(w/2) 7012^2 + ln 2, lies
     just under the exact-shift threshold, where its float32 split leaves a low
     half of -1.76 (log2 units): a weight factor of 3.4 where a pass drops it.
-    In one batch element every query is such a row; in the other two queries a
-    million units out share their program. The rounding bound of the family
-    says little at such scores (a score's rounding moves a weight by e^2), so
-    the midway rows are held to their exact value, the far ones to the nearest
-    key's, and everything to the reference."""
+    In one batch element every query is such a row; in the other, two queries
+    a million units out sit among them, at the end of one tile of streamed rows
+    and the start of another (small tiles: 32 rows), so that a query-side
+    program and a key-side tile hold both kinds, and others only midway rows.
+    The rounding bound of the family says little at such scores (a score's
+    rounding moves a weight by e^2), so out, the tangent along the values, dq,
+    dk and dv are held to their exact values (the far rows': the nearest
+    key's weight, 1), and everything to the reference."""
     a = 7012.0
     scaled_lse = (-0.5 * a * a + math.log(2)) / math.log(2)
     low = scaled_lse - float(torch.tensor(scaled_lse, dtype=torch.float32))
     assert 1.5 < abs(low) and abs(scaled_lse) < nwfast.kernels.EXACT_SHIFT_ABOVE[torch.float32]
 
-    dev, f32 = kernel.device, torch.float32
+    dev, f32, n = kernel.device, torch.float32, 100
     k = torch.tensor([-a, a], dtype=f32, device=dev).expand(2, 2)[..., None].contiguous()
-    q = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.25e6, -1.5e6]], dtype=f32, device=dev)[..., None]
+    q = torch.zeros(2, n, 1, dtype=f32, device=dev)
+    q[1, 31], q[1, 64] = 1.25e6, -1.5e6
     v = torch.randn(2, 2, 2, dtype=f32, device=dev)
     w = torch.ones(2, 1, dtype=f32, device=dev)
-    g = torch.randn(2, 3, 2, dtype=f32, device=dev)
+    g = torch.randn(2, n, 2, dtype=f32, device=dev)
     out, lse, plan = kernel.module.forward(q, k, v, w, None, 0.0)
     grads = kernel.module.backward(g, q, k, v, w, out, lse, None, plan, ALL)
     tangents = [torch.randn_like(x) for x in (q, k, v, w)]
@@ -465,21 +469,29 @@ def test_rows_whose_shift_has_a_large_low_half(kernel, poisoned):
     )
 
     # the weights: 1/2 each midway, the nearer key's 1 out at +-1e6
-    p = torch.full((2, 3, 2), 0.5, dtype=f32, device=dev)
-    p[1, 1:] = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    p = torch.full((2, n, 2), 0.5, dtype=f32, device=dev)
+    p[1, 31], p[1, 64] = torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])
     exact = 4 * testing.UNIT_ROUNDOFF[f32]
     testing.assert_close(out, p @ v, exact, name="out")
     testing.assert_close(dout_v, p @ tangents[2], exact, name="tangent along the values")
-    # midway, t_j = p_j g . (v_j - y) = +-(1/4) g . (v_1 - v_2), and
-    # dq = -w sum_j t_j (q - k_j) = -(w a / 2) g . (v_1 - v_2)
-    midway = [(0, 0), (0, 1), (0, 2), (1, 0)]
-    gv = (g * (v[:, None, 0] - v[:, None, 1])).sum(-1)
-    dq = torch.stack([grads[0][b, i, 0] for b, i in midway])
-    expected = torch.stack([-0.5 * a * gv[b, i] for b, i in midway])
-    # rounding: a few u of a |g| (|v_1| + |v_2|), the size of the terms that cancel
-    terms = 0.5 * a * (g.abs() * (v[:, None, 0].abs() + v[:, None, 1].abs())).sum(-1).max()
-    relative = 16 * testing.UNIT_ROUNDOFF[f32] * float(terms / expected.norm())
-    testing.assert_close(dq, expected, relative, name="dq")
+    u = testing.UNIT_ROUNDOFF[f32]
+    testing.assert_close(grads[2], p.mT @ g, n * u, name="dv")
+    # t_ij = p_ij g_i . (v_j - y_i): +-(1/4) g_i . (v_1 - v_2) midway, 0 out
+    # far; dq_i = -w sum_j t_ij (q_i - k_j) and dk_j = w sum_i t_ij (q_i - k_j).
+    # Rounding: a few u of each sum's terms before they cancel, p_ij |g_i|
+    # (|v_j| + |y_i|) |q_i - k_j| (for a far row, the rounding of t, about
+    # u |g| |v|, times its million-unit distance).
+    p64, g64, v64, diff = p.double(), g.double(), v.double(), (q - k.mT).double()
+    y64 = p64 @ v64
+    t = p64 * (g64 @ v64.mT - (g64 * y64).sum(-1, keepdim=True))
+    size = g64.abs() @ v64.abs().mT + (g64.abs() * y64.abs()).sum(-1, keepdim=True)
+    size = p64 * size * diff.abs()
+    for name, actual, expected, terms in (
+        ("dq", grads[0][..., 0], -(t * diff).sum(-1), size.sum(-1)),
+        ("dk", grads[1][..., 0], (t * diff).sum(-2), size.sum(-2)),
+    ):
+        excess = (actual.double() - expected).abs() - 16 * u * terms
+        assert (excess <= 0).all(), f"{name}: {excess.max():.3g} past its rounding"
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's exp underflow
