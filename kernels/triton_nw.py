@@ -1072,6 +1072,8 @@ def _dkv_tile(
 ):  # fmt: skip
     offs_n, q_rows = _stream(start, end, MASK, BLOCK_N)
     lse_hi = tl.load(lh_ptr + q_rows)
+    if LOW_IN_LOOP:
+        lse_lo = tl.load(ll_ptr + q_rows)
     if USE_DOT_QK:
         q = _load_tile(q_ptr, q_rows, D, BLOCK_D)
         dist2 = _sq_dist_dot(q, _sq_norm(q, 1, ACC), k_t, kk, DOT_PREC)
@@ -1081,7 +1083,7 @@ def _dkv_tile(
         dist2, diff0 = _sq_dist_direct(q_ptr, k_ptr, q_rows, k_rows, k_t, D, ACC)
     x = tl.fma(dist2, c2[None, :], -lse_hi[:, None])
     if LOW_IN_LOOP:
-        x -= tl.load(ll_ptr + q_rows)[:, None]
+        x -= lse_lo[:, None]
     p = _exp(x, USE_EXP2)
     # a pair is left out where the streamed query's left-out key is this key
     if MASK:
