@@ -1580,15 +1580,18 @@ def _shifts(q, k, w, lse, spans, dtype, d, exact=True):
     return high, low, scale
 
 
-def _fold_low(g, delta, lse_hi, lse_lo):
+def _fold_low(g, delta, lse_hi, lse_lo, dot_pv):
     """(folded, g, delta, low, far_before) for the key-side backward, whose
     programs stream rows: in float32, each row that is not far (``_low_outside``'s
     test) has its weights' factor 2**-low folded into its g and delta, and its
     low set to 0, so that a span of such rows leaves the subtraction out of the
     tile loop; far_before (B, n + 1) counts the far rows before each row, which
     tells a span whether it holds one (``_far_rows_in``). float64's and half
-    precision's rows (a fold would round g to half precision) are unchanged."""
-    if g.dtype != torch.float32:
+    precision's rows (a fold would round g to half precision) are unchanged,
+    and so are those of a pass whose p @ v runs on tensor cores (``dot_pv``,
+    c >= 16), where the second tile loop would cost registers: at d = c = 32
+    with exclude_self, its one config spilled inside the loop."""
+    if g.dtype != torch.float32 or dot_pv:
         return False, g, delta, lse_lo, lse_lo
     near = lse_hi.abs() < LOW_OUTSIDE_BELOW.value
     factor = torch.where(near, torch.exp2(-lse_lo), 1.0)
@@ -1729,7 +1732,9 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
         dv = torch.empty_like(v) if need_v else v
         # float32 partial sums per key: summed in float64 for a shared w.
         dw_keys = torch.empty(w_keys.shape, dtype=acc, device=device) if need_w else w_keys
-        folded, g_keys, delta_keys, low_keys, far_before = _fold_low(g, delta, lse_hi, lse_lo)
+        folded, g_keys, delta_keys, low_keys, far_before = _fold_low(
+            g, delta, lse_hi, lse_lo, meta["USE_DOT_PV"]
+        )
         _launch(
             _dkv_kernel,
             "key",
