@@ -124,13 +124,16 @@ def test_thin_neighbourhoods_fall_back_to_local_constant():
     for k in (torch.zeros(1, 1, dtype=dtype), torch.full((5, 1), 0.3, dtype=dtype)):
         q = torch.tensor([[0.0], [1.0]], dtype=dtype)
         out = nwfast.local_linear_pool(q, k, v[: len(k)], 1.0)
-        assert_close(out, nwfast.nw_pool(q, k, v[: len(k)], 1.0), tolerance=1e-15)
+        # Judged by the pool's own rounding model: the weighted mean of values
+        # of either sign may cancel far below their size, so no tolerance
+        # relative to the result holds.
+        testing.assert_ok(testing.check_pool(out, q, k, v[: len(k)], 1.0))
     # Keys on a line in the plane: no plane through them.
     t = torch.rand(40, 1, dtype=dtype)
     k = torch.cat([t, 2 * t], dim=1)
     v = torch.randn(40, 1, dtype=dtype)
     q = torch.rand(6, 2, dtype=dtype)
-    assert_close(nwfast.local_linear_pool(q, k, v, 5.0), nwfast.nw_pool(q, k, v, 5.0), 1e-14)
+    testing.assert_ok(testing.check_pool(nwfast.local_linear_pool(q, k, v, 5.0), q, k, v, 5.0))
     # Far from the data with a narrow kernel all the weight sits on the nearest key.
     k = torch.linspace(0, 1, 50, dtype=dtype)[:, None]
     v = torch.randn(50, 1, dtype=dtype)
