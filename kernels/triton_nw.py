@@ -798,14 +798,17 @@ def _shift_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, q_t, qq, g_t,
+    dq_t, a_sum, dq_2d, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, q_t, qq, g_t,
     lse_hi, lse_lo, delta, start, end,
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, LOW_IN_LOOP: tl.constexpr,
-    MASK: tl.constexpr,
+    PER_PAIR: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
+    # PER_PAIR (float32, d = 1, no tl.dot): the tile's terms go into dq_2d, a
+    # per-pair accumulator (streamed x owned), as the forward's weights do: one
+    # fma a pair, the sum over the streamed axis left to the end of the chunk.
     offs_m, k_rows = _stream(start, end, MASK, BLOCK_M)
     if USE_DOT_QK:
         k = _load_tile(k_ptr, k_rows, D, BLOCK_D)
@@ -846,19 +849,25 @@ def _dq_tile(
     else:
         # one feature at a time, so that a left-out key (NaN or not) reaches
         # no sum: a product would carry its 0 * NaN into every query
-        if not USE_DOT_QK:
-            term = a * diff0
+        if PER_PAIR:
+            if MASK:
+                dq_2d += tl.where(keep, a * diff0, 0.0)
+            else:
+                dq_2d = tl.fma(a, diff0, dq_2d)
         else:
-            k0 = tl.load(k_ptr + k_rows * D).to(ACC)
-            q0 = tl.load(q_ptr + q_rows * D).to(ACC)
-            term = a * (k0[:, None] - q0[None, :])
-        dq_t = _place_row(dq_t, _sum64(_masked(term, keep, MASK)), 0, BLOCK_D)
-        for f in range(1, D):
-            kf = tl.load(k_ptr + k_rows * D + f).to(ACC)
-            qf = tl.load(q_ptr + q_rows * D + f).to(ACC)
-            term = _masked(a * (kf[:, None] - qf[None, :]), keep, MASK)
-            dq_t = _place_row(dq_t, _sum64(term), f, BLOCK_D)
-    return dq_t, a_sum
+            if not USE_DOT_QK:
+                term = a * diff0
+            else:
+                k0 = tl.load(k_ptr + k_rows * D).to(ACC)
+                q0 = tl.load(q_ptr + q_rows * D).to(ACC)
+                term = a * (k0[:, None] - q0[None, :])
+            dq_t = _place_row(dq_t, _sum64(_masked(term, keep, MASK)), 0, BLOCK_D)
+            for f in range(1, D):
+                kf = tl.load(k_ptr + k_rows * D + f).to(ACC)
+                qf = tl.load(q_ptr + q_rows * D + f).to(ACC)
+                term = _masked(a * (kf[:, None] - qf[None, :]), keep, MASK)
+                dq_t = _place_row(dq_t, _sum64(term), f, BLOCK_D)
+    return dq_t, a_sum, dq_2d
 
 
 @triton.jit
@@ -868,27 +877,45 @@ def _dq_sweep(
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
-    LOW_IN_LOOP: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SKIP: tl.constexpr,
+    SPARSE: tl.constexpr, LOW_IN_LOOP: tl.constexpr,
 ):  # fmt: skip
+    # With one feature, in float32, the terms of CHUNK_TILES tiles go into a
+    # per-pair accumulator, whose sum every CHUNK_TILES tiles (and at the end
+    # of each span) goes into dq_t in float64. One flat loop over the tiles: a
+    # loop per chunk inside it made LLVM widen the tile index to 64 bits. Not
+    # in float64 (it saved nothing and cost registers) nor with a plan and
+    # exclude_self (short spans, each with masked tiles: 4-5% more slots).
+    PER_PAIR: tl.constexpr = (
+        D == 1 and not USE_DOT_QK and ACC == tl.float32 and not (SPARSE and HAS_SKIP)
+    )
+    if PER_PAIR:
+        dq_2d = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    else:
+        dq_2d = 0.0
     s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
     for s in range(s_lo, s_hi):
         lo, hi = _span(Spans, s, m, SPARSE)
         for start in range(lo, hi, BLOCK_M):
             if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
-                dq_t, a_sum = _dq_tile(
-                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, q_t, qq,
-                    g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2, SCALE,
-                    USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
-                    LOW_IN_LOOP, True,
+                dq_t, a_sum, dq_2d = _dq_tile(
+                    dq_t, a_sum, dq_2d, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip,
+                    q_t, qq, g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2,
+                    SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C,
+                    HAS_SKIP, LOW_IN_LOOP, PER_PAIR, True,
                 )  # fmt: skip
             else:
-                dq_t, a_sum = _dq_tile(
-                    dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, q_t, qq,
-                    g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2, SCALE,
-                    USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
-                    LOW_IN_LOOP, False,
+                dq_t, a_sum, dq_2d = _dq_tile(
+                    dq_t, a_sum, dq_2d, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip,
+                    q_t, qq, g_t, lse_hi, lse_lo, delta, start, hi, D, C, ACC, USE_EXP2,
+                    SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C,
+                    HAS_SKIP, LOW_IN_LOOP, PER_PAIR, False,
                 )  # fmt: skip
+            if PER_PAIR:
+                tile = (start - lo) // BLOCK_M
+                if (tile % CHUNK_TILES == CHUNK_TILES - 1) | (start + BLOCK_M >= hi):
+                    dq_t = _place_row(dq_t, _sum64(dq_2d), 0, BLOCK_D)
+                    dq_2d = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     return dq_t, a_sum
 
 
@@ -926,15 +953,15 @@ def _dq_kernel(
         dq_t, a_sum = _dq_sweep(
             dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, skip_lo, skip_hi,
             q_t, qq, g_t, lse_hi, lse_lo, delta, Ptr, Spans, pid, m, D, C, ACC, USE_EXP2,
-            SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
-            SPARSE, True,
+            SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, BLOCK_N,
+            HAS_SKIP, SPARSE, True,
         )  # fmt: skip
     else:
         dq_t, a_sum = _dq_sweep(
             dq_t, a_sum, q_ptr, k_ptr, v_ptr, c_ptr, g_ptr, q_rows, skip, skip_lo, skip_hi,
             q_t, qq, g_t, lse_hi, lse_lo, delta, Ptr, Spans, pid, m, D, C, ACC, USE_EXP2,
-            SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP,
-            SPARSE, False,
+            SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, BLOCK_M, BLOCK_D, BLOCK_C, BLOCK_N,
+            HAS_SKIP, SPARSE, False,
         )  # fmt: skip
     dq_t *= factor[None, :]
     a_sum *= factor
