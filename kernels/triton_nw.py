@@ -545,6 +545,25 @@ def _masked(x, keep, MASK: tl.constexpr):
 
 
 @triton.jit
+def _pair_zeros(USED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, ACC: tl.constexpr):
+    # A per-pair accumulator where it is used, else a placeholder.
+    if USED:
+        acc_2d = tl.zeros([ROWS, COLS], ACC)
+    else:
+        acc_2d = 0.0
+    return acc_2d
+
+
+@triton.jit
+def _add_pair_terms(acc_2d, a, b, keep, MASK: tl.constexpr):
+    # acc_2d += a * b for a per-pair accumulator: one fma a pair, or in a
+    # masked tile nothing where not ``keep`` (a left-out pair's 0 * NaN).
+    if MASK:
+        return acc_2d + tl.where(keep, a * b, 0.0)
+    return tl.fma(a, b, acc_2d)
+
+
+@triton.jit
 def _store_owned(ptr, acc, offs, stored, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
     # acc (BLOCK, owned) into rows offs of a row-major (*, WIDTH) matrix, where
     # ``stored``.
@@ -850,10 +869,7 @@ def _dq_tile(
         # one feature at a time, so that a left-out key (NaN or not) reaches
         # no sum: a product would carry its 0 * NaN into every query
         if PER_PAIR:
-            if MASK:
-                dq_2d += tl.where(keep, a * diff0, 0.0)
-            else:
-                dq_2d = tl.fma(a, diff0, dq_2d)
+            dq_2d = _add_pair_terms(dq_2d, a, diff0, keep, MASK)
         else:
             if not USE_DOT_QK:
                 term = a * diff0
@@ -972,11 +988,12 @@ def _dq_kernel(
 
 @triton.jit
 def _tangent_tile(
-    acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
+    acc, acc_2d, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
     q0, dq0, y0, skip, lse_hi, lse_lo, start, end,
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_SKIP: tl.constexpr, LOW_IN_LOOP: tl.constexpr, MASK: tl.constexpr,
+    HAS_SKIP: tl.constexpr, LOW_IN_LOOP: tl.constexpr, PER_PAIR: tl.constexpr,
+    MASK: tl.constexpr,
 ):  # fmt: skip
     # dy_i = sum_j p_ij (dv_j + ds_ij (v_j - y_i)),
     # ds_ij = -(dw_j / 2) d_ij^2 - w_j (q_i - k_j) . (dq_i - dk_j).
@@ -1014,9 +1031,12 @@ def _tangent_tile(
         vc = tl.load(v_ptr + k_rows * C + ch).to(ACC)[:, None]
         dvc = tl.load(dv_ptr + k_rows * C + ch).to(ACC)[:, None]
         yc = _owned(y0, y_ptr, q_rows, ch, C, ACC)[None, :]
-        term = _masked(p * (dvc + ds * (vc - yc)), keep, MASK)
-        acc = _place_row(acc, _sum64(term), ch, BLOCK_C)
-    return acc
+        if PER_PAIR:
+            acc_2d = _add_pair_terms(acc_2d, p, dvc + ds * (vc - yc), keep, MASK)
+        else:
+            term = _masked(p * (dvc + ds * (vc - yc)), keep, MASK)
+            acc = _place_row(acc, _sum64(term), ch, BLOCK_C)
+    return acc, acc_2d
 
 
 @triton.jit
@@ -1024,25 +1044,34 @@ def _tangent_sweep(
     acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
     q0, dq0, y0, skip, skip_lo, skip_hi, lse_hi, lse_lo, Ptr, Spans, pid, m,
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
-    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr, LOW_IN_LOOP: tl.constexpr,
+    SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
+    LOW_IN_LOOP: tl.constexpr,
 ):  # fmt: skip
+    # With one channel, in float32, a per-pair accumulator as in ``_dq_sweep``.
+    PER_PAIR: tl.constexpr = C == 1 and ACC == tl.float32 and not (SPARSE and HAS_SKIP)
+    acc_2d = _pair_zeros(PER_PAIR, BLOCK_M, BLOCK_N, ACC)
     s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
     for s in range(s_lo, s_hi):
         lo, hi = _span(Spans, s, m, SPARSE)
         for start in range(lo, hi, BLOCK_M):
             if _needs_mask(start, hi, skip_lo, skip_hi, BLOCK_M):
-                acc = _tangent_tile(
-                    acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
-                    q_rows, q0, dq0, y0, skip, lse_hi, lse_lo, start, hi, D, C, ACC,
-                    USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, LOW_IN_LOOP, True,
+                acc, acc_2d = _tangent_tile(
+                    acc, acc_2d, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr,
+                    y_ptr, q_rows, q0, dq0, y0, skip, lse_hi, lse_lo, start, hi, D, C, ACC,
+                    USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, LOW_IN_LOOP, PER_PAIR, True,
                 )  # fmt: skip
             else:
-                acc = _tangent_tile(
-                    acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr,
-                    q_rows, q0, dq0, y0, skip, lse_hi, lse_lo, start, hi, D, C, ACC,
-                    USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, LOW_IN_LOOP, False,
+                acc, acc_2d = _tangent_tile(
+                    acc, acc_2d, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr,
+                    y_ptr, q_rows, q0, dq0, y0, skip, lse_hi, lse_lo, start, hi, D, C, ACC,
+                    USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, LOW_IN_LOOP, PER_PAIR, False,
                 )  # fmt: skip
+            if PER_PAIR:
+                tile = (start - lo) // BLOCK_M
+                if (tile % CHUNK_TILES == CHUNK_TILES - 1) | (start + BLOCK_M >= hi):
+                    acc = _place_row(acc, _sum64(acc_2d), 0, BLOCK_C)
+                    acc_2d = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     return acc
 
 
@@ -1068,13 +1097,13 @@ def _tangent_kernel(
         acc = _tangent_sweep(
             acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
             q0, dq0, y0, skip, skip_lo, skip_hi, lse_hi, lse_lo, Ptr, Spans, pid, m, D, C,
-            ACC, USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, SPARSE, True,
+            ACC, USE_EXP2, SCALE, BLOCK_M, BLOCK_N, BLOCK_C, HAS_SKIP, SPARSE, True,
         )  # fmt: skip
     else:
         acc = _tangent_sweep(
             acc, q_ptr, k_ptr, v_ptr, c_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, y_ptr, q_rows,
             q0, dq0, y0, skip, skip_lo, skip_hi, lse_hi, lse_lo, Ptr, Spans, pid, m, D, C,
-            ACC, USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, SPARSE, False,
+            ACC, USE_EXP2, SCALE, BLOCK_M, BLOCK_N, BLOCK_C, HAS_SKIP, SPARSE, False,
         )  # fmt: skip
     acc = acc * (tl.load(Scale + b * n + q_rows).to(tl.float64) * factor)[None, :]
     _store_owned(DY + b * n * C, acc, offs_n, offs_n < n, C, BLOCK_C)
@@ -1088,15 +1117,17 @@ def _tangent_kernel(
 
 @triton.jit
 def _dkv_tile(
-    dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr, delta_ptr,
-    shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, start, end,
+    dk_t, t_sum, dv_t, dw_acc, dk_2d, dv_2d, dw_2d, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr,
+    ll_ptr, delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, start, end,
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
     DOT_PREC: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
     NEED_DW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, LOW_IN_LOOP: tl.constexpr,
-    MASK: tl.constexpr,
+    PER_PAIR: tl.constexpr, MASK: tl.constexpr,
 ):  # fmt: skip
+    # PER_PAIR (float32, d = c = 1, no tl.dot): each sum's terms go into a
+    # per-pair accumulator (streamed x owned), as dq's do.
     offs_n, q_rows = _stream(start, end, MASK, BLOCK_N)
     lse_hi = tl.load(lh_ptr + q_rows)
     if LOW_IN_LOOP:
@@ -1132,7 +1163,9 @@ def _dkv_tile(
             gv = tl.dot(g, v_t, input_precision=DOT_PREC)
     else:
         gc = tl.load(g_ptr + q_rows * C).to(ACC)
-        if NEED_DV:
+        if NEED_DV and PER_PAIR:
+            dv_2d = _add_pair_terms(dv_2d, p, gc[:, None], keep, MASK)
+        elif NEED_DV:
             dv_t = _place_row(dv_t, _sum64(_masked(p * gc[:, None], keep, MASK)), 0, BLOCK_C)
         if NEED_DK or NEED_DW:
             gv = gc[:, None] * _owned(v_t, v_ptr, k_rows, 0, C, ACC)[None, :]
@@ -1148,7 +1181,10 @@ def _dkv_tile(
         t = _masked(p * (gv - delta[:, None]), keep, MASK)
         if NEED_DW:
             shift = tl.load(shift_ptr + q_rows).to(ACC)
-            dw_acc += _sum64(_masked(t * (dist2 - shift[:, None]), keep, MASK))
+            if PER_PAIR:
+                dw_2d = _add_pair_terms(dw_2d, t, dist2 - shift[:, None], keep, MASK)
+            else:
+                dw_acc += _sum64(_masked(t * (dist2 - shift[:, None]), keep, MASK))
         if NEED_DK:
             # dk_j = w_j sum_i t_ij (q_i - k_j); w_j is applied at the end.
             if USE_DOT_QK and not (MASK and HAS_SKIP):
@@ -1156,6 +1192,8 @@ def _dkv_tile(
                     tl.float64
                 )
                 t_sum += _sum64(t)
+            elif PER_PAIR:
+                dk_2d = _add_pair_terms(dk_2d, t, diff0, keep, MASK)
             else:
                 if not USE_DOT_QK:
                     term = t * diff0
@@ -1169,7 +1207,7 @@ def _dkv_tile(
                     kf = tl.load(k_ptr + k_rows * D + f).to(ACC)
                     term = _masked(t * (qf[:, None] - kf[None, :]), keep, MASK)
                     dk_t = _place_row(dk_t, _sum64(term), f, BLOCK_D)
-    return dk_t, t_sum, dv_t, dw_acc
+    return dk_t, t_sum, dv_t, dw_acc, dk_2d, dv_2d, dw_2d
 
 
 @triton.jit
@@ -1179,25 +1217,54 @@ def _dkv_sweep(
     D: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr, USE_EXP2: tl.constexpr,
     SCALE: tl.constexpr, USE_DOT_QK: tl.constexpr, USE_DOT_PV: tl.constexpr,
     DOT_PREC: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
-    NEED_DW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, LOW_IN_LOOP: tl.constexpr,
+    NEED_DW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr,
+    SPARSE: tl.constexpr, LOW_IN_LOOP: tl.constexpr,
 ):  # fmt: skip
-    # The tiles of streamed rows [begin, end).
+    # The tiles of streamed rows [begin, end). With one feature and one
+    # channel, in float32, the terms of CHUNK_TILES tiles go into per-pair
+    # accumulators, whose sums every CHUNK_TILES tiles and at the end go into
+    # the float64 sums, where ``_dq_sweep`` has one.
+    PER_PAIR: tl.constexpr = (
+        D == 1
+        and C == 1
+        and not USE_DOT_QK
+        and not USE_DOT_PV
+        and ACC == tl.float32
+        and not (SPARSE and HAS_SKIP)
+    )
+    dk_2d = _pair_zeros(NEED_DK and PER_PAIR, BLOCK_N, BLOCK_M, ACC)
+    dv_2d = _pair_zeros(NEED_DV and PER_PAIR, BLOCK_N, BLOCK_M, ACC)
+    dw_2d = _pair_zeros(NEED_DW and PER_PAIR, BLOCK_N, BLOCK_M, ACC)
     for start in range(begin, end, BLOCK_N):
         if _needs_mask(start, end, skip_lo, skip_hi, BLOCK_N):
-            dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-                dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
-                delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, start, end,
-                D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK,
-                NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C, HAS_SKIP, LOW_IN_LOOP, True,
+            dk_t, t_sum, dv_t, dw_acc, dk_2d, dv_2d, dw_2d = _dkv_tile(
+                dk_t, t_sum, dv_t, dw_acc, dk_2d, dv_2d, dw_2d, q_ptr, k_ptr, v_ptr, g_ptr,
+                lh_ptr, ll_ptr, delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk,
+                v_t, start, end, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
+                DOT_PREC, NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C, HAS_SKIP,
+                LOW_IN_LOOP, PER_PAIR, True,
             )  # fmt: skip
         else:
-            dk_t, t_sum, dv_t, dw_acc = _dkv_tile(
-                dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
-                delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, start, end,
-                D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC, NEED_DK,
-                NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C, HAS_SKIP, LOW_IN_LOOP, False,
+            dk_t, t_sum, dv_t, dw_acc, dk_2d, dv_2d, dw_2d = _dkv_tile(
+                dk_t, t_sum, dv_t, dw_acc, dk_2d, dv_2d, dw_2d, q_ptr, k_ptr, v_ptr, g_ptr,
+                lh_ptr, ll_ptr, delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk,
+                v_t, start, end, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV,
+                DOT_PREC, NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C, HAS_SKIP,
+                LOW_IN_LOOP, PER_PAIR, False,
             )  # fmt: skip
+        if PER_PAIR:
+            tile = (start - begin) // BLOCK_N
+            if (tile % CHUNK_TILES == CHUNK_TILES - 1) | (start + BLOCK_N >= end):
+                if NEED_DK:
+                    dk_t = _place_row(dk_t, _sum64(dk_2d), 0, BLOCK_D)
+                    dk_2d = tl.zeros([BLOCK_N, BLOCK_M], ACC)
+                if NEED_DV:
+                    dv_t = _place_row(dv_t, _sum64(dv_2d), 0, BLOCK_C)
+                    dv_2d = tl.zeros([BLOCK_N, BLOCK_M], ACC)
+                if NEED_DW:
+                    dw_acc += _sum64(dw_2d)
+                    dw_2d = tl.zeros([BLOCK_N, BLOCK_M], ACC)
     return dk_t, t_sum, dv_t, dw_acc
 
 
@@ -1250,14 +1317,16 @@ def _dkv_kernel(
                 dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
                 delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, skip_lo,
                 skip_hi, lo, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC,
-                NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C, HAS_SKIP, True,
+                NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, SPARSE,
+                True,
             )  # fmt: skip
         else:
             dk_t, t_sum, dv_t, dw_acc = _dkv_sweep(
                 dk_t, t_sum, dv_t, dw_acc, q_ptr, k_ptr, v_ptr, g_ptr, lh_ptr, ll_ptr,
                 delta_ptr, shift_ptr, skip_ptr, k_rows, offs_m, c2, k_t, kk, v_t, skip_lo,
                 skip_hi, lo, hi, D, C, ACC, USE_EXP2, SCALE, USE_DOT_QK, USE_DOT_PV, DOT_PREC,
-                NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_D, BLOCK_C, HAS_SKIP, False,
+                NEED_DK, NEED_DV, NEED_DW, BLOCK_N, BLOCK_M, BLOCK_D, BLOCK_C, HAS_SKIP, SPARSE,
+                False,
             )  # fmt: skip
 
     if NEED_DK:

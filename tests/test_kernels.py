@@ -99,45 +99,52 @@ def test_forward_and_gradients(kernel, case, dtype, poisoned):
 
 
 @pytest.mark.parametrize("layout", ["dense", "loo", "sparse"])
-def test_query_side_backward_sums_every_chunk_of_tiles(monkeypatch, layout, poisoned):
-    """The float32 query-side backward at d = 1 sums each pair's term over
-    CHUNK_TILES tiles in float32 and adds each chunk's sum to dq in float64,
-    at the end of each chunk and of each span. Keys of 4 a tile (chunks of 64)
-    over 300 sorted keys make four whole chunks and a part; with exclude_self
-    a left-out key sits in a tile of every chunk; with a plan, some spans hold
-    more than a chunk and others less than one. dq, and the rest, are judged
-    against the reference."""
+def test_backward_and_tangent_sum_every_chunk_of_tiles(monkeypatch, layout, poisoned):
+    """The float32 backward and tangent at d = c = 1 sum each pair's term over
+    CHUNK_TILES tiles in float32 and add each chunk's sum in float64, at the
+    end of each chunk and of each span: dq and the tangent on the query side,
+    dk, dv and dw on the key side. Streamed tiles of 4 (chunks of 64) over 300
+    points make four whole chunks and a part; with exclude_self a left-out
+    pair sits in a tile of every chunk; with a plan, spans of either side hold
+    more than a chunk and end inside one. Every gradient (dw a key) and the
+    tangent are judged against the reference."""
     from nwfast.kernels import blocks, triton_nw
 
     # the interpreter's tiles (a GPU times its own configs)
     monkeypatch.setitem(triton_nw.INTERPRET_CONFIGS, "query", {"BLOCK_N": 16, "BLOCK_M": 4})
-    monkeypatch.setitem(triton_nw.INTERPRET_CONFIGS, "key", {"BLOCK_N": 16, "BLOCK_M": 16})
+    monkeypatch.setitem(triton_nw.INTERPRET_CONFIGS, "key", {"BLOCK_N": 4, "BLOCK_M": 16})
     monkeypatch.setattr(blocks, "MIN_SAVED", 0)
     dev, f32, m = "cuda" if torch.cuda.is_available() else "cpu", torch.float32, 300
     k = torch.sort(20 * torch.rand(1, m, 1, dtype=torch.float64), dim=1).values
     loo = layout == "loo"
     q = k.clone() if loo else 20 * torch.rand(1, m, 1, dtype=torch.float64)
     v = torch.randn(1, m, 1, dtype=torch.float64)
-    w = torch.full((1, 1), 8.0 if layout == "sparse" else 0.05, dtype=torch.float64)
+    # one w a key, so that each key's dw is judged on its own
+    w = (8.0 if layout == "sparse" else 0.05) * (1 + torch.rand(1, m, dtype=torch.float64))
     g = torch.randn(1, m, 1, dtype=torch.float64)
     q, k, v, w, g = (x.to(dev, f32) for x in (q, k, v, w, g))
     diagonal, tolerance = (0 if loo else None), (1e-6 if layout == "sparse" else 0.0)
     plan = triton_nw.make_plan(q, k, w, diagonal, tolerance)
     if layout == "sparse" and not torch.cuda.is_available():
-        spans = plan.key_spans[:, 1] - plan.key_spans[:, 0]
-        assert spans.min() < 64 < spans.max(), spans
+        for spans in (plan.key_spans, plan.query_spans):
+            length = spans[:, 1] - spans[:, 0]
+            assert length.max() > 64 and (length % 64 != 0).any(), length
     else:
         assert plan is None or layout == "sparse"
     out, lse, plan = triton_nw.forward(q, k, v, w, diagonal, tolerance)
     grads = triton_nw.backward(g, q, k, v, w, out, lse, diagonal, plan, ALL)
+    tangents = [torch.randn_like(x) for x in (q, k, v, w)]
+    dout = triton_nw.tangent(q, k, v, w, tangents, out, lse, diagonal, plan)
     testing.assert_ok(
         testing.check_pool(out, q, k, v, w, loo, tolerance=tolerance),
         *testing.check_pool_gradients(grads, q, k, v, w, g, loo, tolerance=tolerance),
+        testing.check_pool_tangent(dout, q, k, v, w, tangents, loo, tolerance=tolerance),
     )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES[1:10:2] + [CASES[i] for i in (13, 14, 16, 17, 18)], ids=str)
+# d > 1 with one channel (12, 15): the per-pair sum of the float32 tangent
+@pytest.mark.parametrize("case", CASES[1:10:2] + CASES[12:19], ids=str)
 def test_tangent(kernel, case, dtype, poisoned):
     q, k, v, w, _ = make(case, dtype, kernel.device)
     tangents = [torch.randn_like(x) for x in (q, k, v, w)]
