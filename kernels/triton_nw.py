@@ -1048,7 +1048,8 @@ def _tangent_sweep(
     BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr, SPARSE: tl.constexpr,
     LOW_IN_LOOP: tl.constexpr,
 ):  # fmt: skip
-    # With one channel, in float32, a per-pair accumulator as in ``_dq_sweep``.
+    # With one channel and float32 sums, a per-pair accumulator, as in
+    # ``_dq_sweep``.
     PER_PAIR: tl.constexpr = C == 1 and ACC == tl.float32 and not (SPARSE and HAS_SKIP)
     acc_2d = _pair_zeros(PER_PAIR, BLOCK_M, BLOCK_N, ACC)
     s_lo, s_hi = _span_range(Ptr, pid, SPARSE)
@@ -1221,10 +1222,11 @@ def _dkv_sweep(
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SKIP: tl.constexpr,
     SPARSE: tl.constexpr, LOW_IN_LOOP: tl.constexpr,
 ):  # fmt: skip
-    # The tiles of streamed rows [begin, end). With one feature and one
-    # channel, in float32, the terms of CHUNK_TILES tiles go into per-pair
-    # accumulators, whose sums every CHUNK_TILES tiles and at the end go into
-    # the float64 sums, where ``_dq_sweep`` has one.
+    # The tiles of streamed rows [begin, end). With one feature, one channel
+    # and float32 sums (float32 and half precision), the terms go into
+    # per-pair accumulators, added to the float64 sums every CHUNK_TILES
+    # tiles and at the end; not with a plan and exclude_self, as in
+    # ``_dq_sweep``.
     PER_PAIR: tl.constexpr = (
         D == 1
         and C == 1
