@@ -564,6 +564,14 @@ def _add_pair_terms(acc_2d, a, b, keep, MASK: tl.constexpr):
 
 
 @triton.jit
+def _chunk_ends(start, lo, hi, BLOCK: tl.constexpr):
+    # Whether a per-pair accumulator's sum is due after the tile at ``start``
+    # of the span [lo, hi): the last tile of a chunk or of the span.
+    tile = (start - lo) // BLOCK
+    return (tile % CHUNK_TILES == CHUNK_TILES - 1) | (start + BLOCK >= hi)
+
+
+@triton.jit
 def _store_owned(ptr, acc, offs, stored, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
     # acc (BLOCK, owned) into rows offs of a row-major (*, WIDTH) matrix, where
     # ``stored``.
@@ -928,8 +936,7 @@ def _dq_sweep(
                     HAS_SKIP, LOW_IN_LOOP, PER_PAIR, False,
                 )  # fmt: skip
             if PER_PAIR:
-                tile = (start - lo) // BLOCK_M
-                if (tile % CHUNK_TILES == CHUNK_TILES - 1) | (start + BLOCK_M >= hi):
+                if _chunk_ends(start, lo, hi, BLOCK_M):
                     dq_t = _place_row(dq_t, _sum64(dq_2d), 0, BLOCK_D)
                     dq_2d = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     return dq_t, a_sum
@@ -1069,8 +1076,7 @@ def _tangent_sweep(
                     USE_EXP2, SCALE, BLOCK_M, BLOCK_C, HAS_SKIP, LOW_IN_LOOP, PER_PAIR, False,
                 )  # fmt: skip
             if PER_PAIR:
-                tile = (start - lo) // BLOCK_M
-                if (tile % CHUNK_TILES == CHUNK_TILES - 1) | (start + BLOCK_M >= hi):
+                if _chunk_ends(start, lo, hi, BLOCK_M):
                     acc = _place_row(acc, _sum64(acc_2d), 0, BLOCK_C)
                     acc_2d = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     return acc
@@ -1256,8 +1262,7 @@ def _dkv_sweep(
                 LOW_IN_LOOP, PER_PAIR, False,
             )  # fmt: skip
         if PER_PAIR:
-            tile = (start - begin) // BLOCK_N
-            if (tile % CHUNK_TILES == CHUNK_TILES - 1) | (start + BLOCK_N >= end):
+            if _chunk_ends(start, begin, end, BLOCK_N):
                 if NEED_DK:
                     dk_t = _place_row(dk_t, _sum64(dk_2d), 0, BLOCK_D)
                     dk_2d = tl.zeros([BLOCK_N, BLOCK_M], ACC)
