@@ -52,11 +52,13 @@ def _numba_exp_rate(threads: int) -> float:
     import numba
     import numpy as np
 
+    from nwfast.kernels import numba_target
     from nwfast.kernels.numba_exp import exp2
 
     # A sum, not a store per exp: the fused kernels keep their weights in
-    # registers, and a store per element would measure store bandwidth.
-    @numba.njit(fastmath={"contract", "reassoc", "nsz"}, nogil=True)
+    # registers, and a store per element would measure store bandwidth. The
+    # kernels' own target: the vector width they compile with.
+    @numba.njit(fastmath={"contract", "reassoc", "nsz"}, nogil=True, _target=numba_target.NAME)
     def exps(x, reps):
         total = np.float32(0)
         for _ in range(reps):

@@ -40,10 +40,12 @@ import numpy as np
 import torch
 from numba import njit
 
-from . import arrays
+from . import arrays, numba_target
 from .workers import parallel
 
-_jit = functools.partial(njit, cache=True, nogil=True, error_model="numpy")
+_jit = functools.partial(
+    njit, cache=True, nogil=True, error_model="numpy", _target=numba_target.NAME
+)
 
 MAX_DIM = 4
 # A plan that keeps more than this fraction of the pairs runs dense.

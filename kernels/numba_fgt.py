@@ -27,14 +27,16 @@ import numpy as np
 import torch
 from numba import njit
 
-from . import arrays
+from . import arrays, numba_target
 from .numba_exp import exp2
 from .workers import parallel
 
 LOG2E = 1.4426950408889634
 
 _FLAGS = {"contract", "reassoc", "nsz", "arcp"}
-_jit = functools.partial(njit, fastmath=_FLAGS, error_model="numpy", cache=True, nogil=True)
+_jit = functools.partial(
+    njit, fastmath=_FLAGS, error_model="numpy", cache=True, nogil=True, _target=numba_target.NAME
+)
 
 # Keys per chunk of a moment sum: their powers sit in a buffer of this many
 # lanes per order.

@@ -44,15 +44,20 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from . import numba_target
 from .numba_exp import exp2, exp2_flush, fmax, mul, sub
 
 # Fast math without nnan/ninf, so NaN and inf propagate as in the reference;
 # reassoc lets LLVM vectorise the sums. error_model="numpy": x / 0 is inf/NaN.
 FLAGS = {"contract", "reassoc", "nsz", "arcp"}
-jit = functools.partial(njit, fastmath=FLAGS, error_model="numpy", cache=True, nogil=True)
+jit = functools.partial(
+    njit, fastmath=FLAGS, error_model="numpy", cache=True, nogil=True, _target=numba_target.NAME
+)
 # What the kernels' entry points compile into themselves: never cached on its own
 # (a cached copy here would outlive an edit of the parts it was compiled with).
-inner = functools.partial(njit, fastmath=FLAGS, error_model="numpy", nogil=True)
+inner = functools.partial(
+    njit, fastmath=FLAGS, error_model="numpy", nogil=True, _target=numba_target.NAME
+)
 
 # Sums run in the input dtype over at most SUM_BLOCK points, SIMD lanes each
 # adding SUM_BLOCK / lanes terms (8 on AVX-512, 16 on AVX2, with LLVM's four

@@ -135,13 +135,16 @@ def test_work_items_cover_every_row_once():
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86 assembly")
 def test_per_d_passes_are_vectorised(tmp_path):
     """Each per-d pass, at d = 3 with two channels, compiles to packed SIMD
-    code: the tuple arithmetic left no inner loop in its way. The backward
+    code as wide as the core's (zmm with AVX-512, ymm with AVX2): the tuple
+    arithmetic left no inner loop in its way. The backward
     runs three ways: every gradient (the key-side pass with dq, at d = 3 and
     d = 1), dq alone and dw alone. (A fresh cache: Numba shows no assembly for
     cached code.)"""
     code = """
         import re, torch, nwfast
-        from nwfast.kernels import numba_nw
+        from nwfast.kernels import numba_nw, numba_target
+        wide = "+avx512f" in numba_target.features().split(",")
+        regs = "zmm" if wide else "ymm"
         q, k = torch.rand(70, 3, requires_grad=True), torch.rand(90, 3, requires_grad=True)
         v, w = torch.randn(90, 2, requires_grad=True), torch.rand(90, requires_grad=True)
         nwfast.nw_pool(q, k, v, w).sum().backward()
@@ -151,7 +154,7 @@ def test_per_d_passes_are_vectorised(tmp_path):
         for kernel, at in ((numba_nw._run, 3), (numba_nw._key_grads, 4)):
             for sig in kernel.signatures:
                 asm = kernel.inspect_asm(sig)
-                packed = len(re.findall(r"vfmadd\\w*ps\\s+%[yz]mm", asm))
+                packed = len(re.findall(r"vfmadd\\w*ps\\s+%" + regs, asm))
                 fields = dict(zip(sig[at].fields, sig[at].types))
                 dq = "+dq" if len(fields.get("with_dq", ())) else ""
                 print(sig[at].instance_class.__name__ + dq, packed)
@@ -168,6 +171,26 @@ def test_per_d_passes_are_vectorised(tmp_path):
     assert set(packed) == {"Pool", "QueryGrad", "KeyGrad", "KeyGrad+dq"}
     # the polynomial exp2 alone puts five packed FMAs in every vectorised loop
     assert all(int(count) >= 5 for count in packed.values()), packed
+
+
+def test_kernels_target_is_numbas_cpu_without_the_256_bit_preference():
+    """The kernels' target compiles for the features Numba's own CPU target
+    has, less LLVM's prefer-256-bit tuning where the core has AVX-512 (Intel's
+    server cores set it; it would halve their vectors), except on Skylake-SP's
+    family. Numba's own target is left as it was."""
+    from numba.core.registry import cpu_target
+
+    from nwfast.kernels import numba_target
+
+    codegen = cpu_target.target_context.codegen()
+    numbas = codegen._tm_features
+    ours = numba_target.features()
+    assert "-prefer-256-bit" not in numbas.split(",")
+    kept = codegen._get_host_cpu_name() in numba_target.KEEP_256_BIT
+    if "+avx512f" in numbas.split(",") and not kept:
+        assert ours == numbas + ",-prefer-256-bit"
+    else:
+        assert ours == numbas
 
 
 @pytest.mark.parametrize("d", [1, 3, 4])
