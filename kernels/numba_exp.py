@@ -126,7 +126,9 @@ sub = _rounded_once("fsub")
 
 def exp2(x):
     """2.0**x for x <= 0 (up to rounding), vectorisable; NaN gives NaN, -inf
-    gives 0, and results below the smallest normal number flush to 0."""
+    gives 0, and so does x below -(bias - 1/2) (-126.5 in float32). From there
+    to -(bias - 1), the smallest normal number's exponent, the results are
+    subnormal."""
     raise NotImplementedError("exp2 is only callable from Numba-compiled code")
 
 

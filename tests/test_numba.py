@@ -37,6 +37,12 @@ def test_exp2_accuracy(dtype):
     assert rel.max() < (2.5e-7 if dtype == np.float32 else 4e-16)
     # below the normal range: flushed to 0, or within a couple of tiny of the truth
     assert np.all((out[~normal] >= 0) & (out[~normal] <= 2 * tiny))
+    # 0 below -(bias - 1/2); subnormal from there to the smallest normal's exponent
+    lowest = np.log2(tiny)
+    zero = x < lowest - dtype(0.5)
+    assert np.all(out[zero] == 0)
+    subnormal = ~zero & (x < lowest - dtype(0.01))
+    assert subnormal.any() and np.all((out[subnormal] > 0) & (out[subnormal] < tiny))
 
     special = np.array([-np.inf, np.nan, -np.nan, -1e30], dtype)
     out = np.empty_like(special)
