@@ -73,12 +73,16 @@ class NwfastCPU(CPU):
     """The target's place in Numba's hierarchy: under CPU."""
 
 
-target_registry[NAME] = NwfastCPU
-dispatcher_registry[NwfastCPU] = _Dispatcher
-# What an overload's implementation compiles with when this target calls it.
-jit_registry[NwfastCPU] = functools.partial(numba.jit, _target=NAME)
+# Numba's registries take a name once: a second copy of this module (a reload)
+# leaves the first copy's target in place.
+if NAME not in target_registry:
+    target_registry[NAME] = NwfastCPU
+    dispatcher_registry[NwfastCPU] = _Dispatcher
+    # What an overload's implementation compiles with when this target calls it.
+    jit_registry[NwfastCPU] = functools.partial(numba.jit, _target=NAME)
 
 
 def features() -> str:
     """The LLVM features the kernels compile with (for reports)."""
-    return _Dispatcher.targetdescr.target_context.codegen()._tm_features
+    dispatcher = dispatcher_registry[target_registry[NAME]]
+    return dispatcher.targetdescr.target_context.codegen()._tm_features

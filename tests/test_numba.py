@@ -199,6 +199,24 @@ def test_kernels_target_is_numbas_cpu_without_the_256_bit_preference():
         assert ours == numbas
 
 
+def test_kernels_target_survives_a_reload():
+    """Numba's registries take a target's name once: reloading the module
+    keeps the first registration, and the kernels still compile for it."""
+    import importlib
+
+    from nwfast.kernels import numba_target
+
+    before = numba_target.features()
+    importlib.reload(numba_target)
+    assert numba_target.features() == before
+
+    @njit(_target=numba_target.NAME)
+    def twice(x):
+        return 2 * x
+
+    assert twice(1.5) == 3.0
+
+
 @pytest.mark.parametrize("d", [1, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("tolerance", [0.0, 1e-6], ids=["dense", "block-sparse"])
