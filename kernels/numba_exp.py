@@ -48,25 +48,23 @@ FLUSH_EXPONENT = {str(t): mant + 4 - bias for t, (_, mant, bias) in _LAYOUT.item
 
 
 @intrinsic
-def _pow2_of_rounded(typingctx, t):
-    """2.0**r for t = r + 1.5 * 2**mant, r an integer in [-bias, bias].
+def _pow2_of_biased(typingctx, t):
+    """2.0**r for t = 1.5 * 2**mant + bias + r, r an integer in [-bias, bias].
 
-    Adding 1.5 * 2**mant to x leaves round(x) in the low mantissa bits of t;
-    adding the bias and shifting left by the mantissa width moves it into the
-    exponent field (the magic number's own bits shift out). r = -bias gives
-    +0.0. An LLVM bitcast rather than a memory round trip keeps this
-    vectorisable.
+    Adding 1.5 * 2**mant + bias to x leaves r + bias, r = x rounded to an
+    integer, in the low mantissa bits of t. The bits of 1.5 * 2**mant are 0
+    in the lowest (nbits - mant), so shifting left by the mantissa width
+    leaves r + bias in the exponent field and nothing else: one shift and no
+    add of the bias. r = -bias gives +0.0. An LLVM bitcast rather than a
+    memory round trip keeps this vectorisable.
     """
     if t not in _LAYOUT:
         return None
-    nbits, mant, bias = _LAYOUT[t]
-    magic_bits = int(np.array(1.5 * 2.0**mant, dtype=str(t)).view(f"i{nbits // 8}"))
+    nbits, mant, _ = _LAYOUT[t]
 
     def codegen(context, builder, sig, args):
         ity = ir.IntType(nbits)
-        bits = builder.bitcast(args[0], ity)
-        bits = builder.add(bits, ir.Constant(ity, (bias - magic_bits) % 2**nbits))
-        bits = builder.shl(bits, ir.Constant(ity, mant))
+        bits = builder.shl(builder.bitcast(args[0], ity), ir.Constant(ity, mant))
         return builder.bitcast(bits, args[0].type)
 
     return t(t), codegen
@@ -126,9 +124,9 @@ sub = _rounded_once("fsub")
 
 def exp2(x):
     """2.0**x for x <= 0 (up to rounding), vectorisable; NaN gives NaN, -inf
-    gives 0, and so does x below -(bias - 1/2) (-126.5 in float32). From there
-    to -(bias - 1), the smallest normal number's exponent, the results are
-    subnormal."""
+    gives 0, and so does x at or below -(bias - 1/2) (-126.5 in float32).
+    From there to -(bias - 1), the smallest normal number's exponent, the
+    results are subnormal."""
     raise NotImplementedError("exp2 is only callable from Numba-compiled code")
 
 
@@ -154,7 +152,10 @@ def _exp2_of(x, flush):
     coef = tuple(npt(c) for c in (_POLY32 if nbits == 32 else _POLY64))
     lo = npt(-bias)
     below = npt(flush - bias)
-    magic = npt(1.5 * 2.0**mant)
+    # t = x + magic rounds x + bias to an integer (``_pow2_of_biased``); bias
+    # is odd, so a tie x = k + 1/2 rounds to the odd neighbour: f = +-1/2,
+    # accurate either way
+    magic = npt(1.5 * 2.0**mant + bias)
     zero = npt(0)
     clamp = not flush  # a constant of the compiled function: one branch of each if remains
 
@@ -168,10 +169,10 @@ def _exp2_of(x, flush):
         for c in coef[-2::-1]:
             p = p * f + c
         if clamp:
-            return p * _pow2_of_rounded(t)
+            return p * _pow2_of_biased(t)
         # below the cut (or -inf) t's bits are no exponent: the select drops
         # them; a NaN x fails the compare and passes through
-        return zero if x < below else p * _pow2_of_rounded(t)
+        return zero if x < below else p * _pow2_of_biased(t)
 
     return impl
 

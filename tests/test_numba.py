@@ -27,8 +27,13 @@ def _exp2_array(x, out):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_exp2_accuracy(dtype):
     tiny = np.finfo(dtype).tiny
-    x = np.linspace(np.log2(tiny) - 3, 0.25, 2_000_003).astype(dtype)
-    x = np.concatenate([x, np.array([0.0, -0.0, -1.0, -0.5, 0.5], dtype)])
+    lowest = np.log2(tiny)
+    x = np.linspace(lowest - 3, 0.25, 2_000_003).astype(dtype)
+    # ties of the rounding to an integer (its two neighbours are as good), and
+    # the last x that gives 0
+    ties = np.arange(lowest + 0.5, 0.0, 1.0)
+    edges = [0.0, -0.0, -1.0, lowest - 0.5, np.nextafter(dtype(lowest - 0.5), dtype(0))]
+    x = np.concatenate([x, ties.astype(dtype), np.array(edges, dtype)])
     out = np.empty_like(x)
     _exp2_array(x, out)
     ref = np.exp2(x.astype(np.longdouble))
@@ -37,9 +42,9 @@ def test_exp2_accuracy(dtype):
     assert rel.max() < (2.5e-7 if dtype == np.float32 else 4e-16)
     # below the normal range: flushed to 0, or within a couple of tiny of the truth
     assert np.all((out[~normal] >= 0) & (out[~normal] <= 2 * tiny))
-    # 0 below -(bias - 1/2); subnormal from there to the smallest normal's exponent
-    lowest = np.log2(tiny)
-    zero = x < lowest - dtype(0.5)
+    # 0 at and below -(bias - 1/2); subnormal from there to the smallest
+    # normal's exponent
+    zero = x <= lowest - dtype(0.5)
     assert np.all(out[zero] == 0)
     subnormal = ~zero & (x < lowest - dtype(0.01))
     assert subnormal.any() and np.all((out[subnormal] > 0) & (out[subnormal] < tiny))
@@ -92,6 +97,9 @@ def test_exp2_loop_is_vectorised():
     asm = total.inspect_asm(total.signatures[0])
     # the polynomial's FMAs are the only FMAs here: packed ones mean SIMD exp2
     assert re.search(r"vfmadd\w*ps\s+%[yz]mm", asm), "exp2 loop was not vectorised"
+    # its scale is one shift of the rounding's bits: no integer add of the bias
+    assert re.search(r"vpslld\s+\$23, %[yz]mm", asm)
+    assert not re.search(r"vpadd[dq]\s+\S+, %[yz]mm", asm), "exp2 adds the bias apart"
 
 
 def test_float32_sums_stay_accurate_at_large_m():
