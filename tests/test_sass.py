@@ -95,6 +95,34 @@ def test_owned_values_cost_no_barrier_in_the_tile_loop(compiled):
     assert not barred, f"barriers on the hot path: {barred}"
 
 
+def test_one_point_a_thread_within_128_registers():
+    """The float32 and half-precision passes with a few features, in their
+    heaviest variant (d = 3, c = 2, exclude_self, a plan, every gradient), each
+    have a config in which every thread owns one point with at most 128
+    registers (sm_90). The tangent's 128 x 8 holds 140 there: its 128 x 4
+    (``triton_nw.HEAVY_TANGENT_CONFIG``) is the one."""
+    heavy = [
+        t for t in EVERY.values()
+        if t["arch"] == 90 and t["variant"]["name"] in ("fwd", "dq", "dkv", "tangent")
+        and t["variant"]["dtype"] != "float64" and t["variant"]["d"] == 3
+        and t["variant"]["exclude_self"] and t["variant"]["sparse"]
+        and t["variant"]["needs"] in ("", "kvw")
+    ]  # fmt: skip
+    with sass.workers(2) as pool:
+        rows = sass.compile_all(pool, heavy, sass.DEFAULT_CACHE, log=print)
+    lightest = {}
+    for r in rows:
+        cfg = r["config"]
+        owned = cfg["BLOCK_M" if r["name"] == "dkv" else "BLOCK_N"]
+        if r["status"] == "ok" and owned == 32 * cfg["num_warps"]:
+            key = (r["name"], r["dtype"])
+            lightest[key] = min(lightest.get(key, 256), r["registers"])
+    assert {name for name, _ in lightest} == {"fwd", "dq", "dkv", "tangent"}
+    assert len({dtype for _, dtype in lightest}) >= 2
+    over = {k: regs for k, regs in lightest.items() if regs > 128}
+    assert not over, f"no config of one point a thread within 128 registers: {over}"
+
+
 def test_known_failures_are_still_launched():
     gone = sorted(set(KNOWN_FAILURES) - set(EVERY))
     assert not gone, f"no longer produced by the launchers, drop from KNOWN_FAILURES: {gone}"
