@@ -310,6 +310,93 @@ def test_chunks_hold_every_work_item():
         assert (np.diff(bounds) >= 0).all()
 
 
+def test_row_scales_fold_only_rows_in_their_window():
+    """The backward passes fold each row's 2**-lse into g and delta (rounded
+    once from float64) only where every row's lse, in log2 units, lies in [0,
+    FOLD_BELOW] and every scaled term is a normal number; else they subtract
+    the lse pair a pair (None). g comes channels-major or rows-major."""
+    top = numba_nw.FOLD_BELOW
+    lse2 = np.array([[0.0, 5.5, top]])
+    gT = np.array([[[1.0, -3.0, 2.0], [0.0, 7.0, -1.5]]], np.float32)
+    delta = np.array([[0.5, 1.0, -2.0]], np.float32)
+
+    def scales(lse2, gT=gT):
+        return numba_nw._row_scales(torch.from_numpy(lse2 / np.log2(np.e)), gT, delta, -2)
+
+    g_folded, delta_folded = scales(lse2)
+    factor = np.exp2(-(lse2 / np.log2(np.e)) * numba_nw.arrays.LOG2E)
+    want_g = (gT.astype(np.float64) * factor[:, None]).astype(np.float32)
+    np.testing.assert_array_equal(g_folded, want_g)
+    np.testing.assert_array_equal(delta_folded, (delta * factor).astype(np.float32))
+    assert g_folded.dtype == delta_folded.dtype == np.float32
+    rows_major = numba_nw._row_scales(
+        torch.from_numpy(lse2 / np.log2(np.e)), gT.transpose(0, 2, 1).copy(), delta, -1
+    )
+    np.testing.assert_array_equal(rows_major[0], g_folded.transpose(0, 2, 1))
+    for outside in (-1e-3, top + 0.5, np.nan, -np.inf, np.inf):
+        assert scales(np.array([[0.0, outside, top]])) is None, outside
+    for term in (1e-30, np.inf, np.nan):  # 1e-30 * 2**-32 is subnormal in float32
+        assert scales(lse2, np.where(gT == 2.0, np.float32(term), gT)) is None, term
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("rows", ["near", "one far", "tiny upstream"])
+@pytest.mark.parametrize(
+    ("d", "wanted", "passes"),
+    [(2, "all", ["KeyGrad"]), (4, "all", ["KeyGrad", "QueryGrad"]), (2, "dq", ["QueryGrad"])],
+    ids=["key side", "both passes", "dq alone"],
+)
+def test_backward_passes_with_and_without_the_fold(monkeypatch, d, wanted, passes, rows, dtype):
+    """Rows near their keys take the fold (2**(c2 d^2) a pair, the row's 2**-lse in
+    its g and delta) in the key-side pass and in dq's own; a query far from every
+    key (lse below 0) or an upstream gradient the fold would make subnormal keeps
+    the lse pair in the loop. Every gradient matches the float64 reference either
+    way, and the folded passes the unfolded ones to rounding."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.rand(1, 900, d, generator=gen, dtype=torch.float64)
+    k = torch.rand(1, 1100, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 1100, 2, generator=gen, dtype=torch.float64)
+    w = 10.0 + 10.0 * torch.rand(1, 1100, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(1, 900, 2, generator=gen, dtype=torch.float64)
+    if rows == "one far":
+        q[0, 7] += 3.0
+    if rows == "tiny upstream":
+        upstream[0, 3] = 2 * torch.finfo(dtype).tiny  # its row's lse is above 1
+    q, k, v, w, upstream = (x.to(dtype) for x in (q, k, v, w, upstream))
+    folds, kernels = [], []
+    row_scales, parallel = numba_nw._row_scales, numba_nw._parallel
+
+    def recording_scales(*args):
+        scaled = row_scales(*args)
+        folds.append(scaled is not None)
+        return None if unfolded else scaled
+
+    def recording_kernels(kernel, *args):
+        kernels.append(type(args[-1]).__name__)  # the pass's argument structure
+        return parallel(kernel, *args)
+
+    monkeypatch.setattr(numba_nw, "_row_scales", recording_scales)
+    monkeypatch.setattr(numba_nw, "_parallel", recording_kernels)
+
+    def gradients():
+        leaves = [x.clone().requires_grad_(wanted == "all" or x is q) for x in (q, k, v, w)]
+        out = nwfast.nw_pool(*leaves, tolerance=0.0)
+        kernels.clear()
+        grads = torch.autograd.grad(out, [x for x in leaves if x.requires_grad], upstream)
+        grads = grads if wanted == "all" else (*grads, None, None, None)
+        testing.assert_ok(*testing.check_pool_gradients(grads, q, k, v, w, upstream))
+        assert sorted(x for x in kernels if x.endswith("Grad")) == passes
+        return grads
+
+    unfolded = False
+    folded = gradients()
+    assert folds == [rows == "near"] * len(passes)
+    unfolded = True
+    for a, b in zip(folded, gradients()):
+        if a is not None:
+            testing.assert_close(a, b, 1e-5 if dtype == torch.float32 else 1e-12)
+
+
 # --------------------------------------------------- the arrays the kernels read
 # (``kernels.arrays``): made by NumPy on the calling thread, on cache lines.
 
