@@ -53,10 +53,11 @@ How the work is laid out:
   does not grow with m.
 - The backward recomputes ``p_ij = 2**(c2_j d_ij^2 - lse_i log2(e))`` with the
   lse as a (high, low) pair of the input dtype. Where every row's lse lies in
-  [0, FOLD_BELOW] (log2 units) the fused passes fold 2**-lse_i into the row's
-  g_i and delta_i instead (``_row_scales``) and weigh a pair by 2**(c2_j
-  d_ij^2) alone: two operations and two loads a pair fewer. ``dk``, ``dv``, ``dw`` are a
-  sweep over query spans per key (``_key_grads``); up to d = 3 it also adds
+  [0, FOLD_BELOW] (log2 units) the fused backward passes fold 2**-lse_i into
+  the row's g_i and delta_i instead (``_row_scales``) and weigh a pair by
+  2**(c2_j d_ij^2) alone: two operations and two loads a pair fewer. ``dk``,
+  ``dv``, ``dw`` are a sweep over query spans per key (``_key_grads``); up to
+  d = 3 it also adds
   each pair's share of ``dq`` into a tile of the queries, once a pair for every
   gradient. Otherwise (d = 4, dq alone, or dq shares that would not fit
   DQ_SHARES_BYTES) ``dq`` is a sweep over key spans per query.
