@@ -310,33 +310,51 @@ def test_chunks_hold_every_work_item():
         assert (np.diff(bounds) >= 0).all()
 
 
-def test_row_scales_fold_only_rows_in_their_window():
-    """The backward passes fold each row's 2**-lse into g and delta (rounded
-    once from float64) only where every row's lse, in log2 units, lies in [0,
-    FOLD_BELOW] and every scaled term is a normal number; else they subtract
-    the lse pair a pair (None). g comes channels-major or rows-major."""
-    top = numba_nw.FOLD_BELOW
-    lse2 = np.array([[0.0, 5.5, top]])
+def test_row_scales_fold_the_normalisation_into_g_and_delta():
+    """The backward's fused passes fold each row's 2**-lse into g and delta
+    (rounded once from float64) and subtract nothing where every row's lse, in
+    log2 units, lies in [0, FOLD_BELOW]; elsewhere they subtract one shift, the
+    pair's high rounded down where its low is negative, and fold the rest (a
+    factor of at most 1). Where the pair is not finite, or a scaled term would
+    not be a normal number, they keep the pair. g comes channels- or rows-major."""
+    log2e = numba_nw.arrays.LOG2E
     gT = np.array([[[1.0, -3.0, 2.0], [0.0, 7.0, -1.5]]], np.float32)
     delta = np.array([[0.5, 1.0, -2.0]], np.float32)
 
-    def scales(lse2, gT=gT):
-        return numba_nw._row_scales(torch.from_numpy(lse2 / np.log2(np.e)), gT, delta, -2)
+    def fold(lse2, gT=gT):
+        lse = torch.from_numpy(np.array([lse2]) / log2e)
+        _, high, low = numba_nw.arrays.lse_pair(lse, torch.float32)
+        return numba_nw._row_scales(lse, high, low, gT, delta, -2), high, low
 
-    g_folded, delta_folded = scales(lse2)
-    factor = np.exp2(-(lse2 / np.log2(np.e)) * numba_nw.arrays.LOG2E)
-    want_g = (gT.astype(np.float64) * factor[:, None]).astype(np.float32)
-    np.testing.assert_array_equal(g_folded, want_g)
-    np.testing.assert_array_equal(delta_folded, (delta * factor).astype(np.float32))
-    assert g_folded.dtype == delta_folded.dtype == np.float32
+    def rounded(x, factor):
+        return (x.astype(np.float64) * factor).astype(np.float32)
+
+    (g_folded, delta_folded, _, folded), _, _ = fold([0.0, 5.5, numba_nw.FOLD_BELOW])
+    factor = np.exp2(-np.array([[0.0, 5.5, numba_nw.FOLD_BELOW]]) / log2e * log2e)
+    assert folded == (0, 0) and g_folded.dtype == delta_folded.dtype == np.float32
+    np.testing.assert_array_equal(g_folded, rounded(gT, factor[:, None]))
+    np.testing.assert_array_equal(delta_folded, rounded(delta, factor))
     rows_major = numba_nw._row_scales(
-        torch.from_numpy(lse2 / np.log2(np.e)), gT.transpose(0, 2, 1).copy(), delta, -1
-    )
+        torch.from_numpy(np.array([[0.0, 5.5, numba_nw.FOLD_BELOW]]) / log2e),
+        *fold([0.0, 5.5, numba_nw.FOLD_BELOW])[1:], gT.transpose(0, 2, 1).copy(), delta, -1,
+    )  # fmt: skip
     np.testing.assert_array_equal(rows_major[0], g_folded.transpose(0, 2, 1))
-    for outside in (-1e-3, top + 0.5, np.nan, -np.inf, np.inf):
-        assert scales(np.array([[0.0, outside, top]])) is None, outside
+
+    # one row below 0, one above the window: one shift a pair
+    lse2 = [0.7, -50.3, 40.6]  # their lows: positive, negative, positive
+    (g_folded, delta_folded, shift, folded), high, low = fold(lse2)
+    assert folded == (0,) and (low < 0).any() and (low > 0).any()
+    assert np.array_equal(shift, np.where(low < 0, np.nextafter(high, np.float32(-np.inf)), high))
+    left = low.astype(np.float64) + (high.astype(np.float64) - shift)
+    assert (left >= 0).all() and np.allclose(shift + left, np.array([lse2]), rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(g_folded, rounded(gT, np.exp2(-left)[:, None]))
+    np.testing.assert_array_equal(delta_folded, rounded(delta, np.exp2(-left)))
+
+    kept = fold([0.0, np.nan, 3.0])[0]
+    assert kept[3] == () and kept[0] is gT and kept[1] is delta
     for term in (1e-30, np.inf, np.nan):  # 1e-30 * 2**-32 is subnormal in float32
-        assert scales(lse2, np.where(gT == 2.0, np.float32(term), gT)) is None, term
+        kept = fold([0.0, 5.5, numba_nw.FOLD_BELOW], np.where(gT == 2.0, np.float32(term), gT))[0]
+        assert kept[3] == (), term
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -347,11 +365,12 @@ def test_row_scales_fold_only_rows_in_their_window():
     ids=["key side", "both passes", "dq alone"],
 )
 def test_backward_passes_with_and_without_the_fold(monkeypatch, d, wanted, passes, rows, dtype):
-    """Rows near their keys take the fold (2**(c2 d^2) a pair, the row's 2**-lse in
-    its g and delta) in the key-side pass and in dq's own; a query far from every
-    key (lse below 0) or an upstream gradient the fold would make subnormal keeps
-    the lse pair in the loop. Every gradient matches the float64 reference either
-    way, and the folded passes the unfolded ones to rounding."""
+    """Rows near their keys take the whole fold (2**(c2 d^2) a pair, the row's
+    2**-lse in its g and delta) in the key-side pass and in dq's own; a query far
+    from every key (lse below 0) puts the call on one shift a pair, and an
+    upstream gradient the fold would make subnormal keeps the lse pair in the
+    loop. Every gradient matches the float64 reference either way, and the
+    folded passes the unfolded ones to rounding."""
     gen = torch.Generator().manual_seed(5)
     q = torch.rand(1, 900, d, generator=gen, dtype=torch.float64)
     k = torch.rand(1, 1100, d, generator=gen, dtype=torch.float64)
@@ -366,10 +385,10 @@ def test_backward_passes_with_and_without_the_fold(monkeypatch, d, wanted, passe
     folds, kernels = [], []
     row_scales, parallel = numba_nw._row_scales, numba_nw._parallel
 
-    def recording_scales(*args):
-        scaled = row_scales(*args)
-        folds.append(scaled is not None)
-        return None if unfolded else scaled
+    def recording_scales(lse, high, low, g, delta, channel_axis):
+        folded = row_scales(lse, high, low, g, delta, channel_axis)
+        folds.append(folded[-1])
+        return (g, delta, high, ()) if unfolded else folded
 
     def recording_kernels(kernel, *args):
         kernels.append(type(args[-1]).__name__)  # the pass's argument structure
@@ -390,7 +409,7 @@ def test_backward_passes_with_and_without_the_fold(monkeypatch, d, wanted, passe
 
     unfolded = False
     folded = gradients()
-    assert folds == [rows == "near"] * len(passes)
+    assert folds == [{"near": (0, 0), "one far": (0,), "tiny upstream": ()}[rows]] * len(passes)
     unfolded = True
     for a, b in zip(folded, gradients()):
         if a is not None:
