@@ -52,14 +52,9 @@ How the work is laid out:
   are in the input dtype (SIMD lanes) and go into float64, so float32 error
   does not grow with m.
 - The backward recomputes ``p_ij = 2**(c2_j d_ij^2 - lse_i log2(e))`` with the
-  lse as a (high, low) pair of the input dtype. The fused passes fold the
-  row's normalisation into its g_i and delta_i (``_row_scales``): where every
-  row's lse lies in [0, FOLD_BELOW] (log2 units) all of 2**-lse_i, and a pair
-  weighs 2**(c2_j d_ij^2) alone; elsewhere the loop subtracts one shift a
-  pair, the pair's high rounded down where its low is negative, and g_i and
-  delta_i take the rest (at most 1). ``dk``, ``dv``, ``dw`` are a sweep over
-  query spans per key (``_key_grads``); up to d = 3 it also adds each pair's
-  share of ``dq`` into a tile of the queries, once a pair for every
+  lse as a (high, low) pair of the input dtype. ``dk``, ``dv``, ``dw`` are a
+  sweep over query spans per key (``_key_grads``); up to d = 3 it also adds
+  each pair's share of ``dq`` into a tile of the queries, once a pair for every
   gradient. Otherwise (d = 4, dq alone, or dq shares that would not fit
   DQ_SHARES_BYTES) ``dq`` is a sweep over key spans per query.
 """
@@ -84,10 +79,8 @@ from .numba_sweep import (
     part,
     put_column,
     row,
-    shifted_weight,
     splat,
     times,
-    unshifted_weight,
     weight,
 )
 from .workers import parallel as _parallel
@@ -122,14 +115,6 @@ DEEP_KEY_ITEMS_FROM = 8192
 # exp2 they save. (0.9x once measured at d = 2 and 3 was the first touch of the
 # chunks' dq, which ``backward`` now zeroes before the threads start.)
 DQ_FROM_KEYS_DIMS = 3
-# The fused backward passes take each row's normalisation out of their loops
-# (two operations and two loads a pair) where every row's lse lies in [0,
-# FOLD_BELOW] in log2 units: 2**-lse_i then goes into g_i and delta_i
-# (``_row_scales``). From 0 up, a weight the loop flushes (2**(c2 d^2) below
-# 2**-100) is below 2**-100 of its row's total, as in the other passes; rows
-# that need an exact shift lie beyond FOLD_BELOW in both dtypes. Other calls
-# keep one shift a pair and fold the rest.
-FOLD_BELOW = 32.0
 # The rows-layout dw is summed over rows in this many fixed chunks (partials
 # summed afterwards in order), independent of the thread count.
 DW_CHUNKS = 32
@@ -453,7 +438,6 @@ class QueryGrad(NamedTuple):
     dq: np.ndarray  # (B, n, d)
     dims: tuple
     chans: tuple
-    folded: tuple  # how g, delta and high fold the row's shift (``_row_scales``)
 
 
 @part(sweep.begin, QueryGrad)
@@ -472,12 +456,7 @@ def _(args, b, row, ja, jb):
         for j in range(j0, min(j0 + SUM_BLOCK, jb)):
             jj = _u(j)
             diff = minus(column(args.kT, b, jj, args.dims), q)
-            if len(args.folded) == 2:  # g and delta carry the whole 2**-lse
-                p = unshifted_weight(args.c2[b, jj], dot(diff, diff))
-            elif len(args.folded) == 1:  # high holds the shift, g and delta the rest
-                p = shifted_weight(args.c2[b, jj], dot(diff, diff), high)
-            else:
-                p = normalized_weight(args.c2[b, jj], dot(diff, diff), high, low)
+            p = normalized_weight(args.c2[b, jj], dot(diff, diff), high, low)
             t = p * (dot(g, column(args.vT, b, jj, args.chans)) - delta) * args.w[b, jj]
             acc = axpy(acc, t, diff)
         total = sweep.add(total, acc)
@@ -513,7 +492,6 @@ class KeyGrad(NamedTuple):
     dims: tuple
     chans: tuple
     with_dq: tuple  # () or (0,): whether the pass sums dq, in its type
-    folded: tuple  # how gT, delta and high fold the row's shift (``_row_scales``)
 
 
 @sweep.inner(inline="always")
@@ -528,12 +506,7 @@ def _key_sums(args, b, k, v, c2, w, ja, jb, share, t0):
             ii = _u(i)
             diff = minus(column(args.qT, b, ii, args.dims), k)
             sq = dot(diff, diff)
-            if len(args.folded) == 2:  # g and delta carry the whole 2**-lse
-                p = unshifted_weight(c2, sq)
-            elif len(args.folded) == 1:  # high holds the shift, g and delta the rest
-                p = shifted_weight(c2, sq, args.high[b, ii])
-            else:
-                p = normalized_weight(c2, sq, args.high[b, ii], args.low[b, ii])
+            p = normalized_weight(c2, sq, args.high[b, ii], args.low[b, ii])
             g = column(args.gT, b, ii, args.chans)
             t = p * (dot(g, v) - args.delta[b, ii])
             acc_v = axpy(acc_v, p, g)
@@ -995,42 +968,6 @@ def _delta_of(grad_out, out):
     return arrays.copy((arrays.float64(grad_out) * y).sum(-1), y.dtype)
 
 
-def _row_scales(lse, high, low, g, delta, channel_axis):
-    """How a fused backward pass takes each row's normalisation out of its
-    loop: (g, delta, shift, folded), g (channels along ``channel_axis``: -1 for
-    (B, n, c), -2 for (B, c, n)) and delta (B, n) times their rows' factor,
-    computed in float64 and rounded once to their dtype. (g, delta, high, ()),
-    the loop subtracting the lse pair (high, low) as it stands, where a row's
-    pair is not finite or a scaled term is not finite or falls below the
-    dtype's smallest normal number.
-
-    Where every row's lse (log2 units) lies in [0, FOLD_BELOW] the factor is
-    2**-lse and the loop subtracts nothing (``folded`` (0, 0)). Otherwise the
-    loop subtracts shift_i, high_i rounded down to the dtype where low_i < 0,
-    and the factor is 2**-(what is left of the pair), at most 1 (``folded``
-    (0,)). Either way a weight the loop flushes is below 2**-100 of its row."""
-    lse2 = arrays.float64(lse) * arrays.LOG2E
-    if np.all((lse2 >= 0) & (lse2 <= FOLD_BELOW)):  # NaN fails
-        scale, shift, folded = np.exp2(-lse2), high, (0, 0)
-    else:
-        high64, low64 = high.astype(np.float64), low.astype(np.float64)
-        if not (np.all(np.isfinite(high64)) and np.all(np.isfinite(low64))):
-            return g, delta, high, ()
-        shift = np.where(low < 0, np.nextafter(high, high.dtype.type(-np.inf)), high)
-        scale = np.exp2(-(low64 + (high64 - shift)))  # high - shift: 0 or one ulp, exact
-        folded = (0,)
-    scaled = []
-    for x, factor in ((g, np.expand_dims(scale, channel_axis)), (delta, scale)):
-        x64 = x.astype(np.float64)
-        y = x64 * factor
-        info = np.finfo(x.dtype)
-        with np.errstate(invalid="ignore"):  # a NaN term fails the first test
-            if not np.all(np.abs(y) <= info.max) or np.any((x64 != 0) & (np.abs(y) < info.tiny)):
-                return g, delta, high, ()
-        scaled.append(arrays.copy(y, x.dtype))
-    return (*scaled, shift, folded)
-
-
 def _dw(dw_keys, w, dtype):
     """The per-key sums (float64 NumPy) as w's gradient: summed over keys for a
     shared w."""
@@ -1168,15 +1105,14 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
         key_shift = arrays.copy(shift.numpy(), arrays.numpy_dtype(dtype))
         if direct and fused:
             work = _key_work(plan, skipped_by)
-            key_g, key_delta, key_high, folded = _row_scales(lse, high, low, gT, delta, -2)
             # Zeroed here, not left to calloc: fresh pages first touched by the
             # pass's reads of dq, from the threads, took 9 ms against 1.3 ms
             # here (8192², d = 3, every buffer fresh from mmap).
             shares = arrays.empty((DQ_CHUNKS, B, d, n) if together else (1, 1, 1, 1), np.float64)
             shares.fill(0.0)
             args = KeyGrad(
-                kn, vn, wn, c2, qT, key_g, key_delta, key_high, low, key_shift, *outputs,
-                shares, *_markers(d, c), (0,) if together else (), folded,
+                kn, vn, wn, c2, qT, gT, delta, high, low, key_shift, *outputs, shares,
+                *_markers(d, c), (0,) if together else (),
             )  # fmt: skip
             # without dq every item is a chunk: each key's sums are its own
             bounds = _chunk_bounds(work, DQ_CHUNKS) if together else np.arange(len(work.ptr))
@@ -1205,11 +1141,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
         qn, gn = arrays.of(q), arrays.of(g)
         kT, vT = arrays.feature_major(k), arrays.feature_major(v)
         if fused:
-            query_g, query_delta, query_high, folded = _row_scales(lse, high, low, gn, delta, -1)
-            args = QueryGrad(
-                qn, query_g, query_delta, query_high, low, kT, vT, wn, c2, dq.numpy(),
-                *_markers(d, c), folded,
-            )  # fmt: skip
+            args = QueryGrad(qn, gn, delta, high, low, kT, vT, wn, c2, dq.numpy(), *_markers(d, c))
             _parallel(_run, len(plan.key_ptr) - 1, plan.pairs, _query_work(plan, skip), args)
         else:
             _parallel(

@@ -98,22 +98,6 @@ def normalized_weight(c2, sq, hi, lo):
     return exp2_flush(sub(sub(mul(c2, sq), hi), lo))
 
 
-@inner(inline="always")
-def shifted_weight(c2, sq, shift):
-    """``normalized_weight`` with one shift, 2**(c2 * sq - shift): for a pass that
-    has folded what is left of its row's lse into that row's own terms; 0 below
-    2**-100 (float32; 2**-967 float64) as there."""
-    return exp2_flush(sub(mul(c2, sq), shift))
-
-
-@inner(inline="always")
-def unshifted_weight(c2, sq):
-    """``normalized_weight`` without the row's shift: 2**(c2 * sq), for a pass
-    that has folded each row's 2**-lse into that row's own terms; 0 below
-    2**-100 (float32; 2**-967 float64) as there."""
-    return exp2_flush(mul(c2, sq))
-
-
 # ------------------------------------------------------------- tuple arithmetic
 
 
