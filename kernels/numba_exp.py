@@ -142,6 +142,15 @@ def exp2_flush(x):
     raise NotImplementedError("exp2_flush is only callable from Numba-compiled code")
 
 
+def exp2_below(x, cut):
+    """``exp2_flush`` with a cut of the caller's: exactly 0 where x < cut (or x
+    is -inf), for a weight whose row's normalisation lies outside x, so that
+    it flushes the same share of its row as ``exp2_flush`` of the normalised
+    x. ``cut`` must lie at or above -(bias - 2) (-125 in float32), where the
+    scale is still an exponent."""
+    raise NotImplementedError("exp2_below is only callable from Numba-compiled code")
+
+
 def _exp2_of(x, flush):
     """The polynomial ``exp2`` for float type x: its values clamped at -bias,
     where the scale is exactly 0 (``flush`` 0), or 0 wherever x lies below
@@ -190,3 +199,24 @@ def _exp2_flush_impl(x):
     if x in _LAYOUT:
         return _exp2_of(x, _LAYOUT[x][2] + FLUSH_EXPONENT[str(x)])
     return None
+
+
+@overload(exp2_below, jit_options={"fastmath": {"contract"}, "cache": True})
+def _exp2_below_impl(x, cut):
+    if x not in _LAYOUT or cut != x:
+        return None
+    npt = np.float32 if x == types.float32 else np.float64
+    coef = tuple(npt(c) for c in (_POLY32 if x == types.float32 else _POLY64))
+    magic = npt(1.5 * 2.0 ** _LAYOUT[x][1] + _LAYOUT[x][2])
+    zero = npt(0)
+
+    def impl(x, cut):
+        # ``_exp2_of``'s masked value, its cut an argument
+        t = x + magic
+        f = x - (t - magic)
+        p = coef[-1]
+        for c in coef[-2::-1]:
+            p = p * f + c
+        return zero if x < cut else p * _pow2_of_biased(t)
+
+    return impl

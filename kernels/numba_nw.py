@@ -52,7 +52,9 @@ How the work is laid out:
   are in the input dtype (SIMD lanes) and go into float64, so float32 error
   does not grow with m.
 - The backward recomputes ``p_ij = 2**(c2_j d_ij^2 - lse_i log2(e))`` with the
-  lse as a (high, low) pair of the input dtype. ``dk``, ``dv``, ``dw`` are a
+  lse as a (high, low) pair of the input dtype; where every row's lse lies in
+  FOLD_WINDOW the fused passes fold 2**-lse_i into g_i and delta_i instead
+  (``_row_fold``) and flush each row at its own cut. ``dk``, ``dv``, ``dw`` are a
   sweep over query spans per key (``_key_grads``); up to d = 3 it also adds
   each pair's share of ``dq`` into a tile of the queries, once a pair for every
   gradient. Otherwise (d = 4, dq alone, or dq shares that would not fit
@@ -68,12 +70,13 @@ import torch
 
 from . import EXACT_SHIFT_ABOVE, UNDERFLOW, arrays, blocks, distance_shift, far, numba_fgt, per_key
 from . import numba_sweep as sweep
-from .numba_exp import fma, fmax, mul
+from .numba_exp import FLUSH_EXPONENT, fma, fmax, mul
 from .numba_sweep import (
     SUM_BLOCK,
     axpy,
     column,
     dot,
+    folded_weight,
     minus,
     normalized_weight,
     part,
@@ -115,6 +118,13 @@ DEEP_KEY_ITEMS_FROM = 8192
 # exp2 they save. (0.9x once measured at d = 2 and 3 was the first touch of the
 # chunks' dq, which ``backward`` now zeroes before the threads start.)
 DQ_FROM_KEYS_DIMS = 3
+# The fused backward passes fold each row's 2**-lse into its g and delta
+# (``_row_fold``) where every row's lse lies in FOLD_WINDOW (log2 units): the
+# loop then weighs a pair by 2**(c2 d^2), flushed below the row's own cut
+# (FLUSH_EXPONENT + lse, which stays above the dtype's exponent range from
+# -24 up), with neither shift: two operations and two loads a pair fewer. The
+# rows that need an exact shift lie outside it in both dtypes.
+FOLD_WINDOW = (-24.0, 32.0)
 # The rows-layout dw is summed over rows in this many fixed chunks (partials
 # summed afterwards in order), independent of the thread count.
 DW_CHUNKS = 32
@@ -438,6 +448,7 @@ class QueryGrad(NamedTuple):
     dq: np.ndarray  # (B, n, d)
     dims: tuple
     chans: tuple
+    folded: tuple  # (0,): g and delta carry 2**-lse, low the flush cut (``_row_fold``)
 
 
 @part(sweep.begin, QueryGrad)
@@ -456,7 +467,10 @@ def _(args, b, row, ja, jb):
         for j in range(j0, min(j0 + SUM_BLOCK, jb)):
             jj = _u(j)
             diff = minus(column(args.kT, b, jj, args.dims), q)
-            p = normalized_weight(args.c2[b, jj], dot(diff, diff), high, low)
+            if len(args.folded):
+                p = folded_weight(args.c2[b, jj], dot(diff, diff), low)
+            else:
+                p = normalized_weight(args.c2[b, jj], dot(diff, diff), high, low)
             t = p * (dot(g, column(args.vT, b, jj, args.chans)) - delta) * args.w[b, jj]
             acc = axpy(acc, t, diff)
         total = sweep.add(total, acc)
@@ -492,6 +506,7 @@ class KeyGrad(NamedTuple):
     dims: tuple
     chans: tuple
     with_dq: tuple  # () or (0,): whether the pass sums dq, in its type
+    folded: tuple  # (0,): gT and delta carry 2**-lse, low the flush cut (``_row_fold``)
 
 
 @sweep.inner(inline="always")
@@ -506,7 +521,10 @@ def _key_sums(args, b, k, v, c2, w, ja, jb, share, t0):
             ii = _u(i)
             diff = minus(column(args.qT, b, ii, args.dims), k)
             sq = dot(diff, diff)
-            p = normalized_weight(c2, sq, args.high[b, ii], args.low[b, ii])
+            if len(args.folded):
+                p = folded_weight(c2, sq, args.low[b, ii])
+            else:
+                p = normalized_weight(c2, sq, args.high[b, ii], args.low[b, ii])
             g = column(args.gT, b, ii, args.chans)
             t = p * (dot(g, v) - args.delta[b, ii])
             acc_v = axpy(acc_v, p, g)
@@ -968,6 +986,27 @@ def _delta_of(grad_out, out):
     return arrays.copy((arrays.float64(grad_out) * y).sum(-1), y.dtype)
 
 
+def _row_fold(lse, g, out):
+    """(g, delta, cut) for the fused backward passes' fold (``FOLD_WINDOW``):
+    g (B, n, c) times its rows' 2**-lse, computed in float64 and rounded once
+    to its dtype (torch), delta computed from that g as ``_delta_of`` does,
+    and each row's flush cut FLUSH_EXPONENT + lse (log2 units) in the dtype;
+    None where a row's lse lies outside FOLD_WINDOW or a scaled g is not
+    finite or falls below the dtype's smallest normal number."""
+    lse2 = arrays.float64(lse) * arrays.LOG2E
+    lowest, highest = FOLD_WINDOW
+    if not np.all((lse2 >= lowest) & (lse2 <= highest)):  # NaN fails too
+        return None
+    g64 = arrays.float64(g)
+    scaled = g64 * np.exp2(-lse2)[..., None]
+    dtype = arrays.numpy_dtype(g.dtype)
+    info = np.finfo(dtype)
+    if not np.all(np.abs(scaled) <= info.max) or np.any((g64 != 0) & (np.abs(scaled) < info.tiny)):
+        return None
+    g = torch.from_numpy(arrays.copy(scaled, dtype))
+    return g, _delta_of(g, out), arrays.copy(lse2 + FLUSH_EXPONENT[str(info.dtype)], dtype)
+
+
 def _dw(dw_keys, w, dtype):
     """The per-key sums (float64 NumPy) as w's gradient: summed over keys for a
     shared w."""
@@ -1084,6 +1123,7 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
     exact = _exact_shifts(plan, q, k, v, c2, skip) if keys is None else None
     high, low = _lse_log2(lse, dtype, exact)
     delta = _delta_of(g, out)
+    fold = _row_fold(lse, g, out) if fused else None
     shift = distance_shift(lse, w, _per_row_keys(skip, m) if keys is None else keys)
     # the expanded pairs' shares (float64, plan order), None where there are none
     far_dq, far_dk, far_dv, far_dw = numba_fgt.backward_shares(
@@ -1110,9 +1150,12 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
             # here (8192², d = 3, every buffer fresh from mmap).
             shares = arrays.empty((DQ_CHUNKS, B, d, n) if together else (1, 1, 1, 1), np.float64)
             shares.fill(0.0)
+            key_g, key_delta, key_low = (
+                (gT, delta, low) if fold is None else (arrays.feature_major(fold[0]), *fold[1:])
+            )
             args = KeyGrad(
-                kn, vn, wn, c2, qT, gT, delta, high, low, key_shift, *outputs, shares,
-                *_markers(d, c), (0,) if together else (),
+                kn, vn, wn, c2, qT, key_g, key_delta, high, key_low, key_shift, *outputs,
+                shares, *_markers(d, c), (0,) if together else (), () if fold is None else (0,),
             )  # fmt: skip
             # without dq every item is a chunk: each key's sums are its own
             bounds = _chunk_bounds(work, DQ_CHUNKS) if together else np.arange(len(work.ptr))
@@ -1141,7 +1184,13 @@ def backward(grad_out, query, key, value, w, out, lse, diagonal, packed, needs, 
         qn, gn = arrays.of(q), arrays.of(g)
         kT, vT = arrays.feature_major(k), arrays.feature_major(v)
         if fused:
-            args = QueryGrad(qn, gn, delta, high, low, kT, vT, wn, c2, dq.numpy(), *_markers(d, c))
+            row_g, row_delta, row_low = (
+                (gn, delta, low) if fold is None else (arrays.of(fold[0]), *fold[1:])
+            )
+            args = QueryGrad(
+                qn, row_g, row_delta, high, row_low, kT, vT, wn, c2, dq.numpy(), *_markers(d, c),
+                () if fold is None else (0,),
+            )  # fmt: skip
             _parallel(_run, len(plan.key_ptr) - 1, plan.pairs, _query_work(plan, skip), args)
         else:
             _parallel(

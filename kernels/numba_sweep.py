@@ -45,7 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import numba_target
-from .numba_exp import exp2, exp2_flush, fmax, mul, sub
+from .numba_exp import exp2, exp2_below, exp2_flush, fmax, mul, sub
 
 # Fast math without nnan/ninf, so NaN and inf propagate as in the reference;
 # reassoc lets LLVM vectorise the sums. error_model="numpy": x / 0 is inf/NaN.
@@ -96,6 +96,15 @@ def normalized_weight(c2, sq, hi, lo):
     except that a fraction below 2**-100 (float32; 2**-967 float64) is 0
     (``numba_exp.exp2_flush``)."""
     return exp2_flush(sub(sub(mul(c2, sq), hi), lo))
+
+
+@inner(inline="always")
+def folded_weight(c2, sq, cut):
+    """``normalized_weight`` times the row's 2**lse, for a pass that has
+    folded the row's 2**-lse into the row's own terms: 2**(c2 * sq), the score
+    rounded once, 0 below ``cut``, the row's flush exponent plus its lse (log2
+    units), so that it flushes the same shares of its row."""
+    return exp2_below(mul(c2, sq), cut)
 
 
 # ------------------------------------------------------------- tuple arithmetic

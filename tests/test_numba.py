@@ -15,7 +15,7 @@ from numba import njit
 import nwfast
 from nwfast import testing
 from nwfast.kernels import blocks, numba_nw
-from nwfast.kernels.numba_exp import exp2, exp2_flush
+from nwfast.kernels.numba_exp import FLUSH_EXPONENT, exp2, exp2_below, exp2_flush
 
 
 @njit(cache=True)
@@ -82,6 +82,30 @@ def test_exp2_flush_is_exp2_above_its_cut_and_0_below(dtype, cut):
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="reads x86 assembly")
+@njit(cache=True)
+def _exp2_below_array(x, cut, out):
+    for i in range(x.size):
+        out[i] = exp2_below(x[i], cut[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp2_below_is_exp2_flush_with_its_cut_moved(dtype):
+    """exp2_below(x, cut) is exp2_flush(x) bit for bit where cut is
+    exp2_flush's own, and 0 below a higher cut; NaN passes through."""
+    fixed = FLUSH_EXPONENT[np.dtype(dtype).name]
+    x = np.linspace(fixed - 40, 0.5, 400_001).astype(dtype)
+    x = np.concatenate([x, np.array([-np.inf, np.nan, 0.0, -0.0], dtype)])
+    want, got = np.empty_like(x), np.empty_like(x)
+    _exp2_flush_array(x, want)
+    _exp2_below_array(x, np.full(x.size, fixed, dtype), got)
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
+    cut = np.full(x.size, fixed + 30.25, dtype)
+    _exp2_below_array(x, cut, got)
+    assert (got[x < cut] == 0).all() and np.isnan(got[np.isnan(x)]).all()
+    kept = x >= cut
+    assert np.array_equal(got[kept].view(np.uint8), want[kept].view(np.uint8))
+
+
 def test_exp2_loop_is_vectorised():
     """The point of the polynomial: a loop of exp2 becomes packed SIMD code."""
 
@@ -308,6 +332,90 @@ def test_chunks_hold_every_work_item():
         bounds = numba_nw._chunk_bounds(work, count)
         assert len(bounds) == count + 1 and bounds[0] == 0 and bounds[-1] == len(ptr) - 1
         assert (np.diff(bounds) >= 0).all()
+
+
+def test_row_fold_takes_the_normalisation_out_of_the_loop():
+    """Where every row's lse (log2 units) lies in FOLD_WINDOW the backward's fused
+    passes take g times its rows' 2**-lse (rounded once from float64), delta from
+    that g as from g, and each row's flush cut FLUSH_EXPONENT + lse; outside it,
+    or where a scaled g would not be a normal number, they keep the lse pair."""
+    lowest, highest = numba_nw.FOLD_WINDOW
+    lse2 = np.array([[lowest, 0.0, 5.5, highest]])
+    g = torch.tensor([[[1.0, 0.5], [-3.0, 0.0], [2.0, 7.0], [-1.5, 1e-3]]], dtype=torch.float32)
+    out = torch.tensor([[[0.25, -1.0], [2.0, 3.0], [-0.5, 0.125], [1.0, 4.0]]], dtype=torch.float32)
+
+    def fold(lse2, g=g):
+        return numba_nw._row_fold(torch.from_numpy(lse2 / numba_nw.arrays.LOG2E), g, out)
+
+    g_folded, delta, cut = fold(lse2)
+    exact2 = lse2 / numba_nw.arrays.LOG2E * numba_nw.arrays.LOG2E
+    want = (g.double().numpy() * np.exp2(-exact2)[..., None]).astype(np.float32)
+    assert g_folded.dtype == torch.float32 and np.array_equal(g_folded.numpy(), want)
+    assert np.array_equal(delta, numba_nw._delta_of(g_folded, out))
+    assert cut.dtype == np.float32
+    assert np.array_equal(cut, (exact2 + FLUSH_EXPONENT["float32"]).astype(np.float32))
+    for outside in (lowest - 0.5, highest + 0.5, np.nan, -np.inf):
+        assert fold(np.array([[0.0, outside, 5.5, 1.0]])) is None, outside
+    for term in (1e-38, np.inf, np.nan):  # 1e-38 * 2**-32 is subnormal in float32
+        assert fold(lse2, torch.where(g == 7.0, torch.tensor(term), g)) is None, term
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("rows", ["near", "one far", "tiny upstream"])
+@pytest.mark.parametrize(
+    ("d", "wanted", "passes"),
+    [(2, "all", ["KeyGrad"]), (4, "all", ["KeyGrad", "QueryGrad"]), (2, "dq", ["QueryGrad"])],
+    ids=["key side", "both passes", "dq alone"],
+)
+def test_backward_passes_with_and_without_the_fold(monkeypatch, d, wanted, passes, rows, dtype):
+    """Rows near their keys take the fold (2**(c2 d^2) a pair, each row's 2**-lse
+    in its g and delta) in the key-side pass and in dq's own; a query far from
+    every key (lse below FOLD_WINDOW) or an upstream gradient the fold would make
+    subnormal keeps the lse pair in the loop. Every gradient matches the float64
+    reference either way, and the folded passes the unfolded ones to rounding."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.rand(1, 900, d, generator=gen, dtype=torch.float64)
+    k = torch.rand(1, 1100, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 1100, 2, generator=gen, dtype=torch.float64)
+    w = 10.0 + 10.0 * torch.rand(1, 1100, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(1, 900, 2, generator=gen, dtype=torch.float64)
+    if rows == "one far":
+        q[0, 7] += 3.0  # its scores below -45 (w >= 10): lse below -24 in log2 units
+    if rows == "tiny upstream":
+        upstream[0, 3] = 2 * torch.finfo(dtype).tiny  # its row's lse is above 1
+    q, k, v, w, upstream = (x.to(dtype) for x in (q, k, v, w, upstream))
+    folds, kernels = [], []
+    row_fold, parallel = numba_nw._row_fold, numba_nw._parallel
+
+    def recording_fold(*args):
+        fold = row_fold(*args)
+        folds.append(fold is not None)
+        return None if unfolded else fold
+
+    def recording_kernels(kernel, *args):
+        kernels.append(type(args[-1]).__name__)  # the pass's argument structure
+        return parallel(kernel, *args)
+
+    monkeypatch.setattr(numba_nw, "_row_fold", recording_fold)
+    monkeypatch.setattr(numba_nw, "_parallel", recording_kernels)
+
+    def gradients():
+        leaves = [x.clone().requires_grad_(wanted == "all" or x is q) for x in (q, k, v, w)]
+        out = nwfast.nw_pool(*leaves, tolerance=0.0)
+        kernels.clear()
+        grads = torch.autograd.grad(out, [x for x in leaves if x.requires_grad], upstream)
+        grads = grads if wanted == "all" else (*grads, None, None, None)
+        testing.assert_ok(*testing.check_pool_gradients(grads, q, k, v, w, upstream))
+        assert sorted(x for x in kernels if x.endswith("Grad")) == passes
+        return grads
+
+    unfolded = False
+    folded = gradients()
+    assert folds == [rows == "near"]
+    unfolded = True
+    for a, b in zip(folded, gradients()):
+        if a is not None:
+            testing.assert_close(a, b, 1e-5 if dtype == torch.float32 else 1e-12)
 
 
 # --------------------------------------------------- the arrays the kernels read
