@@ -151,20 +151,26 @@ def exp2_below(x, cut):
     raise NotImplementedError("exp2_below is only callable from Numba-compiled code")
 
 
+def _constants(x):
+    """(scalar type, polynomial coefficients, rounding constant) of ``exp2``
+    for float type x. t = x + magic rounds x + bias to an integer
+    (``_pow2_of_biased``); bias is odd, so a tie x = k + 1/2 rounds to the odd
+    neighbour: f = +-1/2, accurate either way."""
+    nbits, mant, bias = _LAYOUT[x]
+    npt = np.float32 if x == types.float32 else np.float64
+    coef = tuple(npt(c) for c in (_POLY32 if nbits == 32 else _POLY64))
+    return npt, coef, npt(1.5 * 2.0**mant + bias)
+
+
 def _exp2_of(x, flush):
     """The polynomial ``exp2`` for float type x: its values clamped at -bias,
     where the scale is exactly 0 (``flush`` 0), or 0 wherever x lies below
     -(bias - flush), the scale then masked instead of clamped (a compare in
     place of the max: no more instructions)."""
-    nbits, mant, bias = _LAYOUT[x]
-    npt = np.float32 if x == types.float32 else np.float64
-    coef = tuple(npt(c) for c in (_POLY32 if nbits == 32 else _POLY64))
+    npt, coef, magic = _constants(x)
+    bias = _LAYOUT[x][2]
     lo = npt(-bias)
     below = npt(flush - bias)
-    # t = x + magic rounds x + bias to an integer (``_pow2_of_biased``); bias
-    # is odd, so a tie x = k + 1/2 rounds to the odd neighbour: f = +-1/2,
-    # accurate either way
-    magic = npt(1.5 * 2.0**mant + bias)
     zero = npt(0)
     clamp = not flush  # a constant of the compiled function: one branch of each if remains
 
@@ -205,9 +211,7 @@ def _exp2_flush_impl(x):
 def _exp2_below_impl(x, cut):
     if x not in _LAYOUT or cut != x:
         return None
-    npt = np.float32 if x == types.float32 else np.float64
-    coef = tuple(npt(c) for c in (_POLY32 if x == types.float32 else _POLY64))
-    magic = npt(1.5 * 2.0 ** _LAYOUT[x][1] + _LAYOUT[x][2])
+    npt, coef, magic = _constants(x)
     zero = npt(0)
 
     def impl(x, cut):
